@@ -1,0 +1,30 @@
+"""cbtool: Context Broadcasting (uniform attention) for Vision Transformers.
+
+The public API is imported lazily so that ``import cbtool`` (and ``cbtool --help``) stays fast:
+``inject``, ``load``, ``save``, ``evaluate``, ``finetune``, ``CBSpec``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from cbtool._version import __version__
+
+_LAZY = {
+    "CBSpec": "cbtool.spec",
+    "inject": "cbtool.surgery",
+    "load": "cbtool.checkpoint",
+    "save": "cbtool.checkpoint",
+    "evaluate": "cbtool.evaluate",
+    "finetune": "cbtool.train",
+    "CbtoolError": "cbtool.errors",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cbtool' has no attribute {name!r}")

@@ -1,0 +1,220 @@
+"""cbtool files: one safetensors file holding every weight plus string metadata that rebuilds the model.
+
+Metadata keys (all strings): ``format`` (``pt``), ``cbtool_version``, ``cbtool_source`` (JSON: how to rebuild
+the architecture offline), ``cbtool_spec`` (JSON CBSpec; absent for a plain model), ``cbtool_data_config``
+(JSON: input size, mean, std, interpolation, crop), and optionally ``cbtool_training`` (JSON summary).
+The header is read without torch, so ``cbtool info`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from cbtool._version import __version__
+from cbtool.errors import CheckpointError, OutputError
+
+SOURCE_KEY = "cbtool_source"
+SPEC_KEY = "cbtool_spec"
+DATA_CONFIG_KEY = "cbtool_data_config"
+TRAINING_KEY = "cbtool_training"
+VERSION_KEY = "cbtool_version"
+_JSON_KEYS = (SOURCE_KEY, SPEC_KEY, DATA_CONFIG_KEY, TRAINING_KEY)
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+# --- output paths -------------------------------------------------------------------------------
+
+
+def check_output_path(path: str | Path, *, force: bool = False) -> Path:
+    """Validate an output path before any work: its folder exists and it is new (or ``force``)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists; pass --force to overwrite it")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"cannot write to folder {path.parent}")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; rename it into place only if the block succeeds."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+# --- header, without torch ----------------------------------------------------------------------
+
+
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """(metadata, tensor entries) of a safetensors file, validated against the file's size."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path} is not a safetensors file, or it is truncated (bad header length)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file, or it is corrupt (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a malformed safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not offsets or len(offsets) != 2 or offsets[1] > data_size:
+            raise CheckpointError(f"{path} is truncated or corrupt (tensor {name!r} lies beyond the end of the file)")
+    return metadata, header
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The cbtool metadata of ``path`` with JSON values decoded; a plain safetensors file is an error."""
+    raw, _ = read_header(path)
+    if SOURCE_KEY not in raw:
+        raise CheckpointError(
+            f"{path} is a plain safetensors file without cbtool metadata; "
+            "load it into a timm model with: --checkpoint " + str(path)
+        )
+    decoded: dict[str, Any] = {VERSION_KEY: raw.get(VERSION_KEY)}
+    for key in _JSON_KEYS:
+        if key in raw:
+            try:
+                decoded[key] = json.loads(raw[key])
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path} has garbled cbtool metadata ({key} is not valid JSON)") from None
+    if not isinstance(decoded[SOURCE_KEY], dict) or "library" not in decoded[SOURCE_KEY]:
+        raise CheckpointError(f"{path} has garbled cbtool metadata ({SOURCE_KEY} lacks the model library)")
+    return decoded
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What ``cbtool info`` shows: source, spec, parameters and data config, from the header alone."""
+    raw, tensors = read_header(path)
+    parameters = 0
+    for entry in tensors.values():
+        count = 1
+        for dim in entry.get("shape", []):
+            count *= int(dim)
+        parameters += count
+    info: dict[str, Any] = {"file": str(path), "tensors": len(tensors), "parameters": parameters}
+    if SOURCE_KEY not in raw:
+        info["cbtool"] = False
+        info["metadata"] = raw
+        return info
+    metadata = read_metadata(path)
+    info.update(
+        cbtool=True,
+        cbtool_version=metadata.get(VERSION_KEY),
+        source=metadata[SOURCE_KEY],
+        cb_spec=metadata.get(SPEC_KEY),
+        cb_parameters=sum(
+            int(entry["shape"][0]) for name, entry in tensors.items() if name.endswith(".cb.scale")
+        ),
+        data_config=metadata.get(DATA_CONFIG_KEY),
+        training=metadata.get(TRAINING_KEY),
+    )
+    return info
+
+
+# --- save and load ------------------------------------------------------------------------------
+
+
+def save(model, path: str | Path, *, force: bool = False, training: dict | None = None) -> Path:
+    """Write ``model`` (built by cbtool, with or without CB) to ``path`` atomically, with its metadata."""
+    from safetensors.torch import save_file
+
+    from cbtool.sources import DATA_CONFIG_ATTRIBUTE, SOURCE_ATTRIBUTE
+    from cbtool.surgery import spec_of
+
+    model = unwrap(model)
+    source = getattr(model, SOURCE_ATTRIBUTE, None)
+    if source is None:
+        raise CheckpointError(
+            "this model has no cbtool source record; build it with cbtool.sources.resolve() or cbtool.load()"
+        )
+    path = check_output_path(path, force=force)
+    metadata = {"format": "pt", VERSION_KEY: __version__, SOURCE_KEY: json.dumps(source, sort_keys=True)}
+    spec = spec_of(model)
+    if spec is not None:
+        metadata[SPEC_KEY] = spec.to_json()
+    data_config = getattr(model, DATA_CONFIG_ATTRIBUTE, None)
+    if data_config is not None:
+        metadata[DATA_CONFIG_KEY] = json.dumps(data_config, sort_keys=True)
+    if training is not None:
+        metadata[TRAINING_KEY] = json.dumps(training, sort_keys=True)
+    with atomic_path(path) as temporary:
+        save_file(_plain_state_dict(model), str(temporary), metadata=metadata)
+    return path
+
+
+def load(path: str | Path, device: str = "cpu"):
+    """Rebuild architecture, CB and weights from a cbtool file alone (offline); returns the model in eval mode."""
+    from safetensors.torch import load_file
+
+    from cbtool.sources import DATA_CONFIG_ATTRIBUTE, rebuild
+    from cbtool.spec import CBSpec
+    from cbtool.surgery import inject
+
+    metadata = read_metadata(path)
+    model = rebuild(metadata[SOURCE_KEY])
+    if metadata.get(SPEC_KEY) is not None:
+        inject(model, CBSpec.from_dict(metadata[SPEC_KEY]))
+    try:
+        state = load_file(str(path), device=device)
+    except Exception as error:
+        raise CheckpointError(f"cannot read the weights in {path}: {str(error).splitlines()[0][:200]}") from None
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not match the recorded architecture ({str(error).splitlines()[-1].strip()[:200]})") from None
+    if result.missing_keys or result.unexpected_keys:
+        keys = result.missing_keys or result.unexpected_keys
+        kind = "missing" if result.missing_keys else "unexpected"
+        raise CheckpointError(f"{path}: weights do not match the recorded architecture ({len(keys)} {kind}, e.g. {keys[0]})")
+    if metadata.get(DATA_CONFIG_KEY) is not None:
+        setattr(model, DATA_CONFIG_ATTRIBUTE, metadata[DATA_CONFIG_KEY])
+    model.cbtool_training = metadata.get(TRAINING_KEY)
+    return model.to(device).eval()
+
+
+def unwrap(model):
+    """The plain module inside DDP and ``torch.compile`` wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def _plain_state_dict(model) -> dict:
+    """A contiguous CPU state dict; tensors that share storage are copied so safetensors accepts them."""
+    seen: set[int] = set()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        identity = tensor.untyped_storage().data_ptr()
+        if identity in seen:
+            tensor = tensor.clone()
+        seen.add(identity)
+        state[key] = tensor
+    return state

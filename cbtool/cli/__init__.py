@@ -1,0 +1,1 @@
+"""The ``cbtool`` command line: thin Typer commands over the library functions."""

@@ -1,0 +1,47 @@
+"""``cbtool info``: describe a safetensors file from its header alone (never imports torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def info_command(
+    file: Annotated[Path, typer.Argument(help="A .safetensors file (cbtool's or plain).", dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+) -> None:
+    """Show the source model, CB spec, parameter count and data config of FILE."""
+    from cbtool.checkpoint import describe
+
+    info = describe(file)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    typer.echo(f"file:        {info['file']}")
+    typer.echo(f"parameters:  {info['parameters']:,} in {info['tensors']} tensors")
+    if not info["cbtool"]:
+        typer.echo("cbtool:      no (a plain safetensors file without cbtool metadata)")
+        if info["metadata"]:
+            typer.echo(f"metadata:    {json.dumps(info['metadata'], sort_keys=True)}")
+        return
+    source = info["source"]
+    name = source.get("model_name") or source.get("architecture")
+    typer.echo(f"source:      {source.get('origin', name)} ({source['library']}: {name})")
+    spec = info["cb_spec"]
+    if spec:
+        typer.echo(f"cb:          {spec['variant']} at {spec['position']}, layers {spec['layers']}"
+                   f" ({info['cb_parameters']:,} CB parameters)")
+    else:
+        typer.echo("cb:          none (plain model)")
+    data = info["data_config"] or {}
+    if data:
+        typer.echo(
+            f"input:       {'x'.join(str(s) for s in data.get('input_size', []))}, {data.get('interpolation')}, "
+            f"crop {data.get('crop_pct')} ({data.get('crop_mode')}), mean {data.get('mean')}, std {data.get('std')}"
+        )
+    if info.get("training"):
+        typer.echo(f"training:    {json.dumps(info['training'], sort_keys=True)}")
+    typer.echo(f"written by:  cbtool {info.get('cbtool_version')}")

@@ -1,0 +1,47 @@
+"""User-facing errors: the CLI prints ``str(error)`` as one line and exits with ``exit_code``."""
+
+from __future__ import annotations
+
+
+class CbtoolError(Exception):
+    """A problem with the user's input or environment, not a bug in cbtool."""
+
+    exit_code = 2
+
+
+class SpecError(CbtoolError):
+    """An invalid Context Broadcasting spec (variant, position or layers)."""
+
+
+class ModelSourceError(CbtoolError):
+    """A model name, path or checkpoint that cannot be resolved or read."""
+
+
+class UnsupportedModelError(CbtoolError):
+    """A model whose architecture cbtool cannot rewrite or measure."""
+
+
+class CheckpointError(CbtoolError):
+    """A file that is missing, corrupt, or lacks the metadata cbtool needs."""
+
+
+class DatasetError(CbtoolError):
+    """A dataset that cannot be found, read, or does not fit the model."""
+
+
+class OutputError(CbtoolError):
+    """An output path that cannot be written (missing folder, existing file without --force)."""
+
+
+class NetworkError(CbtoolError):
+    """A download that needs the network (or a Hub token) that is not available."""
+
+
+class TrainingError(CbtoolError):
+    """Training stopped on a condition the user must act on (non-finite loss, out of memory)."""
+
+
+class RegressionError(CbtoolError):
+    """``cbtool check`` found a real regression."""
+
+    exit_code = 1

@@ -1,0 +1,375 @@
+"""Turn a MODEL string into a model plus a record of where it came from (enough to rebuild it offline).
+
+Accepted: a timm name (optionally with a pretrained tag), ``hf-hub:`` ids, a timm name with ``--checkpoint``,
+a Hugging Face transformers id or local folder (``config.json`` + weights), and a file written by cbtool.
+The record is attached to the model as ``model.cbtool_source`` and its preprocessing as ``model.cbtool_data_config``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cbtool.errors import CbtoolError, ModelSourceError, UnsupportedModelError
+from cbtool.hub import hub_access
+
+SOURCE_ATTRIBUTE = "cbtool_source"
+DATA_CONFIG_ATTRIBUTE = "cbtool_data_config"
+OFFLINE_HINT = "pass --no-pretrained for random weights or --checkpoint FILE for local weights"
+# transformers classes cbtool rebuilds from a config; anything else is refused rather than guessed.
+HF_ARCHITECTURES = (
+    "ViTForImageClassification", "ViTModel",
+    "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
+    "Dinov2ForImageClassification", "Dinov2Model",
+)
+
+
+def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
+    """``["patch_size=4", "global_pool=avg"]`` -> ``{"patch_size": 4, "global_pool": "avg"}`` (Python literals)."""
+    kwargs: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ModelSourceError(f"bad --model-kwargs entry {item!r}: use key=value, e.g. patch_size=4")
+        try:
+            kwargs[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[key] = text
+    return kwargs
+
+
+def resolve(
+    model: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build the model that ``model`` names, with ``model.cbtool_source`` and ``model.cbtool_data_config`` set."""
+    model_kwargs = dict(model_kwargs or {})
+    path = Path(model).expanduser()
+    if path.suffix == ".safetensors" or (path.is_file() and not path.is_dir()):
+        if checkpoint is not None:
+            raise ModelSourceError("--checkpoint goes with a timm model name, not with a file")
+        from cbtool.checkpoint import load
+
+        loaded = load(path)
+        if num_classes is not None:
+            from cbtool.families import detect
+
+            family = detect(loaded)
+            if family.num_classes(loaded) != num_classes:
+                family.reset_classifier(loaded, num_classes)
+                _update_num_classes(loaded, num_classes)
+        if img_size is not None or model_kwargs:
+            raise ModelSourceError("--img-size and --model-kwargs cannot change a saved model's architecture")
+        return loaded
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path} is a folder without config.json: expected a Hugging Face model folder")
+        config = json.loads((path / "config.json").read_text())
+        if "architecture" in config and "model_type" not in config:  # a timm model saved with push_to_hub layout
+            raise ModelSourceError(f"{path} holds a timm model: use its name with --checkpoint {path}/model.safetensors")
+        return _resolve_transformers(str(path), local=True, pretrained=pretrained, num_classes=num_classes,
+                                     img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint)
+    if model.startswith("hf-hub:") or model.startswith("timm/"):
+        name = model if model.startswith("hf-hub:") else f"hf-hub:{model}"
+        return _resolve_timm(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                             img_size=img_size, model_kwargs=model_kwargs, origin=model)
+    if _is_timm_name(model):
+        return _resolve_timm(model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                             img_size=img_size, model_kwargs=model_kwargs, origin=model)
+    if "/" in model and not model.startswith((".", "/", "~")):
+        return _resolve_transformers(model, local=False, pretrained=pretrained, num_classes=num_classes,
+                                     img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint)
+    if "/" in model or path.suffix:
+        raise ModelSourceError(f"{model} does not exist")
+    raise ModelSourceError(_unknown_name_message(model))
+
+
+def rebuild(record: dict[str, Any]) -> nn.Module:
+    """Rebuild the architecture of a source record with random weights, offline."""
+    library = record.get("library")
+    if library == "timm":
+        import timm
+
+        try:
+            model = timm.create_model(record["model_name"], pretrained=False, **record.get("model_kwargs", {}))
+        except (RuntimeError, KeyError, TypeError, ValueError) as error:
+            raise ModelSourceError(f"cannot rebuild timm model {record.get('model_name')!r}: {error}") from None
+    elif library == "transformers":
+        model = _build_transformers(record["architecture"], record["config"])
+    else:
+        raise ModelSourceError(f"unknown model library {library!r} in the source record")
+    setattr(model, SOURCE_ATTRIBUTE, record)
+    return model
+
+
+# --- timm ---------------------------------------------------------------------------------------
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    architecture = name.split(".", 1)[0]
+    return timm.is_model(architecture)
+
+
+def _unknown_name_message(name: str) -> str:
+    import timm
+
+    close = difflib.get_close_matches(name.split(".", 1)[0], timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models() or use 'hf-hub:ORG/NAME'"
+    return f"unknown model {name!r}: not a timm model, a Hugging Face id (ORG/NAME), a folder or a file{hint}"
+
+
+def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_size, model_kwargs, origin) -> nn.Module:
+    import timm
+
+    kwargs = dict(model_kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    use_hub = pretrained and checkpoint is None
+    hub_args: dict[str, Any] = {}
+    try:
+        with hub_access(f"the weights of {name}", OFFLINE_HINT):
+            if name.startswith("hf-hub:"):
+                # Rebuilding offline needs the architecture and the arguments the Hub config adds.
+                from timm.models import load_model_config_from_hf
+
+                pretrained_cfg, architecture, hub_args = load_model_config_from_hf(name[len("hf-hub:"):])
+            model = timm.create_model(name, pretrained=use_hub, **kwargs)
+    except CbtoolError:
+        raise
+    except TypeError as error:
+        raise ModelSourceError(f"bad architecture argument for {name}: {error}") from None
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ModelSourceError(f"cannot build timm model {name}: {error}") from None
+    if checkpoint is not None:
+        load_weights(model, checkpoint, allow_new_head=num_classes is not None)
+    architecture = model.pretrained_cfg.get("architecture") or name.split(".", 1)[0]
+    tag = model.pretrained_cfg.get("tag")
+    rebuild_name = architecture if name.startswith("hf-hub:") or not tag else f"{architecture}.{tag}"
+    record_kwargs = {**(hub_args or {}), **kwargs, "num_classes": int(model.num_classes)}
+    record = {
+        "library": "timm",
+        "model_name": rebuild_name,
+        "model_kwargs": record_kwargs,
+        "origin": origin,
+        "pretrained": bool(use_hub),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+    }
+    setattr(model, SOURCE_ATTRIBUTE, record)
+    setattr(model, DATA_CONFIG_ATTRIBUTE, timm_data_config(model, img_size))
+    return model
+
+
+def timm_data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
+    from timm.data import resolve_model_data_config
+
+    config = {key: list(value) if isinstance(value, tuple) else value
+              for key, value in resolve_model_data_config(model).items()}
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if img_size is not None:
+        size = (img_size, img_size)
+    if size is not None:
+        config["input_size"] = [config["input_size"][0], int(size[0]), int(size[1])]
+    return config
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path, *, allow_new_head: bool = False) -> None:
+    """Load a state dict from ``.safetensors`` or ``.pth``/``.bin`` (``weights_only=True``) into ``model``."""
+    state = read_state_dict(checkpoint)
+    own = model.state_dict()
+    if allow_new_head:
+        # A head of another class count is left at its fresh initialisation (as timm does for pretrained).
+        state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if allow_new_head:
+        missing = [k for k in missing if not _is_head_key(model, k)]
+    if mismatched or missing or unexpected:
+        parts = []
+        for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise ModelSourceError(
+            f"{checkpoint} does not fit {type(model).__name__}: {', '.join(parts)}; "
+            "check the model name and --model-kwargs (or --num-classes for another head)"
+        )
+    model.load_state_dict(state, strict=not allow_new_head)
+
+
+def _is_head_key(model: nn.Module, key: str) -> bool:
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    return any(key.startswith(h + ".") for h in heads)
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A flat state dict from a weights file, unwrapping the usual ``state_dict``/``model`` containers."""
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelSourceError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt files raise a zoo of types
+        raise ModelSourceError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelSourceError(f"{path} holds no state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _update_num_classes(model: nn.Module, num_classes: int) -> None:
+    record = dict(getattr(model, SOURCE_ATTRIBUTE))
+    if record["library"] == "timm":
+        record["model_kwargs"] = {**record.get("model_kwargs", {}), "num_classes": num_classes}
+    else:
+        record["config"] = json.loads(model.config.to_json_string())
+    setattr(model, SOURCE_ATTRIBUTE, record)
+
+
+# --- transformers -------------------------------------------------------------------------------
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ModelSourceError(
+            "Hugging Face models need the transformers package: pip install 'cbtool[hf]'"
+        ) from None
+    return transformers
+
+
+def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_classes, img_size, model_kwargs,
+                          checkpoint) -> nn.Module:
+    transformers = _import_transformers()
+    if img_size is not None:
+        raise ModelSourceError("--img-size is not supported for transformers models; it needs new position embeddings")
+    if checkpoint is not None:
+        raise ModelSourceError("--checkpoint goes with a timm model name; a Hugging Face folder holds its own weights")
+    what = f"the Hugging Face model {name}"
+    overrides = dict(model_kwargs)
+    if num_classes is not None:
+        overrides["num_labels"] = num_classes
+    try:
+        with hub_access(what, OFFLINE_HINT if not local else "check the folder"):
+            config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **overrides)
+            architecture = _architecture(config, name)
+            cls = getattr(transformers, architecture)
+            if pretrained:
+                model = cls.from_pretrained(name, config=config, trust_remote_code=False,
+                                            ignore_mismatched_sizes=num_classes is not None)
+            else:
+                model = cls(config)
+            processor = _image_processor_config(name)
+    except CbtoolError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ModelSourceError(f"cannot load {what}: {str(error).splitlines()[0][:300]}") from None
+    record = {
+        "library": "transformers",
+        "architecture": architecture,
+        "config": json.loads(model.config.to_json_string()),
+        "origin": name,
+        "pretrained": bool(pretrained),
+        "checkpoint": None,
+    }
+    setattr(model, SOURCE_ATTRIBUTE, record)
+    setattr(model, DATA_CONFIG_ATTRIBUTE, hf_data_config(model.config, processor))
+    return model
+
+
+def _architecture(config, name: str) -> str:
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not architectures:
+        default = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification",
+                   "dinov2": "Dinov2Model"}.get(config.model_type)
+        architectures = [default] if default else []
+    for architecture in architectures:
+        if architecture in HF_ARCHITECTURES:
+            return architecture
+    raise UnsupportedModelError(
+        f"{name} is a {architectures or config.model_type} model; cbtool supports {', '.join(HF_ARCHITECTURES)}"
+    )
+
+
+def _build_transformers(architecture: str, config: dict) -> nn.Module:
+    transformers = _import_transformers()
+    if architecture not in HF_ARCHITECTURES:
+        raise UnsupportedModelError(f"unsupported transformers architecture {architecture!r}")
+    config = dict(config)
+    model_type = config.pop("model_type")
+    hf_config = transformers.AutoConfig.for_model(model_type, **config)
+    return getattr(transformers, architecture)(hf_config)
+
+
+def _image_processor_config(name: str) -> dict | None:
+    """The raw ``preprocessor_config.json`` of a local folder or Hub repo, or None when it has none."""
+    path = Path(name) / "preprocessor_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if Path(name).is_dir():
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(name, "preprocessor_config.json")).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def hf_data_config(config, processor: dict | None) -> dict[str, Any]:
+    """A timm-style data config from a transformers image-processor config (or the model config's defaults)."""
+    image_size = int(getattr(config, "image_size", 224))
+    processor = processor or {}
+    mean = processor.get("image_mean", [0.5, 0.5, 0.5] if config.model_type == "vit" else [0.485, 0.456, 0.406])
+    std = processor.get("image_std", [0.5, 0.5, 0.5] if config.model_type == "vit" else [0.229, 0.224, 0.225])
+    size = processor.get("size", {"height": image_size, "width": image_size})
+    crop = processor.get("crop_size") if processor.get("do_center_crop") else None
+    interpolation = _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear")
+    if crop:
+        crop_h, crop_w = _hw(crop)
+        resize = size.get("shortest_edge") or _hw(size)[0]
+        return {"input_size": [3, crop_h, crop_w], "interpolation": interpolation, "mean": list(mean),
+                "std": list(std), "crop_pct": crop_h / resize, "crop_mode": "center"}
+    height, width = _hw(size) if ("height" in size or isinstance(size, int)) else (image_size, image_size)
+    # Resizing straight to (height, width) is timm's "squash" crop mode with crop_pct 1.
+    return {"input_size": [3, height, width], "interpolation": interpolation, "mean": list(mean),
+            "std": list(std), "crop_pct": 1.0, "crop_mode": "squash"}
+
+
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    edge = int(size.get("shortest_edge", 224))
+    return edge, edge
