@@ -16,7 +16,7 @@ _LAZY = {
     "inject": "cbtool.surgery",
     "load": "cbtool.checkpoint",
     "save": "cbtool.checkpoint",
-    "evaluate": "cbtool.evaluate",
+    "evaluate": "cbtool.evaluation",
     "finetune": "cbtool.train",
     "CbtoolError": "cbtool.errors",
 }

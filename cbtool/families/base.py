@@ -20,11 +20,13 @@ class TokenLayout:
     prefix: tokens before the patch tokens (class, distillation, register tokens).
     grid: (rows, cols) of patch tokens, or None when it must be inferred from the key count.
     pixels_per_token: the stride of one patch token in input pixels.
+    heads: attention heads of the layer.
     """
 
     prefix: int
     grid: tuple[int, int] | None
     pixels_per_token: float
+    heads: int
 
 
 class Family:

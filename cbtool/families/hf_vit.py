@@ -71,6 +71,7 @@ class HfViT(Family):
             prefix=self.num_prefix_tokens(model),
             grid=(image_size[0] // patch, image_size[1] // patch),
             pixels_per_token=float(patch),
+            heads=int(model.config.num_attention_heads),
         )
         return [layout for _ in self.blocks(model)]
 

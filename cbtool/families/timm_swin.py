@@ -39,5 +39,7 @@ class TimmSwin(TimmViT):
         for _, block in self.blocks(model):
             stride = patch * grid0 / block.input_resolution[0]
             window = tuple(int(w) for w in block.attn.window_size)
-            layouts.append(TokenLayout(prefix=0, grid=window, pixels_per_token=float(stride)))
+            layouts.append(
+                TokenLayout(prefix=0, grid=window, pixels_per_token=float(stride), heads=int(block.attn.num_heads))
+            )
         return layouts

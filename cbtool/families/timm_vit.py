@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
@@ -62,8 +61,11 @@ class TimmViT(Family):
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
         stride = float(patch[0] if isinstance(patch, (tuple, list)) else patch)
         grid = (image_size[0] // int(stride), image_size[1] // int(stride))
-        layout = TokenLayout(prefix=self.num_prefix_tokens(model), grid=grid, pixels_per_token=stride)
-        return [layout for _ in self._attention_modules(model)]
+        prefix = self.num_prefix_tokens(model)
+        return [
+            TokenLayout(prefix=prefix, grid=grid, pixels_per_token=stride, heads=int(attn.num_heads))
+            for attn in self._attention_modules(model)
+        ]
 
     @contextmanager
     def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
@@ -88,13 +90,3 @@ def _explicit_attention(attn: nn.Module, index: int, callback: AttentionCallback
             attn.fused_attn = previous
         else:
             del attn.fused_attn
-
-
-def infer_grid(num_patches: int, layout: TokenLayout) -> tuple[int, int]:
-    """The patch grid for ``num_patches`` keys: the layout's grid when it fits, else the nearest square."""
-    if layout.grid and layout.grid[0] * layout.grid[1] == num_patches:
-        return layout.grid
-    side = int(math.isqrt(num_patches))
-    if side * side != num_patches:
-        raise UnsupportedModelError(f"cannot place {num_patches} patch tokens on a grid")
-    return side, side

@@ -1,0 +1,143 @@
+"""The evaluation loop: several models on exactly the same batches, metrics reduced across ranks."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from cbtool.distributed import all_reduce_sum
+from cbtool.families import detect
+from cbtool.metrics import AccuracyAccumulator, DensityAccumulator
+
+
+@dataclass
+class ModelResult:
+    """What ``evaluate`` found for one model (layout of ``metrics``/``density``: docs/results-schema.md)."""
+
+    label: str
+    metrics: dict
+    density: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def autocast_context(device: torch.device, amp: bool):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing) and CPU when ``amp``; otherwise nothing."""
+    if not amp:
+        return nullcontext()
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool = False, compile: bool = False):
+    """Move to ``device`` in eval mode, optionally channels-last and compiled; returns the module to call."""
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile else model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@torch.inference_mode()
+def evaluate(
+    models: Sequence[nn.Module],
+    loader: Iterable,
+    *,
+    device: torch.device | str = "cpu",
+    num_classes: int | None = None,
+    labels: Sequence[str] | None = None,
+    amp: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    density: bool = False,
+    class_subset: Sequence[int] | None = None,
+    progress: bool = True,
+    total_batches: int | None = None,
+) -> list[ModelResult]:
+    """Evaluate ``models`` on the batches of ``loader`` (``(images, labels[, indices])``), all on the same batches.
+
+    ``class_subset`` restricts the logits to those classes (ImageNet-A/R style 200-class sets), and labels index
+    into the subset. With ``density`` each model's attention probabilities are measured on the fly.
+    """
+    device = torch.device(device)
+    families = [detect(model) for model in models]
+    labels = list(labels) if labels is not None else [f"model{i}" for i in range(len(models))]
+    if num_classes is None:
+        num_classes = len(class_subset) if class_subset is not None else families[0].num_classes(models[0])
+    if num_classes is None:
+        from cbtool.errors import UnsupportedModelError
+
+        raise UnsupportedModelError("the model has no classification head; inject with --num-classes or finetune it")
+    runners = [prepare_model(m, device, channels_last=channels_last, compile=compile) for m in models]
+    accuracy = [AccuracyAccumulator(num_classes) for _ in models]
+    densities: list[DensityAccumulator | None] = [None] * len(models)
+    subset = torch.as_tensor(list(class_subset), device=device) if class_subset is not None else None
+    model_seconds = [0.0] * len(models)
+
+    progress_bar = None
+    if progress:
+        from tqdm import tqdm
+
+        progress_bar = tqdm(total=total_batches, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+    with ExitStack() as captures:
+        started = time.perf_counter()
+        for batch in loader:
+            images, targets = batch[0], batch[1]
+            indices = batch[2] if len(batch) > 2 else None
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if density and densities[0] is None:
+                size = (int(images.shape[-2]), int(images.shape[-1]))
+                for i, (model, family) in enumerate(zip(models, families)):
+                    densities[i] = DensityAccumulator(family.attention_layouts(model, size))
+                    captures.enter_context(family.capture_attention(model, densities[i]))
+            for i, (runner, family) in enumerate(zip(runners, families)):
+                _sync(device)
+                tick = time.perf_counter()
+                with autocast_context(device, amp):
+                    logits = family.logits(runner(images))
+                _sync(device)
+                model_seconds[i] += time.perf_counter() - tick
+                if subset is not None:
+                    logits = logits.index_select(1, subset)
+                accuracy[i].update(logits, targets, indices)
+            if progress_bar is not None:
+                progress_bar.update(1)
+        elapsed = time.perf_counter() - started
+    if progress_bar is not None:
+        progress_bar.close()
+
+    results = []
+    for i, label in enumerate(labels):
+        metrics = accuracy[i].result()
+        # Throughput over all ranks: total images over the mean time per rank (ranks run in parallel).
+        seconds = all_reduce_sum(torch.tensor([model_seconds[i], elapsed], dtype=torch.float64))
+        world = _world_size()
+        mean_model, mean_elapsed = (seconds / world).tolist()
+        count = metrics["num_samples"]
+        metrics["throughput"] = {
+            "model_images_per_s": count / mean_model if mean_model > 0 else None,
+            "end_to_end_images_per_s": count / mean_elapsed if mean_elapsed > 0 else None,
+        }
+        results.append(ModelResult(label, metrics, densities[i].result() if densities[i] is not None else None))
+    return results
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,102 @@
+"""Attention density: normalized entropy and mean attention distance, accumulated batch by batch.
+
+Normalized entropy, for each image, head and query: ``-sum_j p_j log p_j / log(N)`` with N keys
+(1.0 is uniform attention, 0.0 one-hot). Mean attention distance, for patch queries: the distance in
+pixels to the patch keys, weighted by the attention renormalized over those keys. Only per-head sums
+are kept, never the maps.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from cbtool.distributed import all_reduce_sum
+from cbtool.families.base import TokenLayout
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dim divided by ``log(N)``; shape ``probs.shape[:-1]``."""
+    keys = probs.shape[-1]
+    if keys < 2:
+        return torch.zeros(probs.shape[:-1], dtype=probs.dtype, device=probs.device)
+    return torch.special.entr(probs).sum(dim=-1) / math.log(keys)
+
+
+@lru_cache(maxsize=16)
+def _grid_distances(rows: int, cols: int, device: str) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    points = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()
+    return torch.cdist(points, points).float().to(device)
+
+
+class DensityAccumulator:
+    """Collects per-layer, per-head entropy and distance sums from ``capture_attention`` callbacks."""
+
+    def __init__(self, layouts: list[TokenLayout]) -> None:
+        self.layouts = layouts
+        self.num_layers = len(layouts)
+        self._entropy: list[torch.Tensor | None] = [None] * self.num_layers
+        self._distance: list[torch.Tensor | None] = [None] * self.num_layers
+        self._entropy_count = torch.zeros(self.num_layers, dtype=torch.float64)
+        self._distance_count = torch.zeros(self.num_layers, dtype=torch.float64)
+
+    @torch.no_grad()
+    def __call__(self, layer: int, probs: torch.Tensor) -> None:
+        probs = probs.float()  # (batch, heads, queries, keys)
+        entropy = normalized_entropy(probs).sum(dim=(0, 2)).double().cpu()
+        self._entropy[layer] = entropy if self._entropy[layer] is None else self._entropy[layer] + entropy
+        self._entropy_count[layer] += probs.shape[0] * probs.shape[2]
+
+        layout = self.layouts[layer]
+        patches = probs.shape[-1] - layout.prefix
+        rows, cols = _grid_for(patches, layout)
+        if rows * cols != patches or patches < 1:
+            return
+        patch_probs = probs[:, :, layout.prefix :, layout.prefix :]
+        distances = _grid_distances(rows, cols, str(probs.device)) * layout.pixels_per_token
+        weight = patch_probs.sum(dim=-1).clamp_min(1e-12)
+        per_query = (patch_probs * distances).sum(dim=-1) / weight  # (batch, heads, patch queries)
+        distance = per_query.sum(dim=(0, 2)).double().cpu()
+        self._distance[layer] = distance if self._distance[layer] is None else self._distance[layer] + distance
+        self._distance_count[layer] += probs.shape[0] * patches
+
+    def result(self) -> dict:
+        """Per-layer and per-head means reduced over ranks; ``None`` entries for layers never seen."""
+        entropy = self._reduce(self._entropy, self._entropy_count)
+        distance = self._reduce(self._distance, self._distance_count)
+        per_layer = [sum(h) / len(h) if h else None for h in entropy]
+        per_layer_distance = [sum(h) / len(h) if h else None for h in distance]
+        seen = [v for v in per_layer if v is not None]
+        seen_distance = [v for v in per_layer_distance if v is not None]
+        return {
+            "entropy_mean": sum(seen) / len(seen) if seen else None,
+            "entropy_per_layer": per_layer,
+            "entropy_per_layer_head": entropy,
+            "distance_mean": sum(seen_distance) / len(seen_distance) if seen_distance else None,
+            "distance_per_layer": per_layer_distance,
+            "distance_per_layer_head": distance,
+        }
+
+    def _reduce(self, sums: list[torch.Tensor | None], counts: torch.Tensor) -> list[list[float]]:
+        # Ranks must reduce tensors of one shape, also for layers a rank never saw.
+        heads = max((layout.heads for layout in self.layouts), default=0)
+        stacked = torch.zeros(self.num_layers, heads, dtype=torch.float64)
+        for layer, values in enumerate(sums):
+            if values is not None:
+                stacked[layer, : values.numel()] = values
+        stacked = all_reduce_sum(stacked)
+        counts = all_reduce_sum(counts.clone())
+        return [
+            (stacked[layer, : self.layouts[layer].heads] / counts[layer]).tolist() if counts[layer] > 0 else []
+            for layer in range(self.num_layers)
+        ]
+
+
+def _grid_for(patches: int, layout: TokenLayout) -> tuple[int, int]:
+    if layout.grid and layout.grid[0] * layout.grid[1] == patches:
+        return layout.grid
+    side = math.isqrt(max(patches, 0))
+    return side, side
