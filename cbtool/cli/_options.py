@@ -15,6 +15,10 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Image
 Amp = Annotated[bool, typer.Option("--amp", help="Mixed precision (bf16 autocast on CUDA; fp16 with a scaler where bf16 is missing).")]
 ChannelsLast = Annotated[bool, typer.Option("--channels-last", help="Use the channels-last memory format.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the model first.")]
+MarkdownOut = Annotated[
+    Optional[Path],
+    typer.Option("--markdown", help="Append a markdown summary to this file (e.g. $GITHUB_STEP_SUMMARY).", dir_okay=False),
+]
 Plot = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here (needs the 'plot' extra).", dir_okay=False)]
 
 # Model-source options, shared by inject, eval, finetune and bench.

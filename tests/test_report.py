@@ -1,0 +1,263 @@
+"""Tables, markdown, plots and atomic writes in ``cbtool.report``, and the ``compare`` command built on them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cbtool import report
+from cbtool.cli.app import app
+from cbtool.errors import CbtoolError, OutputError
+from cbtool.report import (
+    density_table,
+    difference_rows,
+    difference_table,
+    format_table,
+    format_value,
+    markdown_table,
+    metrics_table,
+    plot_density,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def model(label: str, correct: str, entropy=(0.9, 0.6, 0.3), distance=(20.0, 40.0, 60.0), **metrics) -> dict:
+    n = len(correct)
+    return {
+        "label": label,
+        "metrics": {
+            "num_samples": n,
+            "top1": 100.0 * correct.count("1") / n,
+            "top5": None,
+            "loss": 0.51234,
+            "correct": correct,
+            "throughput": {"model_images_per_s": 812.34, "end_to_end_images_per_s": 640.1},
+            **metrics,
+        },
+        "density": None
+        if entropy is None
+        else {
+            "entropy_mean": sum(entropy) / len(entropy),
+            "entropy_per_layer": list(entropy),
+            "distance_mean": sum(distance) / len(distance),
+            "distance_per_layer": list(distance),
+        },
+    }
+
+
+def results(*models: dict, sha: str = "ab" * 32) -> dict:
+    n = models[0]["metrics"]["num_samples"]
+    dataset = {"name": "sample", "kind": "sample", "split": "test", "num_samples": n, "samples_sha256": sha}
+    return {"schema_version": 1, "dataset": dataset, "models": list(models)}
+
+
+PLAIN = model("plain", "1" * 90 + "0" * 10, entropy=(0.80, 0.50, 0.20), distance=(25.0, 45.0, 65.0))
+CB = model("cb", "1" * 88 + "0" * 12)
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, kind, signed, text",
+    [
+        (81.234, "accuracy", False, "81.23"),
+        (0.612345, "entropy", False, "0.6123"),
+        (41.0, "distance", False, "41.00"),
+        (812.34, "throughput", False, "812.3"),
+        (50000, "count", False, "50,000"),
+        (None, "accuracy", False, "-"),
+        (float("nan"), "loss", False, "-"),
+        (-4.0, "accuracy", True, "-4.00"),
+        (0.05, "entropy", True, "+0.0500"),
+    ],
+)
+def test_format_value(value, kind, signed, text):
+    assert format_value(value, kind, signed=signed) == text
+
+
+def test_format_table_aligns_numbers_right():
+    table = format_table(["model", "top1", "note"], [["a", "81.20", "x"], ["longer-name", "9.50", None]])
+    lines = table.splitlines()
+    assert lines[0] == "model         top1  note"
+    assert lines[1] == "-----------  -----  ----"
+    assert lines[2] == "a            81.20  x"
+    assert lines[3] == "longer-name   9.50  -"
+    assert format_table(["a", "b"], [["1", "2"]], align=["<", "<"]).splitlines()[2] == "1  2"
+    with pytest.raises(ValueError):
+        format_table(["a", "b"], [["only one"]])
+
+
+def test_markdown_table_escapes_and_aligns():
+    text = markdown_table(["model", "top1"], [["a|b", "81.20"]])
+    assert text.splitlines() == ["| model | top1 |", "|:---|---:|", "| a\\|b | 81.20 |"]
+
+
+def test_metrics_table_has_every_model_and_column():
+    table = metrics_table([PLAIN, CB])
+    header, rule, *rows = table.splitlines()
+    assert header.split()[:4] == ["model", "top1", "top5", "loss"] and "img/s e2e" in header
+    assert rows[0].split() == ["plain", "90.00", "-", "0.5123", "100", "812.3", "640.1", "0.5000", "45.00"]
+    assert rows[1].split()[:2] == ["cb", "88.00"]
+    assert metrics_table([PLAIN], markdown=True).startswith("| model | top1 |")
+
+
+def test_density_table_one_row_per_layer():
+    table = density_table([PLAIN, CB, model("no-density", "1", entropy=None)])
+    header, _, *rows = table.splitlines()
+    assert header.split() == ["layer", "entropy", "plain", "entropy", "cb", "distance", "plain", "distance", "cb"]
+    assert [row.split() for row in rows] == [
+        ["0", "0.8000", "0.9000", "25.00", "20.00"],
+        ["1", "0.5000", "0.6000", "45.00", "40.00"],
+        ["2", "0.2000", "0.3000", "65.00", "60.00"],
+    ]
+    assert density_table([model("no-density", "1", entropy=None)]) == ""
+    assert density_table([CB]).splitlines()[0].split() == ["layer", "entropy", "distance"]
+
+
+def test_differences_relative_to_first():
+    (row,) = difference_rows([PLAIN, CB])
+    assert row["top1"] == pytest.approx(-2.0) and row["entropy_mean"] == pytest.approx(0.1)
+    assert row["distance_mean"] == pytest.approx(-5.0) and row["model_images_per_s_ratio"] == pytest.approx(1.0)
+    table = difference_table([PLAIN, CB], p_values=[0.5])
+    assert table.splitlines()[2].split() == ["cb", "-2.00", "-", "+0.0000", "+0.1000", "-5.00", "1.00x", "1.00x", "0.500"]
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_json_atomic_sorted_and_replaced(tmp_path):
+    path = tmp_path / "out.json"
+    write_json_atomic(path, {"b": 1, "a": [1, 2]})
+    assert path.read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+    write_json_atomic(path, {"c": None})
+    assert json.loads(path.read_text()) == {"c": None}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = write_text_atomic(tmp_path / "keep.txt", "old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_check_output_folder(tmp_path):
+    assert report.check_output_folder(tmp_path / "new.json") == tmp_path / "new.json"
+    with pytest.raises(OutputError, match="is a folder"):
+        report.check_output_folder(tmp_path)
+    with pytest.raises(OutputError, match="does not exist"):
+        report.check_output_folder(tmp_path / "missing" / "x.json")
+
+
+def test_write_text_append_and_missing_folder(tmp_path):
+    path = tmp_path / "summary.md"
+    write_text_atomic(path, "one", append=True)
+    write_text_atomic(path, "two\n", append=True)
+    assert path.read_text() == "one\ntwo\n"
+    with pytest.raises(OutputError, match="does not exist"):
+        write_text_atomic(tmp_path / "nowhere" / "x.md", "x")
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def test_plot_density_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = plot_density([PLAIN, CB], tmp_path / "density.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["density.png"]
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(CbtoolError, match=r"pip install 'cbtool\[plot\]'"):
+        plot_density([PLAIN], tmp_path / "x.png")
+
+
+def test_plot_without_density_is_a_user_error(tmp_path):
+    with pytest.raises(CbtoolError, match="--density"):
+        plot_density([model("x", "1", entropy=None)], tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------------------------
+# cbtool compare
+# --------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def write(folder: Path, name: str, obj: dict) -> Path:
+    path = folder / name
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_compare_tables_json_markdown_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    plain = write(tmp_path, "plain.json", results(PLAIN))
+    cb = write(tmp_path, "cb.json", results(CB))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["compare", str(plain), str(cb), "--plot", str(out / "c.png"), "--json", str(out / "c.json")]
+    result = runner.invoke(app, [*args, "--markdown", str(out / "c.md")])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "Metrics" in text and "Attention density per layer" in text and "Differences from plain" in text
+    assert "entropy plain" in text and "distance cb" in text
+    density_rows = text.split("Attention density per layer")[1].split("Differences")[0].strip().splitlines()[2:]
+    assert [row.split()[0] for row in density_rows] == ["0", "1", "2"]
+    assert "p (top1)" in text  # same samples, so McNemar applies
+    assert (out / "c.png").read_bytes()[:8] == PNG_MAGIC
+    record = json.loads((out / "c.json").read_text())
+    assert [m["label"] for m in record["models"]] == ["plain", "cb"] and record["same_samples"] is True
+    assert record["differences"][0]["top1"] == pytest.approx(-2.0)
+    assert "| plain | 90.00 |" in (out / "c.md").read_text()
+    assert runner.invoke(app, args).exit_code == 0  # reports are replaced atomically
+    assert sorted(p.name for p in out.iterdir()) == ["c.json", "c.md", "c.png"]
+
+
+def test_compare_labels_ambiguous_models_by_file(tmp_path):
+    a = write(tmp_path, "a.json", results(model("cb.safetensors", "1100")))
+    b = write(tmp_path, "b.json", results(model("cb.safetensors", "1000"), model("plain", "1110"), sha="cd" * 32))
+    result = runner.invoke(app, ["compare", str(a), str(b)])
+    assert result.exit_code == 0, result.output
+    assert "a.json:cb.safetensors" in result.output and "b.json:plain" in result.output
+    assert "note: b.json:cb.safetensors was evaluated on other data" in result.output
+    assert "p (top1)" not in result.output
+
+
+def test_compare_one_file_with_several_models(tmp_path):
+    both = write(tmp_path, "both.json", results(PLAIN, CB))
+    result = runner.invoke(app, ["compare", str(both)])
+    assert result.exit_code == 0 and "Differences from plain" in result.output
+    single = write(tmp_path, "one.json", results(PLAIN))
+    result = runner.invoke(app, ["compare", str(single)])
+    assert isinstance(result.exception, CbtoolError) and "at least two models" in str(result.exception)
+
+
+def test_compare_plot_needs_density(tmp_path):
+    a = write(tmp_path, "a.json", results(model("a", "10", entropy=None)))
+    b = write(tmp_path, "b.json", results(model("b", "11", entropy=None)))
+    result = runner.invoke(app, ["compare", str(a), str(b), "--plot", str(tmp_path / "p.png")])
+    assert isinstance(result.exception, CbtoolError) and "--density" in str(result.exception)
+    assert not (tmp_path / "p.png").exists()
