@@ -70,6 +70,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(value: int) -> int:
+    """An integer count summed over ranks (itself outside torchrun)."""
+    return int(all_reduce_sum(torch.tensor([value], dtype=torch.int64)).item())
+
+
 def all_gather_objects(obj: object) -> list[object]:
     """Every rank's ``obj``, in rank order (``[obj]`` outside torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -82,10 +82,12 @@ def eval_command(
             labels=models, amp=amp, channels_last=channels_last, compile=compile, density=density,
             class_subset=ds.class_subset, progress=not quiet and dist_info.is_main, total_batches=total,
         )
+        dataset_record = ds.describe()
+        dataset_record["bad_images"] = distributed.sum_over_ranks(ds.bad_images)
         if not dist_info.is_main:
             return
         document = results.results_document(
-            dataset=ds.describe(),
+            dataset=dataset_record,
             preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
             environment=results.environment_record(
                 str(torch_device), world_size=dist_info.world_size, batch_size=batch_size, amp=amp,

@@ -1,0 +1,103 @@
+"""Local image folders: ``root/<class>/...`` or ``root/<split>/<class>/...``.
+
+A folder whose subfolders include split names (``train``, ``validation``/``val``/``valid``,
+``test``) is read as splits; a split folder is never taken for a class. Classes are the
+union of the class folders of every split, sorted, so all splits share one label space.
+Images are found recursively under each class folder, by file extension.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cbtool.data.dataset import open_rgb
+from cbtool.data.splits import canonical_split, choose_split
+from cbtool.errors import DatasetError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+
+
+class FolderSource:
+    """Image files with labels; ``sample_id`` is the path relative to the dataset root."""
+
+    def __init__(self, root: Path, files: list[str], labels: np.ndarray):
+        self.root, self.files, self.labels = root, files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int):
+        return open_rgb(os.path.join(self.root, self.files[i]))
+
+    def sample_id(self, i: int) -> str:
+        return self.files[i]
+
+
+def _subfolders(path: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def find_splits(root: Path) -> dict[str, str]:
+    """Canonical split name -> folder name, or an empty dict for a plain class folder."""
+    folders = _subfolders(root)
+    splits = {folder: canonical_split(folder) for folder in folders if canonical_split(folder)}
+    if not splits:
+        return {}
+    others = [folder for folder in folders if folder not in splits]
+    if others:
+        raise DatasetError(
+            f"'{root}' mixes split folders ({', '.join(splits)}) with other folders ({', '.join(others[:5])}); "
+            "put every class folder inside a split folder, or remove the split folders"
+        )
+    by_canonical: dict[str, str] = {}
+    for folder, canonical in splits.items():
+        if canonical in by_canonical:
+            raise DatasetError(f"'{root}' has two folders for the {canonical} split ({by_canonical[canonical]}, {folder}); keep one")
+        by_canonical[canonical] = folder
+    return by_canonical
+
+
+def _list_images(class_dir: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if not filename.startswith(".") and os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(dirpath, filename))
+    return found
+
+
+def read_folder(root: Path, split: str | None, *, purpose: str):
+    """``(source, classes, split, available_splits)`` for an image folder.
+
+    ``classes`` are the sorted class folder names (the source's labels index them).
+    """
+    splits = find_splits(root)
+    if splits:
+        chosen = choose_split(list(splits), split, purpose=purpose, where=f"'{root}'")
+        class_root = root / splits[chosen]
+        classes = sorted({name for folder in splits.values() for name in _subfolders(root / folder)})
+    else:
+        if split is not None:
+            raise DatasetError(f"'{root}' has no split folders (train, validation, test); leave out --split to use all of it")
+        chosen, class_root = None, root
+        classes = _subfolders(root)
+    if not classes:
+        raise DatasetError(f"'{class_root}' has no class folders; expected one subfolder of images per class")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = class_root / name
+        if not class_dir.is_dir():
+            continue  # a class that only other splits have
+        for path in _list_images(class_dir):
+            files.append(Path(os.path.relpath(path, root)).as_posix())
+            labels.append(label)
+    if not files:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise DatasetError(f"no images under '{class_root}' (looked for {extensions}); check the path")
+    source = FolderSource(root, files, np.asarray(labels, dtype=np.int64))
+    return source, classes, chosen, sorted(splits)

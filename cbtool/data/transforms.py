@@ -1,0 +1,61 @@
+"""Preprocessing built by timm's own ``create_transform``, so tensors match timm's pipeline."""
+
+from __future__ import annotations
+
+from cbtool.errors import DatasetError
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def resolve_preprocessing(data_config: dict, *, img_size=None, crop_pct=None, interpolation=None, is_training: bool = False) -> dict:
+    """The timm data config with the user's overrides applied and checked (for the JSON record too).
+
+    Training also accepts ``interpolation="random"`` (bilinear or bicubic per image, as timm's train.py).
+    """
+    missing = [key for key in ("input_size", "mean", "std") if key not in data_config]
+    if missing:
+        raise DatasetError(f"the model's data config lacks {', '.join(missing)}; pass a timm-style data config")
+    config = {key: data_config.get(key) for key in _CONFIG_KEYS}
+    config["interpolation"] = config["interpolation"] or "bilinear"
+    config["crop_mode"] = config["crop_mode"] or "center"
+    if img_size is not None:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if min(height, width) < 1:
+            raise DatasetError(f"--img-size must be positive, not {img_size}")
+        config["input_size"] = (3, int(height), int(width))
+    if crop_pct is not None:
+        if not 0.0 < crop_pct <= 1.0:
+            raise DatasetError(f"--crop-pct must be in (0, 1], not {crop_pct}")
+        config["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        allowed = INTERPOLATIONS + (("random",) if is_training else ())
+        if interpolation not in allowed:
+            raise DatasetError(f"--interpolation must be one of {', '.join(allowed)}, not '{interpolation}'")
+        config["interpolation"] = interpolation
+    config["input_size"] = tuple(int(v) for v in config["input_size"])
+    config["mean"] = tuple(float(v) for v in config["mean"])
+    config["std"] = tuple(float(v) for v in config["std"])
+    return config
+
+
+def build_transform(data_config: dict, *, is_training: bool = False, img_size=None, crop_pct=None, interpolation=None, **train_options):
+    """timm's eval transform (resize, center crop, normalize) or its training transform.
+
+    ``data_config`` is what ``timm.data.resolve_data_config`` returns. ``train_options`` go to
+    ``create_transform`` when ``is_training`` (``scale``, ``hflip``, ``auto_augment``, ``re_prob``, ...).
+    """
+    from timm.data import create_transform
+
+    config = resolve_preprocessing(data_config, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, is_training=is_training)
+    if is_training:
+        return create_transform(
+            input_size=config["input_size"], is_training=True, interpolation=config["interpolation"],
+            mean=config["mean"], std=config["std"], **train_options,
+        )  # fmt: skip
+    if train_options:
+        raise TypeError(f"training options given for an eval transform: {', '.join(train_options)}")
+    return create_transform(
+        input_size=config["input_size"], is_training=False, interpolation=config["interpolation"],
+        mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"], crop_mode=config["crop_mode"],
+    )  # fmt: skip
