@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cbtool._version import __version__
-from cbtool.errors import CheckpointError, OutputError
+from cbtool.errors import CheckpointError, OutputError, SpecError
+from cbtool.spec import CBSpec
 
 SOURCE_KEY = "cbtool_source"
 SPEC_KEY = "cbtool_spec"
@@ -82,12 +83,21 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a malformed safetensors header")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise CheckpointError(f"{path} has a malformed safetensors header (metadata must map strings to strings)")
     data_size = size - 8 - length
     for name, entry in header.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not offsets or len(offsets) != 2 or offsets[1] > data_size:
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+            raise CheckpointError(f"{path} has a malformed safetensors header (entry {name!r})")
+        if offsets[1] > data_size:
             raise CheckpointError(f"{path} is truncated or corrupt (tensor {name!r} lies beyond the end of the file)")
     return metadata, header
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, int) and item >= 0 for item in value)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -105,8 +115,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 decoded[key] = json.loads(raw[key])
             except json.JSONDecodeError:
                 raise CheckpointError(f"{path} has garbled cbtool metadata ({key} is not valid JSON)") from None
-    if not isinstance(decoded[SOURCE_KEY], dict) or "library" not in decoded[SOURCE_KEY]:
+            if not isinstance(decoded[key], dict):
+                raise CheckpointError(f"{path} has garbled cbtool metadata ({key} is not a JSON object)")
+    if "library" not in decoded[SOURCE_KEY]:
         raise CheckpointError(f"{path} has garbled cbtool metadata ({SOURCE_KEY} lacks the model library)")
+    if SPEC_KEY in decoded:
+        try:  # normalised, so that readers can rely on every field
+            decoded[SPEC_KEY] = CBSpec.from_dict(decoded[SPEC_KEY]).to_dict()
+        except SpecError as error:
+            raise CheckpointError(f"{path} has garbled cbtool metadata ({SPEC_KEY}: {error})") from None
     return decoded
 
 

@@ -34,8 +34,13 @@ class CBSpec:
             raise SpecError(f"unknown position {self.position!r}: choose one of {', '.join(POSITIONS)}")
         object.__setattr__(self, "layers", _normalize_layers(self.layers))
         _parse_layer_terms(self.layers)  # syntax check now; range check needs the depth
-        if not 0.0 <= float(self.scale_init) <= 1.0:
+        try:
+            scale_init = float(self.scale_init)
+        except (TypeError, ValueError):  # e.g. a garbled cbtool_spec in a file's metadata
+            raise SpecError(f"scale_init must be a number in [0, 1], got {self.scale_init!r}") from None
+        if not 0.0 <= scale_init <= 1.0:
             raise SpecError(f"scale_init must lie in [0, 1], got {self.scale_init}")
+        object.__setattr__(self, "scale_init", scale_init)
 
     def resolve_layers(self, depth: int) -> tuple[int, ...]:
         """The sorted block indices this spec selects in a model with ``depth`` blocks."""
