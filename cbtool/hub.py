@@ -35,6 +35,10 @@ def hub_reachable() -> bool:
         return False
 
 
+def _offline_error(what: str, hint: str) -> NetworkError:
+    return NetworkError(f"cannot download {what}: the Hugging Face Hub is unreachable (offline) and it is not cached; {hint}")
+
+
 @contextmanager
 def hub_access(what: str, hint: str) -> Iterator[None]:
     """Run a Hub download of ``what``; on a missing network or access, raise NetworkError with ``hint``."""
@@ -54,8 +58,11 @@ def hub_access(what: str, hint: str) -> Iterator[None]:
     except (hub_errors.LocalEntryNotFoundError, hub_errors.OfflineModeIsEnabled, ConnectionError, TimeoutError) as error:
         if not offline:
             raise NetworkError(f"could not download {what} from the Hugging Face Hub ({error}); {hint}") from None
-        raise NetworkError(
-            f"cannot download {what}: the Hugging Face Hub is unreachable (offline) and it is not cached; {hint}"
-        ) from None
+        raise _offline_error(what, hint) from None
+    except OSError:
+        # transformers wraps a cache miss in offline mode into a plain OSError
+        if offline:
+            raise _offline_error(what, hint) from None
+        raise
     finally:
         constants.HF_HUB_OFFLINE = previous

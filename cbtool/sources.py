@@ -21,6 +21,7 @@ from cbtool.hub import hub_access
 SOURCE_ATTRIBUTE = "cbtool_source"
 DATA_CONFIG_ATTRIBUTE = "cbtool_data_config"
 OFFLINE_HINT = "pass --no-pretrained for random weights or --checkpoint FILE for local weights"
+HF_OFFLINE_HINT = "download it once with network access, or pass a local folder with config.json and model.safetensors"
 # transformers classes cbtool rebuilds from a config; anything else is refused rather than guessed.
 HF_ARCHITECTURES = (
     "ViTForImageClassification", "ViTModel",
@@ -64,10 +65,8 @@ def resolve(
         if num_classes is not None:
             from cbtool.families import detect
 
-            family = detect(loaded)
-            if family.num_classes(loaded) != num_classes:
-                family.reset_classifier(loaded, num_classes)
-                _update_num_classes(loaded, num_classes)
+            if detect(loaded).num_classes(loaded) != num_classes:
+                set_num_classes(loaded, num_classes)
         if img_size is not None or model_kwargs:
             raise ModelSourceError("--img-size and --model-kwargs cannot change a saved model's architecture")
         return loaded
@@ -242,6 +241,15 @@ def read_state_dict(path: str | Path) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
+def set_num_classes(model: nn.Module, num_classes: int) -> None:
+    """Give ``model`` a fresh ``num_classes`` head and record it, so a saved file rebuilds with that head."""
+    from cbtool.families import detect
+
+    detect(model).reset_classifier(model, num_classes)
+    if getattr(model, SOURCE_ATTRIBUTE, None) is not None:
+        _update_num_classes(model, num_classes)
+
+
 def _update_num_classes(model: nn.Module, num_classes: int) -> None:
     record = dict(getattr(model, SOURCE_ATTRIBUTE))
     if record["library"] == "timm":
@@ -276,7 +284,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     if num_classes is not None:
         overrides["num_labels"] = num_classes
     try:
-        with hub_access(what, OFFLINE_HINT if not local else "check the folder"):
+        with hub_access(what, HF_OFFLINE_HINT if not local else "check the folder"):
             config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **overrides)
             architecture = _architecture(config, name)
             cls = getattr(transformers, architecture)
