@@ -1,0 +1,192 @@
+"""``cbtool finetune``: train a model (after optional CB surgery) on a dataset and save a cbtool file.
+
+Works the same under ``torchrun --nproc_per_node=N -m cbtool finetune ...`` (only rank 0 prints and writes).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from cbtool.cli import _options as opt
+
+# Options that may differ when a run is resumed; every other one must match how the run started.
+RUNTIME_OPTIONS = {"output", "save_best", "force", "quiet", "workers", "device", "resume", "log"}
+_FLAGS = {"model": "MODEL", "inject_cb": "--inject", "compile_model": "--compile"}
+
+
+def finetune_command(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Argument(help="timm name, hf-hub:ORG/NAME, Hugging Face id or folder, or a cbtool file (not needed with --resume).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the fine-tuned .safetensors file.", dir_okay=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="sample, imagenet-1k, a local folder, or a Hub dataset id.")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Training split (default: train).")] = None,
+    val_split: Annotated[Optional[str], typer.Option("--val-split", help="Validation split (default: validation, else test).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Hold out this fraction of the training split for validation (default 0.1 when there is no validation or test split).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Train on at most this many images (class-balanced, deterministic).")] = None,
+    val_limit: Annotated[Optional[int], typer.Option("--val-limit", min=1, help="Validate on at most this many images.")] = None,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", help="Image column of a Hub or save_to_disk dataset.")] = None,
+    label_column: Annotated[Optional[str], typer.Option("--label-column", help="Label column of a Hub or save_to_disk dataset.")] = None,
+    skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Leave out images that cannot be decoded.")] = False,
+    inject_cb: Annotated[bool, typer.Option("--inject", help="Insert Context Broadcasting first (--variant/--position/--layers).")] = False,
+    variant: opt.Variant = "cb",
+    position: opt.Position = "mlp",
+    layers: opt.Layers = "all",
+    no_pretrained: opt.NoPretrained = False,
+    checkpoint: opt.Checkpoint = None,
+    num_classes: opt.NumClasses = None,
+    img_size: opt.ImgSize = None,
+    model_kwargs: opt.ModelKwargs = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Passes over the training split (default 1).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps, instead of --epochs.")] = None,
+    batch_size: opt.BatchSize = 64,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step (effective batch = batch size x this x processes).")] = 1,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 1e-5 for pretrained weights, 1e-3 for random ones).")] = None,
+    min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine decay.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (never on norms, biases, CB scales, embeddings).")] = 0.05,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear warmup steps (default: --warmup-frac of all steps).")] = None,
+    warmup_frac: Annotated[float, typer.Option("--warmup-frac", help="Warmup as a fraction of all steps.")] = 0.05,
+    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of the cross-entropy.")] = 0.1,
+    clip_grad: Annotated[float, typer.Option("--clip-grad", help="Clip the gradient norm to this (0: no clipping).")] = 1.0,
+    train: Annotated[str, typer.Option("--train", help="What to train: all, or a comma list of cb (CB_S scales), head, norm.")] = "all",
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the data order, augmentation and new heads.")] = 0,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=0, help="Data-loading processes (default: 0 on CPU, up to 8 on CUDA).")] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", help="Smallest random-resized-crop area with --augment (default 0.08, or 0.35 for inputs under 64 px).")] = None,
+    hflip: Annotated[float, typer.Option("--hflip", help="Horizontal flip probability.")] = 0.5,
+    color_jitter: Annotated[float, typer.Option("--color-jitter", help="Color jitter strength (0: none).")] = 0.4,
+    auto_augment: Annotated[Optional[str], typer.Option("--auto-augment", help="timm auto-augment policy, e.g. rand-m9-mstd0.5.")] = None,
+    augment: Annotated[Optional[bool], typer.Option("--augment/--no-augment", help="Random crops, flips and color jitter (default: on for inputs of 64 px and more; off below, training on the eval transform).")] = None,
+    device: opt.Device = None,
+    amp: opt.Amp = False,
+    channels_last: opt.ChannelsLast = False,
+    compile_model: opt.Compile = False,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Folder for checkpoints and the log (default: runs/<timestamp>, with runs/last).", file_okay=False)] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", min=1, help="Also save a checkpoint every N steps (always at the end).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Also validate every N steps (always after each epoch).")] = None,
+    log: Annotated[Optional[Path], typer.Option("--log", help="JSON-lines log (default: <run-dir>/log.jsonl).", dir_okay=False)] = None,
+    save_best: Annotated[Optional[Path], typer.Option("--save-best", help="Also write the model with the best validation top-1 here.", dir_okay=False)] = None,
+    density: Annotated[bool, typer.Option("--density", help="Measure attention entropy at each validation.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder (e.g. runs/last) with its settings.")] = None,
+    force: opt.Force = False,
+    quiet: opt.Quiet = False,
+) -> None:
+    """Fine-tune MODEL on a dataset (AdamW, warmup + cosine, label smoothing) and save it as a cbtool file.
+
+    Validates after each epoch, logs to JSON lines, checkpoints for --resume; Ctrl-C saves and stops.
+    """
+    options = {name: value for name, value in locals().items() if name != "ctx"}
+    from cbtool import distributed
+    from cbtool.errors import CbtoolError
+
+    if resume is not None:
+        options = _resume_options(ctx, options)
+    if options["output"] is None:
+        raise CbtoolError("give the output file with -o/--output (e.g. -o tuned.safetensors)")
+    if options["model"] is None or options["dataset"] is None:
+        raise CbtoolError("give a MODEL and --dataset (or --resume a run folder)")
+    try:
+        _run(options)
+    finally:
+        distributed.teardown()
+
+
+def _run(o: dict[str, Any]) -> None:
+    import torch
+
+    from cbtool import distributed, sources, train
+    from cbtool.checkpoint import check_output_path
+    from cbtool.errors import CbtoolError
+    from cbtool.families import detect
+    from cbtool.spec import CBSpec
+
+    info, _ = distributed.setup(o["device"])
+    note = (lambda text: print(text, file=sys.stderr)) if info.is_main and not o["quiet"] else (lambda text: None)
+    spec = CBSpec(variant=o["variant"], position=o["position"], layers=o["layers"]) if o["inject_cb"] else None
+    config = train.FinetuneConfig(
+        epochs=o["epochs"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"], lr=o["lr"],
+        min_lr=o["min_lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
+        label_smoothing=o["label_smoothing"], clip_grad=o["clip_grad"] or None, train=o["train"], seed=o["seed"],
+        workers=o["workers"], augment=o["augment"], scale=o["scale"], hflip=o["hflip"],
+        color_jitter=o["color_jitter"], auto_augment=o["auto_augment"], device=o["device"], amp=o["amp"],
+        channels_last=o["channels_last"], compile=o["compile_model"], run_dir=_str(o["run_dir"]),
+        save_every=o["save_every"], eval_every=o["eval_every"], log=_str(o["log"]), output=_str(o["output"]),
+        save_best=_str(o["save_best"]), force=o["force"], density=o["density"], quiet=o["quiet"],
+        resume=_str(o["resume"]), run_info=_recordable(o),
+    )  # fmt: skip
+    if info.is_main:  # fail before a long download or a long run
+        check_output_path(o["output"], force=o["force"])
+        if o["save_best"] is not None and o["resume"] is None:
+            check_output_path(o["save_best"], force=o["force"])
+
+    if o["resume"] is not None:
+        model, _ = train.load_run(o["resume"])
+    else:
+        torch.manual_seed(o["seed"])  # the same new head on every rank and every run
+        model = sources.resolve(
+            o["model"], pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"], num_classes=o["num_classes"],
+            img_size=o["img_size"], model_kwargs=sources.parse_model_kwargs(o["model_kwargs"]),
+        )  # fmt: skip
+        if spec is not None:
+            from cbtool.surgery import inject
+
+            inject(model, spec)
+    train_ds, val_ds, data_note = train.resolve_training_data(
+        o["dataset"], split=o["split"], val_split=o["val_split"], val_fraction=o["val_fraction"], seed=o["seed"],
+        limit=o["limit"], val_limit=o["val_limit"], num_model_classes=detect(model).num_classes(model),
+        image_column=o["image_column"], label_column=o["label_column"], skip_bad_images=o["skip_bad_images"],
+    )  # fmt: skip
+    if data_note:
+        note(f"note: {data_note}")
+    old = train.fit_head(model, train_ds.num_classes)
+    if old is not None:
+        note(f"note: the model's head has {old} classes and '{o['dataset']}' has {train_ds.num_classes}: "
+             f"replaced it with a new {train_ds.num_classes}-class head")  # fmt: skip
+        if "all" not in config.train and "head" not in config.train:
+            raise CbtoolError(f"the model has a new, untrained head; add it to --train (e.g. --train {config.train},head)")
+    try:
+        result = train.finetune(model, train_ds, val_ds, config)
+    except train.Interrupted as stop:
+        if info.is_main:
+            saved = f"saved {stop.checkpoint}; " if stop.checkpoint else ""
+            print(f"cbtool: interrupted at step {stop.step}; {saved}resume with: cbtool finetune --resume {stop.run_dir}",
+                  file=sys.stderr)  # fmt: skip
+        raise typer.Exit(130) from None
+    if info.is_main:
+        final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
+        best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
+        typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
+
+
+def _str(path) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _recordable(options: dict[str, Any]) -> dict[str, Any]:
+    """The options as JSON values, kept with each checkpoint so that --resume needs nothing else."""
+    return {name: (str(value) if isinstance(value, Path) else value) for name, value in options.items()}
+
+
+def _resume_options(ctx: typer.Context, given: dict[str, Any]) -> dict[str, Any]:
+    """The options the run started with; options typed now must agree with them, except the runtime ones."""
+    from cbtool.errors import CbtoolError
+    from cbtool.train import read_run_info
+
+    saved = read_run_info(given["resume"]).get("run_info") or {}
+    if not saved:
+        raise CbtoolError(f"{given['resume']} holds no command-line settings (the run was started from Python); resume it with cbtool.finetune")
+    merged = dict(saved)
+    for name, value in given.items():
+        source = ctx.get_parameter_source(name)
+        typed = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+        if name in RUNTIME_OPTIONS:
+            if typed or saved.get(name) is None:
+                merged[name] = value
+            continue
+        if typed and _recordable({name: value})[name] != saved.get(name):
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+            raise CbtoolError(f"this run started with {flag} {saved.get(name)!r}, not {value!r}; leave {flag} out to resume it")
+    merged["resume"] = given["resume"]
+    return merged

@@ -1,0 +1,129 @@
+"""What to train and how: parameter selection (``--train``), AdamW groups, and the warmup-cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from cbtool.errors import CbtoolError
+
+TRAIN_PARTS = ("all", "cb", "head", "norm")
+# Embeddings that timm (``no_weight_decay()``) and transformers keep free of weight decay.
+_NO_DECAY_LEAVES = {
+    "pos_embed", "cls_token", "dist_token", "reg_token", "mask_token",
+    "position_embeddings", "distillation_token", "register_tokens",
+}  # fmt: skip
+# transformers models name their heads; timm models answer ``get_classifier()``.
+_HF_HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
+
+
+def parse_train_parts(text: str) -> tuple[str, ...]:
+    """``"cb,head"`` -> ``("cb", "head")``; unknown parts are an error that lists the choices."""
+    parts = tuple(dict.fromkeys(p.strip().lower() for p in str(text).split(",") if p.strip()))
+    unknown = [p for p in parts if p not in TRAIN_PARTS]
+    if not parts or unknown:
+        bad = f"unknown part {unknown[0]!r}" if unknown else "nothing chosen"
+        raise CbtoolError(f"--train: {bad}; use one or more of {', '.join(TRAIN_PARTS)}, comma-separated (e.g. cb,head)")
+    if "all" in parts and len(parts) > 1:
+        raise CbtoolError("--train all already trains everything; leave out the other parts")
+    return parts
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The classifier module(s): timm's ``get_classifier()``, or the named heads of a transformers model."""
+    if callable(getattr(model, "get_classifier", None)):
+        head = model.get_classifier()
+        heads = list(head) if isinstance(head, (tuple, list)) else [head]
+    else:
+        heads = [getattr(model, name) for name in _HF_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, GroupNorm, BatchNorm, RMSNorm and the norm classes timm and transformers derive from them."""
+    norms = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, getattr(nn, "RMSNorm", nn.LayerNorm))
+    return isinstance(module, norms) or type(module).__name__.endswith(("Norm", "Norm2d", "RMSNorm"))
+
+
+def select_trainable(model: nn.Module, parts: tuple[str, ...] | str) -> int:
+    """Set ``requires_grad`` so that only ``parts`` train; returns the number of trainable values.
+
+    Raises ``CbtoolError`` when the selection holds no parameters (``--train cb`` on a ``cb`` model).
+    """
+    from cbtool.surgery import broadcast_parameters, spec_of
+
+    if isinstance(parts, str):
+        parts = parse_train_parts(parts)
+    chosen: dict[int, nn.Parameter] = {}
+    for part in parts:
+        if part == "all":
+            found = list(model.parameters())
+        elif part == "cb":
+            found = broadcast_parameters(model)
+            if not found:
+                spec = spec_of(model)
+                why = ("its CB variant 'cb' has no parameters" if spec is not None
+                       else "it has no Context Broadcasting")  # fmt: skip
+                raise CbtoolError(
+                    f"--train cb selects no parameters: {why}; inject the learned variant with --inject --variant cbs, "
+                    "or train other parts (--train all, head, norm)"
+                )
+        elif part == "head":
+            found = [p for head in head_modules(model) for p in head.parameters()]
+            if not found:
+                raise CbtoolError("--train head selects no parameters: this model has no classifier head")
+        else:
+            found = [p for module in model.modules() if is_norm(module) for p in module.parameters(recurse=False)]
+            if not found:
+                raise CbtoolError("--train norm selects no parameters: this model has no norm layers")
+        for param in found:
+            chosen[id(param)] = param
+    for param in model.parameters():
+        param.requires_grad_(id(param) in chosen)
+    return sum(p.numel() for p in chosen.values())
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups over the trainable parameters, as timm's ``param_groups_weight_decay`` builds them.
+
+    No decay for 1-d parameters (norms, biases, CB scales) and position/class/register embeddings.
+    """
+    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip or leaf in _NO_DECAY_LEAVES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = []
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    return groups
+
+
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Linear warmup from 0 to ``peak`` over ``warmup`` steps, then cosine decay to ``floor`` at ``total``.
+
+    A pure function of the step, so resuming needs only the step count.
+    """
+
+    peak: float
+    total: int
+    warmup: int = 0
+    floor: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        """The learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        span = max(self.total - self.warmup, 1)
+        progress = min((step - self.warmup) / span, 1.0)
+        return self.floor + 0.5 * (self.peak - self.floor) * (1.0 + math.cos(math.pi * progress))
