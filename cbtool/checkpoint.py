@@ -48,16 +48,29 @@ def check_output_path(path: str | Path, *, force: bool = False) -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; rename it into place only if the block succeeds."""
+    """Yield a temporary path in ``path``'s folder; rename it into place only if the block succeeds.
+
+    The result keeps an existing file's permissions, else gets what the umask allows (mkstemp's are 0600).
+    """
     path = Path(path)
+    mode = _file_mode(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 # --- header, without torch ----------------------------------------------------------------------

@@ -273,10 +273,8 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        mode = _file_mode(path)
         with atomic_path(path) as temporary:
             fig.savefig(temporary, format="png", dpi=120)
-            os.chmod(temporary, mode)
     finally:
         plt.close(fig)
     return path
@@ -285,15 +283,6 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
 def _check_folder(path: Path) -> None:
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
-
-
-def _file_mode(path: Path) -> int:
-    # mkstemp creates 0600 files; keep an existing file's mode, else what the umask allows.
-    if path.exists():
-        return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool = False) -> Path:
@@ -305,10 +294,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool =
         if previous and not previous.endswith("\n"):
             previous += "\n"
         text = previous + text
-    mode = _file_mode(path)
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
-        os.chmod(temporary, mode)
     return path
 
 
