@@ -51,6 +51,11 @@ def setup(device_request: str | None = None) -> tuple[DistInfo, torch.device]:
     info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     device = pick_device(device_request, info.local_rank)
     if info.enabled and not dist.is_initialized():
+        # torch._dynamo (which timm imports) keeps references to a process group that exists when it is
+        # imported, so destroy_process_group could not free it: its gloo threads outlived Python and
+        # sometimes aborted the exit of a rank (SIGABRT, torchrun failed). Import it before joining.
+        import torch._dynamo  # noqa: F401
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)

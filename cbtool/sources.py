@@ -155,9 +155,9 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
         raise ModelSourceError(f"cannot build timm model {name}: {error}") from None
     if checkpoint is not None:
         load_weights(model, checkpoint, allow_new_head=num_classes is not None)
-    architecture = model.pretrained_cfg.get("architecture") or name.split(".", 1)[0]
-    tag = model.pretrained_cfg.get("tag")
-    rebuild_name = architecture if name.startswith("hf-hub:") or not tag else f"{architecture}.{tag}"
+    # The name as typed (with its tag, if any) rebuilds the same architecture and data config offline;
+    # an hf-hub: id needs the network, so it is recorded as its architecture plus the Hub's arguments.
+    rebuild_name = model.pretrained_cfg.get("architecture") if name.startswith("hf-hub:") else name
     record_kwargs = {**(hub_args or {}), **kwargs, "num_classes": int(model.num_classes)}
     record = {
         "library": "timm",

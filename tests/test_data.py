@@ -70,7 +70,7 @@ FOLDER_CASES = [
     ({"train": {"a": 1}, "valid": {"a": 1}, "test": {"b": 1}}, "val", "eval", "validation", ["a", "b"], [0]),
     ({"train": {"a": 1}, "validation": {"b": 1}, "test": {"a": 1}}, "test", "eval", "test", ["a", "b"], [0]),
     ({"train": {"a": 1, "b": 1, "c": 1}, "val": {"a": 1, "c": 2}}, None, "eval", "validation", ["a", "b", "c"], [0, 2, 2]),
-    ({"zebra": 1, "apple": 2, "Mango": 1}, None, "eval", None, ["Mango", "apple", "zebra"], [0, 1, 1, 2]),
+    ({"zebra": 1, "apple": 2, "Mango": 1}, None, "eval", None, ["apple", "Mango", "zebra"], [0, 0, 1, 2]),  # timm order: case ignored
 ]
 
 
@@ -671,3 +671,19 @@ def test_import_is_light():
 
 def test_resolved_dataset_is_exported():
     assert isinstance(resolve_dataset("sample", limit=1), ResolvedDataset)
+
+
+def test_class_order_matches_timm_create_dataset(tmp_path):
+    """Label indices must equal timm's (natural order, case ignored), not plain string order."""
+    from PIL import Image
+    from timm.data import create_dataset
+
+    from cbtool.data import resolve_dataset
+
+    for name in ["class10", "class2", "Banana", "apple", "class1"]:
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "0.png")
+    ds = resolve_dataset(str(tmp_path))
+    timm_order = create_dataset("", root=str(tmp_path)).reader.class_to_idx
+    assert ds.class_names == sorted(timm_order, key=timm_order.get)
+    assert ds.class_names == ["apple", "Banana", "class1", "class2", "class10"]

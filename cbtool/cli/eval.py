@@ -83,7 +83,9 @@ def eval_command(
             class_subset=ds.class_subset, progress=not quiet and dist_info.is_main, total_batches=total,
         )
         dataset_record = ds.describe()
+        # describe() counts this rank's bad images only; under torchrun both counts need every rank's.
         dataset_record["bad_images"] = distributed.sum_over_ranks(ds.bad_images)
+        dataset_record["num_samples"] = found[0].metrics["num_samples"]
         if not dist_info.is_main:
             return
         document = results.results_document(
@@ -124,7 +126,8 @@ def _shared_data_config(names: list[str], models: list) -> dict:
 
 def _print_summary(document: dict, report, quiet: bool) -> None:
     dataset = document["dataset"]
-    typer.echo(f"dataset: {dataset['name']} ({dataset['split']}), {document['models'][0]['metrics']['num_samples']} images, "
+    split = f" ({dataset['split']})" if dataset["split"] else ""  # a plain class folder has no split
+    typer.echo(f"dataset: {dataset['name']}{split}, {document['models'][0]['metrics']['num_samples']} images, "
                f"{dataset['num_classes']} classes")
     if dataset.get("bad_images"):
         typer.echo(f"skipped {dataset['bad_images']} images that could not be decoded")

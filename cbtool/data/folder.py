@@ -2,13 +2,16 @@
 
 A folder whose subfolders include split names (``train``, ``validation``/``val``/``valid``,
 ``test``) is read as splits; a split folder is never taken for a class. Classes are the
-union of the class folders of every split, sorted, so all splits share one label space.
+union of the class folders of every split, in timm's natural order (``class2`` before
+``class10``, case ignored), so all splits share one label space and label indices equal those
+of timm's ``create_dataset`` (and of a model trained with timm's ``train.py``).
 Images are found recursively under each class folder, by file extension.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +37,11 @@ class FolderSource:
 
     def sample_id(self, i: int) -> str:
         return self.files[i]
+
+
+def natural_key(name: str) -> list:
+    """timm's class order (``timm.utils.misc.natural_key``): digit runs compare as numbers, case ignored."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
 def _subfolders(path: Path) -> list[str]:
@@ -73,18 +81,18 @@ def _list_images(class_dir: Path) -> list[str]:
 def read_folder(root: Path, split: str | None, *, purpose: str):
     """``(source, classes, split, available_splits)`` for an image folder.
 
-    ``classes`` are the sorted class folder names (the source's labels index them).
+    ``classes`` are the class folder names in natural order (the source's labels index them).
     """
     splits = find_splits(root)
     if splits:
         chosen = choose_split(list(splits), split, purpose=purpose, where=f"'{root}'")
         class_root = root / splits[chosen]
-        classes = sorted({name for folder in splits.values() for name in _subfolders(root / folder)})
+        classes = sorted({name for folder in splits.values() for name in _subfolders(root / folder)}, key=natural_key)
     else:
         if split is not None:
             raise DatasetError(f"'{root}' has no split folders (train, validation, test); leave out --split to use all of it")
         chosen, class_root = None, root
-        classes = _subfolders(root)
+        classes = sorted(_subfolders(root), key=natural_key)
     if not classes:
         raise DatasetError(f"'{class_root}' has no class folders; expected one subfolder of images per class")
     files: list[str] = []
