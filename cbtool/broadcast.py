@@ -16,11 +16,23 @@ def _token_dims(x: torch.Tensor) -> tuple[int, ...]:
 class _Broadcast(nn.Module):
     """Shared by both variants: how the operation attaches to the module whose output it rewrites."""
 
+    # Set by surgery when the hooked output is a fresh branch output that nothing else reads (the ends of
+    # the MLP and attention branches, not a block's output). Without autograd the mix may then overwrite
+    # it: the same values, without allocating (and page-faulting) a new activation-sized tensor.
+    overwrite_output: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x, inplace=False)
+
+    def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        raise NotImplementedError
+
     def output_hook(self, _module: nn.Module, _args: tuple, output: object) -> object:
         """Forward hook: apply the operation to the hooked module's output (the first item of a tuple)."""
+        inplace = self.overwrite_output and not torch.is_grad_enabled()
         if isinstance(output, tuple):
-            return (self(output[0]), *output[1:])
-        return self(output)
+            return (self.mix(output[0], inplace), *output[1:])
+        return self.mix(output, inplace)
 
 
 class ContextBroadcast(_Broadcast):
@@ -28,9 +40,9 @@ class ContextBroadcast(_Broadcast):
 
     variant = "cb"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         context = x.mean(dim=_token_dims(x), keepdim=True)
-        return torch.lerp(x, context, 0.5)
+        return x.lerp_(context, 0.5) if inplace else torch.lerp(x, context, 0.5)
 
 
 class ScaledContextBroadcast(_Broadcast):
@@ -42,9 +54,10 @@ class ScaledContextBroadcast(_Broadcast):
         super().__init__()
         self.scale = nn.Parameter(torch.full((dim,), float(init)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         context = x.mean(dim=_token_dims(x), keepdim=True)
-        return torch.lerp(x, context, self.scale.to(x.dtype))
+        scale = self.scale.to(x.dtype)
+        return x.lerp_(context, scale) if inplace else torch.lerp(x, context, scale)
 
     def extra_repr(self) -> str:
         return f"dim={self.scale.numel()}"

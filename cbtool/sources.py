@@ -51,9 +51,14 @@ def resolve(
     checkpoint: str | Path | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
-    model_kwargs: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | list[str] | None = None,
 ) -> nn.Module:
-    """Build the model that ``model`` names, with ``model.cbtool_source`` and ``model.cbtool_data_config`` set."""
+    """Build the model that ``model`` names, with ``model.cbtool_source`` and ``model.cbtool_data_config`` set.
+
+    ``model_kwargs`` are timm ``create_model`` arguments: a dict, or ``key=value`` strings as the CLI takes them.
+    """
+    if isinstance(model_kwargs, (list, tuple)):
+        model_kwargs = parse_model_kwargs(list(model_kwargs))
     model_kwargs = dict(model_kwargs or {})
     path = Path(model).expanduser()
     if path.suffix == ".safetensors" or (path.is_file() and not path.is_dir()):

@@ -51,6 +51,7 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
         reference = next(target.block.parameters(), None)
         if reference is not None:
             operation.to(device=reference.device, dtype=reference.dtype)
+        operation.overwrite_output = spec.position != "block"
         target.block.add_module(CHILD_NAME, operation)
         target.hooked.register_forward_hook(operation.output_hook)
     setattr(model, SPEC_ATTRIBUTE, spec)

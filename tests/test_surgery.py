@@ -293,3 +293,29 @@ def test_injecting_twice_is_refused(timm_model, images, logits, first, second):
     assert spec_of(model) is first
     assert list(model.state_dict()) == list(state) and hook_count(model) == hooks
     assert torch.equal(logits(model, x), before)
+
+
+@pytest.mark.parametrize("variant", ["cb", "cbs"])
+@pytest.mark.parametrize("position", ["mlp", "attn", "block"])
+def test_inference_path_equals_autograd_path(variant, position):
+    """Without autograd the op may overwrite the branch output in place; the values must not change."""
+    import timm
+    import torch
+
+    from cbtool.spec import CBSpec
+    from cbtool.surgery import find_broadcasts, inject
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=2, num_heads=2, num_classes=5).eval()
+    inject(model, CBSpec(variant=variant, position=position))
+    overwrites = {op.overwrite_output for _, op in find_broadcasts(model)}
+    assert overwrites == {position != "block"}
+    x = torch.randn(3, 3, 32, 32)
+    with_grad = model(x)
+    with torch.inference_mode():
+        inference = model(x)
+    with torch.no_grad():
+        no_grad = model(x)
+    torch.testing.assert_close(inference, with_grad.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(no_grad, with_grad.detach(), rtol=0, atol=1e-6)

@@ -73,7 +73,7 @@ def bench_command(
         checkpoint=checkpoint,
         num_classes=num_classes,
         img_size=img_size,
-        model_kwargs=sources.parse_model_kwargs(model_kwargs),
+        model_kwargs=model_kwargs,
     )
     existing = spec_of(model_obj)
     if existing is not None:

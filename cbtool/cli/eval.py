@@ -53,7 +53,7 @@ def eval_command(
         loaded = [
             sources.resolve(
                 name, pretrained=not no_pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                model_kwargs=sources.parse_model_kwargs(model_kwargs),
+                model_kwargs=model_kwargs,
             )
             for name in models
         ]

@@ -127,7 +127,7 @@ def _run(o: dict[str, Any]) -> None:
         torch.manual_seed(o["seed"])  # the same new head on every rank and every run
         model = sources.resolve(
             o["model"], pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"], num_classes=o["num_classes"],
-            img_size=o["img_size"], model_kwargs=sources.parse_model_kwargs(o["model_kwargs"]),
+            img_size=o["img_size"], model_kwargs=o["model_kwargs"],
         )  # fmt: skip
         if spec is not None:
             from cbtool.surgery import inject

@@ -41,7 +41,7 @@ def inject_command(
         checkpoint=checkpoint,
         num_classes=num_classes,
         img_size=img_size,
-        model_kwargs=sources.parse_model_kwargs(model_kwargs),
+        model_kwargs=model_kwargs,
     )
     inject(model_obj, spec)
     save(model_obj, output, force=force)
