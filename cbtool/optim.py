@@ -15,8 +15,6 @@ _NO_DECAY_LEAVES = {
     "pos_embed", "cls_token", "dist_token", "reg_token", "mask_token",
     "position_embeddings", "distillation_token", "register_tokens",
 }  # fmt: skip
-# transformers models name their heads; timm models answer ``get_classifier()``.
-_HF_HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
 
 
 def parse_train_parts(text: str) -> tuple[str, ...]:
@@ -32,13 +30,10 @@ def parse_train_parts(text: str) -> tuple[str, ...]:
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
-    """The classifier module(s): timm's ``get_classifier()``, or the named heads of a transformers model."""
-    if callable(getattr(model, "get_classifier", None)):
-        head = model.get_classifier()
-        heads = list(head) if isinstance(head, (tuple, list)) else [head]
-    else:
-        heads = [getattr(model, name) for name in _HF_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
-    return [h for h in heads if isinstance(h, nn.Module)]
+    """The classifier module(s), as the model's family adapter names them."""
+    from cbtool.families import detect
+
+    return detect(model).head_modules(model)
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -60,6 +60,10 @@ class Family:
     def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
         raise NotImplementedError
 
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The classifier module(s) (``--train head``)."""
+        raise NotImplementedError
+
     def logits(self, output: object) -> torch.Tensor:
         """The classification logits from whatever the model's forward returned."""
         return output  # type: ignore[return-value]

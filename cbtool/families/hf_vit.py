@@ -47,7 +47,7 @@ class HfViT(Family):
 
     def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
         heads = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
-        if not heads:
+        if not heads:  # a headless backbone (ViTModel, Dinov2Model)
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no classification head; use the *ForImageClassification model"
             )
@@ -58,6 +58,9 @@ class HfViT(Family):
         model.config.num_labels = num_classes
         model.config.id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
         model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [getattr(model, name) for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
     def logits(self, output: object) -> torch.Tensor:
         logits = getattr(output, "logits", None)

@@ -45,6 +45,11 @@ class TimmViT(Family):
     def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
         model.reset_classifier(num_classes)
 
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        head = model.get_classifier()
+        heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled models have two
+        return [h for h in heads if isinstance(h, nn.Module)]
+
     def _attention_modules(self, model: nn.Module) -> list[nn.Module]:
         modules = []
         for name, block in self.blocks(model):
