@@ -171,3 +171,18 @@ def test_real_hf_vit_base_structure():
     inject(model, CBSpec("cbs", "attn", layers="-2--1"))
     assert set(model.state_dict()) - set(keys) == {"vit.layers.10.cb.scale", "vit.layers.11.cb.scale"}
     assert model.vit.layers[11].cb.scale.shape == (768,)
+
+
+def test_installed_transformers_is_in_the_supported_range():
+    """The transformers layout the HF adapter relies on (layers[i].attention/.mlp) is pinned in pyproject."""
+    import tomllib
+    from pathlib import Path
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (requirement,) = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["hf"]]
+    assert requirement.name == "transformers"
+    assert requirement.specifier.contains(transformers.__version__), (requirement, transformers.__version__)
+    assert not requirement.specifier.contains("4.57.0")  # the 4.x layout (attention.attention.query) is not supported
