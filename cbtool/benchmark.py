@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cbtool._version import __version__
+from cbtool.distributed import amp_dtype, pick_device, synchronize
 from cbtool.errors import CbtoolError, UnsupportedModelError
 from cbtool.spec import CBSpec
 
@@ -177,7 +178,6 @@ def measure_overhead(
 
     ``model`` is moved to ``device`` (and to ``channels_last``) in place and otherwise left as it was.
     """
-    from cbtool.distributed import pick_device
     from cbtool.surgery import find_broadcasts, inject, spec_of
 
     spec = spec or CBSpec()
@@ -299,17 +299,12 @@ def _time(module: nn.Module, images: torch.Tensor, device: torch.device, number:
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
     now = time.process_time if clock == "cpu" else time.perf_counter
-    _synchronize(device)
+    synchronize(device)
     begin = now()
     for _ in range(number):
         module(images)
-    _synchronize(device)
+    synchronize(device)
     return now() - begin
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
@@ -335,11 +330,7 @@ def _autocast_dtype(device: torch.device, amp: bool, requested: str | None) -> t
         if requested not in AMP_DTYPES:
             raise CbtoolError(f"unknown amp dtype {requested!r}: choose one of {', '.join(AMP_DTYPES)}")
         return AMP_DTYPES[requested]
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.bfloat16
+    return amp_dtype(device)
 
 
 def _label(model: nn.Module) -> str:

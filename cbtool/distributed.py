@@ -45,6 +45,23 @@ def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.devi
     return torch.device("cpu")
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``--amp``: bf16, or fp16 on a GPU without bf16 and on MPS."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on ``device`` (a no-op on CPU), so that timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def setup(device_request: str | None = None) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when launched by torchrun; a no-op for a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from cbtool.distributed import all_reduce_sum
+from cbtool.distributed import all_reduce_sum, amp_dtype, synchronize
 from cbtool.families import detect
 from cbtool.metrics import AccuracyAccumulator, DensityAccumulator
 
@@ -26,13 +26,8 @@ class ModelResult:
 
 
 def autocast_context(device: torch.device, amp: bool):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing) and CPU when ``amp``; otherwise nothing."""
-    if not amp:
-        return nullcontext()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """Autocast to ``distributed.amp_dtype(device)`` when ``amp``; otherwise nothing."""
+    return torch.autocast(device.type, dtype=amp_dtype(device)) if amp else nullcontext()
 
 
 def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool = False, compile: bool = False):
@@ -41,13 +36,6 @@ def prepare_model(model: nn.Module, device: torch.device, *, channels_last: bool
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile else model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 @torch.inference_mode()
@@ -106,11 +94,11 @@ def evaluate(
                     densities[i] = DensityAccumulator(family.attention_layouts(model, size))
                     captures.enter_context(family.capture_attention(model, densities[i]))
             for i, (runner, family) in enumerate(zip(runners, families)):
-                _sync(device)
+                synchronize(device)
                 tick = time.perf_counter()
                 with autocast_context(device, amp):
                     logits = family.logits(runner(images))
-                _sync(device)
+                synchronize(device)
                 model_seconds[i] += time.perf_counter() - tick
                 if subset is not None:
                     logits = logits.index_select(1, subset)

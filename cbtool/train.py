@@ -679,10 +679,8 @@ def _default_workers(device: torch.device, world_size: int) -> int:
 def _amp_dtype(device: torch.device, amp: bool, *, quiet: bool) -> torch.dtype | None:
     if not amp:
         return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
+    if device.type in ("cuda", "cpu"):
+        return distributed.amp_dtype(device)
     if not quiet:
         print(f"note: --amp is not supported on {device.type}; training in float32", file=sys.stderr)
     return None
