@@ -16,18 +16,22 @@ from typing import Any
 from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, UnsupportedModelError
+from cbtool.families import hf_architectures
 from cbtool.hub import hub_access
 
 SOURCE_ATTRIBUTE = "cbtool_source"
 DATA_CONFIG_ATTRIBUTE = "cbtool_data_config"
 OFFLINE_HINT = "pass --no-pretrained for random weights or --checkpoint FILE for local weights"
 HF_OFFLINE_HINT = "download it once with network access, or pass a local folder with config.json and model.safetensors"
-# transformers classes cbtool rebuilds from a config; anything else is refused rather than guessed.
-HF_ARCHITECTURES = (
-    "ViTForImageClassification", "ViTModel",
-    "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
-    "Dinov2ForImageClassification", "Dinov2Model",
-)
+# transformers classes cbtool builds: exactly those the family registry supports; anything else is refused.
+HF_ARCHITECTURES = hf_architectures()
+# model_type -> the class to build when a config names no architecture.
+_DEFAULT_ARCHITECTURE = {
+    "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel", "beit": "BeitForImageClassification",
+    "swin": "SwinForImageClassification", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
+}
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -279,6 +283,8 @@ def _import_transformers():
 
 def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_classes, img_size, model_kwargs,
                           checkpoint) -> nn.Module:
+    from cbtool.families.hf_heads import HEADED, add_head
+
     transformers = _import_transformers()
     if img_size is not None:
         raise ModelSourceError("--img-size is not supported for transformers models; it needs new position embeddings")
@@ -303,6 +309,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         raise
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ModelSourceError(f"cannot load {what}: {str(error).splitlines()[0][:300]}") from None
+    if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
+        model = add_head(model, num_classes)
+        architecture = type(model).__name__
     record = {
         "library": "transformers",
         "architecture": architecture,
@@ -319,8 +328,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
 def _architecture(config, name: str) -> str:
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
-        default = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification",
-                   "dinov2": "Dinov2Model"}.get(config.model_type)
+        default = _DEFAULT_ARCHITECTURE.get(config.model_type)
         architectures = [default] if default else []
     for architecture in architectures:
         if architecture in HF_ARCHITECTURES:

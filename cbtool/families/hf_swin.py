@@ -43,7 +43,8 @@ class HfSwin(HfViT):
         for name, block in self.blocks(model):
             stage = int(name.split("layers.")[1].split(".")[0])
             window = min(int(config.window_size), max(rows >> stage, 1))
-            layouts.append(TokenLayout(0, (window, window), float(patch * 2**stage), int(block.attention.self.num_attention_heads), kind=WINDOW))
+            heads = int(block.attention.num_attention_heads)
+            layouts.append(TokenLayout(0, (window, window), float(patch * 2**stage), heads, kind=WINDOW))
         return layouts
 
     def mask_to_allowed(self, mask: Optional[torch.Tensor], probs: torch.Tensor) -> Optional[torch.Tensor]:

@@ -38,6 +38,7 @@ HEADED = {
     "CLIPVisionModel": "CLIPForImageClassification",
     "CLIPModel": "CLIPForImageClassification",
     "SiglipVisionModel": "SiglipForImageClassification",
+    "SiglipModel": "SiglipForImageClassification",
 }
 
 
@@ -55,7 +56,7 @@ class HfViT(Family):
         ("dinov2_with_registers.modeling_dinov2_with_registers",
          "Dinov2WithRegistersForImageClassification Dinov2WithRegistersModel"),
         ("clip.modeling_clip", "CLIPVisionModel CLIPModel CLIPForImageClassification"),
-        ("siglip.modeling_siglip", "SiglipVisionModel SiglipForImageClassification"),
+        ("siglip.modeling_siglip", "SiglipVisionModel SiglipModel SiglipForImageClassification"),
         ("beit.modeling_beit", "BeitForImageClassification BeitModel"),
     )
     cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
