@@ -2,11 +2,10 @@
 
 An operation is registered as the child ``cb`` of the module whose output it rewrites (the end of a
 branch) and applied there by a forward hook. The hooks are plain typed functions that reach the
-operation as ``module.cb``, so a CB model stays scriptable (``torch.jit.script``) and traceable
-(``torch.fx``, timm's feature extraction, ``torch.compile``, ``torch.export``).
+operation as ``module.cb``, so a CB model stays traceable (``torch.fx``, timm's feature extraction,
+``torch.compile``, ``torch.export``) and, at the ``mlp`` and ``attn`` positions, scriptable
+(``torch.jit.script``; TorchScript cannot type a hook on a block that is called with keyword arguments).
 """
-
-from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple
 
@@ -19,9 +18,9 @@ CHILD_NAME = "cb"
 
 def _tracing() -> bool:
     """True while torch.fx traces: a traced graph may later run with autograd, so it must not mix in place."""
-    from torch.fx._symbolic_trace import is_fx_tracing
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-    return is_fx_tracing()
+    return is_fx_symbolic_tracing()
 
 
 class _Broadcast(nn.Module):

@@ -211,10 +211,10 @@ def test_cbs_adds_one_scale_per_chosen_block(timm_model):
     keys = set(model.state_dict())
     inject(model, CBSpec("cbs", "attn", layers="0,2", scale_init=0.25))
     added = set(model.state_dict()) - keys
-    assert added == {"blocks.0.attn.cb.scale", "blocks.2.attn.cb.scale"}
+    assert added == {"blocks.0.ls1.cb.scale", "blocks.2.ls1.cb.scale"}
     for key in added:
         assert torch.equal(model.state_dict()[key], torch.full((32,), 0.25))
-    assert [name for name, _ in find_broadcasts(model)] == ["blocks.0.attn.cb", "blocks.2.attn.cb"]
+    assert [name for name, _ in find_broadcasts(model)] == ["blocks.0.ls1.cb", "blocks.2.ls1.cb"]
     assert all(isinstance(m, ScaledContextBroadcast) for _, m in find_broadcasts(model))
 
 

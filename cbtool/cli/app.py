@@ -8,7 +8,7 @@ import sys
 import typer
 
 from cbtool import __version__
-from cbtool.cli import bench, check, compare, eval as eval_cmd, finetune, info, inject
+from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject
 
 app = typer.Typer(
     name="cbtool",
@@ -25,6 +25,7 @@ app.command("finetune")(finetune.finetune_command)
 app.command("check")(check.check_command)
 app.command("compare")(compare.compare_command)
 app.command("bench")(bench.bench_command)
+app.command("families")(families.families_command)
 
 
 def _version_callback(value: bool) -> None:

@@ -132,10 +132,13 @@ class Family:
         raise NotImplementedError
 
     @contextmanager
-    def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
+    def capture_attention(self, model: nn.Module, callback: AttentionCallback,
+                          query_chunks: bool = False) -> Iterator[None]:
         """While active, every forward calls ``callback`` with each layer's attention probabilities.
 
-        Fused attention is switched to the explicit path for the measurement and restored afterwards.
+        Fused attention is switched to the explicit path for the measurement and restored afterwards. With
+        ``query_chunks`` a family may instead rebuild the maps a few query rows at a time while the model keeps
+        its fused kernel, calling ``callback(layer, probs, allowed, query_offset=first_row)`` per chunk.
         """
         raise NotImplementedError
         yield

@@ -135,7 +135,8 @@ class HfViT(Family):
         return None
 
     @contextmanager
-    def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
+    def capture_attention(self, model: nn.Module, callback: AttentionCallback,
+                          query_chunks: bool = False) -> Iterator[None]:
         # The eager path returns the softmax probabilities as the attention module's second output
         # (dropout is off in eval mode); sdpa/flash return none, so switch every config for the measurement.
         configs = {id(c): c for m in model.modules() if _is_config(c := getattr(m, "config", None))}

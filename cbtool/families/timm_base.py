@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cbtool.errors import UnsupportedModelError
-from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from_mask
+from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from_mask, class_name
 
 # Where a timm block's branches end: pre-norm blocks end at the attention / MLP module (layer scale and
 # drop path follow, and both commute with a token mean); post-norm blocks end after norm1 / norm2, so
@@ -24,7 +24,10 @@ def timm_branch(block: nn.Module, position: str, kind: str, attn_token_dims: tup
     if position == "block":
         return Branch(block, block_token_dims)
     if kind == PRE_NORM:
-        module = block.attn if position == "attn" else block.mlp
+        # timm's Block: the attention output enters ls1 alone (CB commutes with the layer scale); hooking ls1
+        # rather than attn, which is called with keyword arguments, keeps the model scriptable.
+        attention_end = block.ls1 if isinstance(getattr(block, "ls1", None), nn.Module) else block.attn
+        module = attention_end if position == "attn" else block.mlp
     else:
         module = block.drop_path1 if position == "attn" else block.drop_path2
     return Branch(module, attn_token_dims if position == "attn" else mlp_token_dims)
@@ -47,6 +50,9 @@ class AttentionProbe:
     to_allowed: Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]] = (
         lambda mask, probs: allowed_from_mask(mask)
     )
+    reads_qk: bool = False
+    """The layer is timm's plain ``Attention``: softmax(q k^T * scale + mask) can be rebuilt from the outputs of
+    its ``q_norm`` and ``k_norm``, in query chunks, while the model keeps its fused kernel."""
 
 
 class TimmFamily(Family):
@@ -84,10 +90,14 @@ class TimmFamily(Family):
         raise NotImplementedError
 
     @contextmanager
-    def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
+    def capture_attention(self, model: nn.Module, callback: AttentionCallback,
+                          query_chunks: bool = False) -> Iterator[None]:
         with ExitStack() as stack:
             for index, probe in enumerate(self.probes(model)):
-                stack.enter_context(_explicit_attention(probe, index, callback))
+                if query_chunks and probe.reads_qk:
+                    stack.enter_context(_chunked_attention(probe, index, callback))
+                else:
+                    stack.enter_context(_explicit_attention(probe, index, callback))
             yield
 
 
@@ -98,7 +108,65 @@ def attn_drop_probe(attention: nn.Module, where: str) -> AttentionProbe:
             f"attention module {where} ({type(attention).__name__}) has no attn_drop, so its probabilities "
             "cannot be captured"
         )
-    return AttentionProbe(attention, attention.attn_drop)
+    plain = class_name(attention) == "timm.layers.attention.Attention" and getattr(attention, "gate", None) is None
+    return AttentionProbe(attention, attention.attn_drop, reads_qk=plain)
+
+
+_CHUNK_ELEMENTS = 1 << 20  # query rows per chunk: about 4 MB of float32 maps at a time
+
+
+@contextmanager
+def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCallback) -> Iterator[None]:
+    """Report ``softmax(q k^T * scale + mask)`` of timm's plain ``Attention`` in query chunks, from its q and k.
+
+    The model's own forward keeps its fused kernel; the maps are rebuilt a few query rows at a time and
+    reduced at once, so they never exist whole (at 384 px a ViT-S layer's maps are 128 MB per batch of 16).
+    """
+    attention = probe.attention
+    state: dict[str, Optional[torch.Tensor]] = {"q": None, "mask": None}
+
+    def remember(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+        state["mask"] = mask
+
+    def keep_q(_module: nn.Module, _args: tuple, q: torch.Tensor) -> None:
+        state["q"] = q
+
+    def report(_module: nn.Module, _args: tuple, k: torch.Tensor) -> None:
+        q, mask = state["q"].float() * attention.scale, state["mask"]
+        k = k.float().contiguous().transpose(-2, -1)  # q and k are strided views of qkv: copy k once, not per chunk
+        batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[-1]
+        step = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
+        buffer = q.new_empty(batch, heads, min(step, queries), keys)  # reused: no page faults per chunk
+        for start in range(0, queries, step):
+            rows = q[:, :, start : start + step]
+            scores = torch.matmul(rows, k, out=buffer[:, :, : rows.shape[2]])
+            allowed = None
+            if mask is not None:
+                bias = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
+                if bias.dtype == torch.bool:
+                    scores.masked_fill_(~bias, float("-inf"))
+                else:
+                    scores.add_(bias)
+                allowed = allowed_from_mask(bias)
+            if allowed is None and hasattr(callback, "add_scores"):
+                callback.add_scores(index, scores, query_offset=start)  # reduces without forming the map
+                continue
+            scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # softmax in place
+            scores.div_(scores.sum(dim=-1, keepdim=True))
+            callback(index, scores, allowed, query_offset=start)
+
+    handles = [
+        attention.register_forward_pre_hook(remember, with_kwargs=True),
+        attention.q_norm.register_forward_hook(keep_q),
+        attention.k_norm.register_forward_hook(report),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        state.clear()
 
 
 @contextmanager
