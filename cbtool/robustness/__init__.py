@@ -1,0 +1,58 @@
+"""Common corruptions (ImageNet-C) and the robustness metrics computed from them.
+
+Names, parsers and metrics import without torch (``cbtool check``/``compare`` use them);
+``corrupt`` loads torch when first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cbtool.robustness.mce import (
+    ALEXNET_CLEAN_ERROR,
+    ALEXNET_ERRORS,
+    RobustnessSummary,
+    corruption_error,
+    mean_error,
+    relative_corruption_error,
+    summarize,
+)
+from cbtool.robustness.registry import (
+    COMMON,
+    CORRUPTIONS,
+    GROUPS,
+    SEVERITIES,
+    CorruptionError,
+    check_corruption,
+    check_severity,
+    parse_corruptions,
+    parse_severities,
+)
+
+__all__ = [
+    "ALEXNET_CLEAN_ERROR",
+    "ALEXNET_ERRORS",
+    "COMMON",
+    "CORRUPTIONS",
+    "GROUPS",
+    "SEVERITIES",
+    "CorruptionError",
+    "RobustnessSummary",
+    "check_corruption",
+    "check_severity",
+    "corrupt",
+    "corruption_error",
+    "mean_error",
+    "parse_corruptions",
+    "parse_severities",
+    "relative_corruption_error",
+    "summarize",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "corrupt":
+        from cbtool.robustness.corruptions import corrupt
+
+        return corrupt
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
