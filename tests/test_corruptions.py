@@ -1,0 +1,235 @@
+"""The corruption library: names and parsers, shapes and ranges, per-sample determinism, bad input,
+CE/mCE, and agreement with imagecorruptions on real photos (skipped when it is not installed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cbtool.errors import CbtoolError
+from cbtool.robustness import (
+    ALEXNET_CLEAN_ERROR,
+    ALEXNET_ERRORS,
+    COMMON,
+    CORRUPTIONS,
+    CorruptionError,
+    corrupt,
+    parse_corruptions,
+    parse_severities,
+    summarize,
+)
+from cbtool.robustness.mce import corruption_error, relative_corruption_error
+
+from corruption_reference import load_imagecorruptions, photos, reference_corrupt
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# No randomness at all: compared pixel by pixel too.
+DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression",
+                 "gaussian_blur", "saturate"}  # fmt: skip
+# Corruptions with one random draw per image (frost's texture, fog's fractal, elastic's warp, spatter's
+# drops) need more images than per-pixel noise: (repeats of the 4 photos, relative tolerance on the
+# mean absolute change). Measured on these photos: frost within 10%, spatter 9%, elastic 9%, fog 5%.
+REFERENCE_SAMPLES = {"frost": (12, 0.15), "spatter": (8, 0.15), "elastic_transform": (3, 0.15), "fog": (6, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def fashion() -> torch.Tensor:
+    """(4, 3, 224, 224) real images: three Fashion-MNIST garments as the R, G, B planes, upsampled."""
+    import importlib.resources
+
+    with importlib.resources.files("cbtool.data").joinpath("sample", "fashion_mnist_sample.npz").open("rb") as f:
+        planes = np.load(f)["test_images"][:12]
+    images = torch.from_numpy(planes).float().reshape(4, 3, 28, 28) / 255
+    return torch.nn.functional.interpolate(images, size=(224, 224), mode="bilinear", align_corners=False)
+
+
+# --- names and parsers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("all", CORRUPTIONS),
+        ("common", COMMON),
+        ("noise", ("gaussian_noise", "shot_noise", "impulse_noise")),
+        ("fog,noise", ("gaussian_noise", "shot_noise", "impulse_noise", "fog")),
+        (" Saturate , fog,fog", ("fog", "saturate")),
+        ("extra", ("speckle_noise", "gaussian_blur", "spatter", "saturate")),
+    ],
+)
+def test_parse_corruptions(text, expected):
+    assert parse_corruptions(text) == expected
+
+
+@pytest.mark.parametrize("text, fragment", [("gausian_noise", "valid: gaussian_noise, shot_noise"),
+                                            ("", "no corruption"), ("fog,,snow", "empty name")])  # fmt: skip
+def test_parse_corruptions_rejects(text, fragment):
+    with pytest.raises(CorruptionError, match=fragment) as error:
+        parse_corruptions(text)
+    assert isinstance(error.value, CbtoolError) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected", [("1-5", (1, 2, 3, 4, 5)), ("3", (3,)), ("1,3,5", (1, 3, 5)), ("5,1-2", (1, 2, 5))]
+)
+def test_parse_severities(text, expected):
+    assert parse_severities(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "6", "1-6", "5-1", "a", "", "2.5"])
+def test_parse_severities_rejects(text):
+    with pytest.raises(CorruptionError) as error:
+        parse_severities(text)
+    assert "\n" not in str(error.value)
+
+
+def test_names_and_metrics_import_without_torch():
+    code = "import sys, cbtool.robustness as r; r.summarize; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+# --- corrupt(): shapes, ranges, determinism, bad input -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_shapes_range_and_dtype(name, fashion):
+    for severity in (1, 3, 5):
+        out = corrupt(fashion[:2], name, severity, [0, 1])
+        assert out.shape == (2, 3, 224, 224) and out.dtype == torch.float32
+        assert 0 <= out.min() and out.max() <= 1 and not torch.equal(out, fashion[:2])
+    # Other sizes scale the pixel-sized parameters; other float dtypes come back as they went in.
+    small = corrupt(fashion[:2, :, :64, :96].double(), name, 5, [0, 1])
+    assert small.shape == (2, 3, 64, 96) and small.dtype == torch.float64 and 0 <= small.min() <= small.max() <= 1
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_same_key_same_pixels_at_any_batch_size(name, fashion):
+    keys = [11, 12, 13, 14]
+    batch = corrupt(fashion, name, 3, keys)
+    singles = torch.cat([corrupt(fashion[i : i + 1], name, 3, [key]) for i, key in enumerate(keys)])
+    reordered = corrupt(fashion[[2, 0]], name, 3, torch.tensor([13, 11]))
+    torch.testing.assert_close(batch, singles, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reordered, batch[[2, 0]], rtol=0, atol=1e-5)
+    assert torch.equal(corrupt(fashion, name, 3, keys), batch)  # run to run
+    if name not in DETERMINISTIC:
+        assert not torch.equal(corrupt(fashion, name, 3, [21, 22, 23, 24]), batch)
+        assert not torch.equal(corrupt(fashion, name, 3, keys, seed=1), batch)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("fgsm", 3), "unknown corruption 'fgsm'; valid: gaussian_noise, shot_noise"),
+        (("fog", 0), "severity must be an integer from 1 to 5, got 0"),
+        (("fog", 6), "got 6"),
+        (("fog", "3"), "got '3'"),
+        (("fog", True), "got True"),
+    ],
+)
+def test_corrupt_rejects_names_and_severities(args, fragment, fashion):
+    with pytest.raises(CorruptionError, match=fragment) as error:
+        corrupt(fashion[:1], *args, keys=[0])
+    assert isinstance(error.value, CbtoolError) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "images, keys, fragment",
+    [
+        (torch.rand(3, 32, 32), [0], r"\(B, 3, H, W\)"),
+        (torch.rand(1, 1, 32, 32), [0], r"\(B, 3, H, W\)"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), [0], "float images"),
+        (torch.rand(1, 3, 16, 64), [0], "at least 32"),
+        (torch.rand(2, 3, 32, 32), [0], "one key per image"),
+        (torch.rand(1, 3, 32, 32), [0.5], "integers"),
+    ],
+)
+def test_corrupt_rejects_bad_batches(images, keys, fragment):
+    with pytest.raises(CorruptionError, match=fragment):
+        corrupt(images, "fog", 1, keys)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stays_on_the_gpu(fashion):
+    for name in CORRUPTIONS:
+        out = corrupt(fashion[:2].cuda(), name, 3, [0, 1])
+        assert out.is_cuda and torch.equal(out, corrupt(fashion[:2].cuda(), name, 3, [0, 1]))
+
+
+# --- CE, mCE, relative mCE -----------------------------------------------------------------------------
+
+
+def _table(errors: dict[str, float]) -> dict[str, dict[int, float]]:
+    return {name: {s: value for s in range(1, 6)} for name, value in errors.items()}
+
+
+def test_alexnet_scores_one():
+    summary = summarize(_table(ALEXNET_ERRORS), clean_error=ALEXNET_CLEAN_ERROR)
+    assert summary.complete and summary.mce == pytest.approx(1) and summary.relative_mce == pytest.approx(1)
+    assert len(ALEXNET_ERRORS) == 15 and set(ALEXNET_ERRORS) == set(COMMON)
+
+
+def test_ce_and_relative_ce_by_hand():
+    errors = {1: 0.2, 2: 0.3, 3: 0.4, 4: 0.5, 5: 0.6}
+    assert corruption_error(errors, 0.8) == pytest.approx(0.4 / 0.8)
+    assert relative_corruption_error(errors, 0.1, 0.8, 0.4) == pytest.approx((0.4 - 0.1) / (0.8 - 0.4))
+    summary = summarize({"fog": errors, "spatter": errors}, clean_error=0.1)
+    assert summary.ce == {"fog": pytest.approx(0.4 / ALEXNET_ERRORS["fog"])}  # no AlexNet figure for spatter
+    assert summary.mean_error == {"fog": pytest.approx(0.4), "spatter": pytest.approx(0.4)}
+    assert summary.mce == summary.ce["fog"] and not summary.complete
+
+
+@pytest.mark.parametrize(
+    "table, fragment",
+    [
+        ({"fog": {1: 0.5, 2: 0.5}}, "needs severities 1-5 of fog; missing 3, 4, 5"),
+        ({"fog": {s: 1.5 for s in range(1, 6)}}, "fraction from 0 to 1"),
+        ({"fog": {s: 0.5 for s in range(0, 6)}}, "got 0"),
+        ({"smog": {s: 0.5 for s in range(1, 6)}}, "unknown corruption 'smog'"),
+    ],
+)
+def test_summarize_rejects(table, fragment):
+    with pytest.raises(CorruptionError, match=fragment):
+        summarize(table)
+
+
+# --- agreement with imagecorruptions on real photos ----------------------------------------------------
+
+imagecorruptions = load_imagecorruptions()
+needs_reference = pytest.mark.skipif(imagecorruptions is None, reason="imagecorruptions (pip install .[test]) missing")
+
+
+@pytest.fixture(scope="module")
+def reference_photos() -> np.ndarray:
+    return photos(224, count=4)
+
+
+def _ours(images: np.ndarray, name: str, severity: int) -> np.ndarray:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return corrupt(x, name, severity, list(range(len(images)))).permute(0, 2, 3, 1).double().numpy()
+
+
+@needs_reference
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_matches_imagecorruptions(name, reference_photos):
+    """Per severity, the mean absolute change to the photos is that of the reference; without
+    randomness the pixels themselves agree (up to the reference's uint8 truncation)."""
+    np.random.seed(0)
+    repeats, tolerance = REFERENCE_SAMPLES.get(name, (1, 0.03 if name in DETERMINISTIC else 0.05))
+    images = np.concatenate([reference_photos] * repeats)
+    severities = (2, 4) if name == "glass_blur" else range(1, 6)  # the reference needs ~0.5 s per image
+    if name == "glass_blur":
+        images = images[:2]
+    clean = images / 255.0
+    for severity in severities:
+        reference = np.stack([reference_corrupt(imagecorruptions, image, name, severity) for image in images]) / 255.0
+        ours = _ours(images, name, severity)
+        change, reference_change = np.abs(ours - clean).mean(), np.abs(reference - clean).mean()
+        if name in DETERMINISTIC:
+            assert np.abs(ours - reference).mean() < 1.5 / 255, (severity, np.abs(ours - reference).mean())
+        assert change == pytest.approx(reference_change, rel=tolerance), severity
