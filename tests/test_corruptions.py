@@ -19,6 +19,7 @@ from cbtool.robustness import (
     CORRUPTIONS,
     CorruptionError,
     corrupt,
+    corrupt_normalized,
     parse_corruptions,
     parse_severities,
     summarize,
@@ -120,6 +121,33 @@ def test_same_key_same_pixels_at_any_batch_size(name, fashion):
     if name not in DETERMINISTIC:
         assert not torch.equal(corrupt(fashion, name, 3, [21, 22, 23, 24]), batch)
         assert not torch.equal(corrupt(fashion, name, 3, keys, seed=1), batch)
+
+
+def test_normalized_batches_and_numpy_keys(fashion):
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    m, s = torch.tensor(mean)[None, :, None, None], torch.tensor(std)[None, :, None, None]
+    out = corrupt_normalized((fashion - m) / s, "snow", 2, np.arange(4), mean, std)
+    torch.testing.assert_close(out * s + m, corrupt(fashion, "snow", 2, [0, 1, 2, 3]), rtol=0, atol=1e-5)
+
+
+def test_glass_blur_scrambles_like_the_reference_loop():
+    """The batched pointer jumping gives what the reference's sequential numpy loop gives, view
+    semantics included (its "swap" of two views copies one pixel over the other)."""
+    from cbtool.robustness.blur import _glass_sources
+
+    size, delta, iterations = 12, 2, 3
+    visits = (size - 2 * delta) ** 2
+    offsets = torch.randint(-delta, delta, (2, iterations, visits, 2), generator=torch.Generator().manual_seed(0))
+    for sample in range(2):
+        x = np.arange(size * size).reshape(size, size, 1)
+        steps = iter(offsets[sample].reshape(-1, 2).tolist())
+        for _ in range(iterations):  # make_imagenet_c.py's glass_blur loop
+            for h in range(size - delta, delta, -1):
+                for w in range(size - delta, delta, -1):
+                    dx, dy = next(steps)
+                    h_prime, w_prime = h + dy, w + dx
+                    x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+        assert _glass_sources(size, size, delta, offsets)[sample].tolist() == x.reshape(-1).tolist()
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Common corruptions (ImageNet-C) and the robustness metrics computed from them.
 
 Names, parsers and metrics import without torch (``cbtool check``/``compare`` use them);
-``corrupt`` loads torch when first used.
+``corrupt`` and ``corrupt_normalized`` load torch when first used.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ __all__ = [
     "check_corruption",
     "check_severity",
     "corrupt",
+    "corrupt_normalized",
     "corruption_error",
     "mean_error",
     "parse_corruptions",
@@ -51,8 +52,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "corrupt":
-        from cbtool.robustness.corruptions import corrupt
+    if name in ("corrupt", "corrupt_normalized"):
+        from cbtool.robustness import corruptions
 
-        return corrupt
+        return getattr(corruptions, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,32 +40,45 @@ def gaussian_blur(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) 
     return _ops.gaussian(x, sigma * scale)
 
 
-def _glass_sources(height: int, width: int, delta: int, iterations: int, offsets: np.ndarray) -> np.ndarray:
-    """Where each pixel comes from after the reference's local "swaps", bottom-right to top-left,
-    with a pixel up to ``delta`` away; ``offsets`` holds (dx, dy) pairs. The reference swaps numpy
-    views (``x[h, w], x[h', w'] = x[h', w'], x[h, w]``), which copies x[h', w'] into x[h, w] and
-    leaves x[h', w'] as it was; ImageNet-C was made that way, so this copies too."""
-    rows = np.arange(height - delta, delta, -1)
-    cols = np.arange(width - delta, delta, -1)
-    here = (rows[:, None] * width + cols[None, :]).reshape(-1)
-    sources = list(range(height * width))
-    for step in range(iterations):
-        dx, dy = offsets[step, :, 0], offsets[step, :, 1]
-        for p, q in zip(here.tolist(), (here + dy * width + dx).tolist()):
-            sources[p] = sources[q]
-    return np.asarray(sources)
+def _glass_sources(height: int, width: int, delta: int, offsets: torch.Tensor) -> torch.Tensor:
+    """(B, H * W) flat index of the pixel each pixel holds after the reference's local "swaps".
+
+    The reference visits pixels from the bottom right to the top left and writes each with a pixel up
+    to ``delta`` away (``offsets``: (B, iterations, visits, 2) as (dx, dy)). It swaps numpy views
+    (``x[h, w], x[h', w'] = x[h', w'], x[h, w]``), which copies x[h', w'] into x[h, w] and leaves
+    x[h', w'] as it was; ImageNet-C was made that way, so this copies too. A visited pixel gets the
+    final value of its source when that source was visited earlier (a larger flat index), else the
+    source's value before the pass: chains that pointer jumping resolves in a few batched gathers.
+    """
+    batch, device = offsets.shape[0], offsets.device
+    rows = torch.arange(height - delta, delta, -1, device=device)
+    cols = torch.arange(width - delta, delta, -1, device=device)
+    visited = (rows[:, None] * width + cols[None, :]).reshape(-1)
+    identity = torch.arange(height * width, device=device).expand(batch, -1)
+    in_region = torch.zeros(height * width, dtype=torch.bool, device=device)
+    in_region[visited] = True
+    sources = identity
+    for step in range(offsets.shape[1]):
+        source = visited + offsets[:, step, :, 1] * width + offsets[:, step, :, 0]
+        target = identity.clone()
+        target[:, visited] = source
+        jump = identity.clone()
+        jump[:, visited] = torch.where(in_region[source] & (source > visited), source, visited)
+        while not torch.equal(following := jump.gather(1, jump), jump):
+            jump = following
+        sources = sources.gather(1, target.gather(1, jump))
+    return sources
 
 
 def glass_blur(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> torch.Tensor:
-    """Blur, scramble pixels locally (frosted glass), blur again; the scrambling runs on the CPU."""
+    """Blur, scramble pixels locally (frosted glass), blur again."""
     sigma, delta, iterations = ((0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2))[severity - 1]
     sigma, delta = sigma * scale, max(1, round(delta * scale))
     batch, channels, height, width = x.shape
     x = torch.floor(_ops.gaussian(x, sigma).clamp(0, 1) * 255) / 255  # np.uint8(... * 255)
-    swaps = max(height - 2 * delta, 0) * max(width - 2 * delta, 0)
-    offsets = rng.randint((iterations, swaps, 2), -delta, delta).cpu().numpy()
-    sources = [_glass_sources(height, width, delta, iterations, offsets[b]) for b in range(batch)]
-    index = torch.as_tensor(np.stack(sources), device=x.device)[:, None].expand(batch, channels, -1)
+    visits = max(height - 2 * delta, 0) * max(width - 2 * delta, 0)
+    sources = _glass_sources(height, width, delta, rng.randint((iterations, visits, 2), -delta, delta))
+    index = sources[:, None].expand(batch, channels, -1)
     x = x.reshape(batch, channels, -1).gather(2, index).reshape(batch, channels, height, width)
     return _ops.gaussian(x, sigma)
 

@@ -8,6 +8,7 @@ CPU and CUDA generators give different streams).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -48,9 +49,12 @@ def _keys(keys: Sequence[int] | torch.Tensor, batch: int) -> list[int]:
     values = keys.detach().reshape(-1).tolist() if isinstance(keys, torch.Tensor) else list(keys)
     if len(values) != batch:
         raise CorruptionError(f"need one key per image: got {len(values)} keys for {batch} images")
-    if not all(isinstance(value, int) and not isinstance(value, bool) for value in values):
-        raise CorruptionError("sample keys must be integers (e.g. dataset indices)")
-    return values
+    try:
+        if any(isinstance(value, bool) for value in values):
+            raise TypeError
+        return [operator.index(value) for value in values]
+    except TypeError:
+        raise CorruptionError("sample keys must be integers (e.g. dataset indices)") from None
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -85,3 +89,22 @@ def corrupt(
     with torch.no_grad():
         out = FUNCTIONS[name](images.detach().float().clamp(0, 1), severity, rng, scale)
     return out.clamp_(0, 1).to(images.dtype)
+
+
+def corrupt_normalized(
+    images: torch.Tensor,
+    name: str,
+    severity: int,
+    keys: Sequence[int] | torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
+) -> torch.Tensor:
+    """``corrupt`` for batches already normalised with ``mean`` and ``std`` (per channel), as data
+    loaders with timm transforms produce them: undo the normalisation, corrupt, normalise again."""
+    _check_images(images)
+    shape = (1, -1, 1, 1)
+    mean_t = torch.as_tensor(mean, device=images.device, dtype=torch.float32).reshape(shape)
+    std_t = torch.as_tensor(std, device=images.device, dtype=torch.float32).reshape(shape)
+    pixels = images.detach().float() * std_t + mean_t
+    return ((corrupt(pixels, name, severity, keys, seed) - mean_t) / std_t).to(images.dtype)

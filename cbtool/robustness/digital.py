@@ -68,15 +68,15 @@ def elastic_transform(x: torch.Tensor, severity: int, rng: SampleRNG, scale: flo
     center, square = np.array([height // 2, width // 2], dtype=np.float64), min(height, width) // 3
     points = np.stack([center + square, [center[0] + square, center[1] - square], center - square])
     moves = rng.uniform((3, 2), -jitter, jitter).cpu().double().numpy()
-    maps = torch.tensor(np.stack([_affine_inverse(points, points + move) for move in moves]), device=x.device)
-    cols = torch.arange(width, device=x.device, dtype=torch.float64)[None, None, :]
-    rows = torch.arange(height, device=x.device, dtype=torch.float64)[None, :, None]
-    source_cols = maps[:, 0, 0, None, None] * cols + maps[:, 0, 1, None, None] * rows + maps[:, 0, 2, None, None]
-    source_rows = maps[:, 1, 0, None, None] * cols + maps[:, 1, 1, None, None] * rows + maps[:, 1, 2, None, None]
-    x = _ops.sample_bilinear(x, source_rows.float(), source_cols.float(), "reflect101")
+    maps = np.stack([_affine_inverse(points, points + move) for move in moves])
+    maps = torch.tensor(maps, dtype=torch.float32, device=x.device)[..., None, None]  # (B, 2, 3, 1, 1)
+    cols = torch.arange(width, device=x.device, dtype=torch.float32)[None, :]
+    rows = torch.arange(height, device=x.device, dtype=torch.float32)[:, None]
+    source_cols = maps[:, 0, 0] * cols + maps[:, 0, 1] * rows + maps[:, 0, 2]
+    source_rows = maps[:, 1, 0] * cols + maps[:, 1, 1] * rows + maps[:, 1, 2]
+    x = _ops.sample_bilinear(x, source_rows, source_cols, "reflect101")
     shifts = _ops.gaussian(rng.uniform((2, height, width), -1, 1), sigma, mode="reflect", truncate=3) * alpha
-    grid_rows, grid_cols = rows.float()[0], cols.float()[0]
-    return _ops.sample_bilinear(x, grid_rows + shifts[:, 1], grid_cols + shifts[:, 0], "reflect")
+    return _ops.sample_bilinear(x, rows + shifts[:, 1], cols + shifts[:, 0], "reflect")
 
 
 def pixelate(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> torch.Tensor:

@@ -80,7 +80,7 @@ def equalize_hist(image: torch.Tensor) -> torch.Tensor:
     out = []
     for single in image:
         levels = single.long().reshape(-1)
-        counts = torch.bincount(levels, minlength=256).double()
+        counts = torch.bincount(levels, minlength=256).float()  # exact below 2**24 pixels
         first = int(torch.nonzero(counts)[0])
         if counts[first] == levels.numel():
             out.append(torch.full_like(single, float(first)))
