@@ -1,6 +1,7 @@
 """Digital and colour corruptions: contrast, brightness, saturate, elastic transform, pixelate and
 JPEG compression (Hendrycks & Dietterich's parameters). Elastic displacements and their smoothness
-are in pixels and scale with the image; the others are relative or per pixel.
+are in pixels and scale with the image, as do pixelate's cells; colour changes are per pixel, and
+JPEG works on 8 x 8 pixel blocks at every size (so it is milder on larger inputs).
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def elastic_transform(x: torch.Tensor, severity: int, rng: SampleRNG, scale: flo
 
 
 def pixelate(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> torch.Tensor:
-    """Shrink with PIL's BOX filter and enlarge back (make_imagenet_c.py enlarges with BOX too)."""
-    factor = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1]
+    """Shrink with PIL's BOX filter and enlarge back (make_imagenet_c.py enlarges with BOX too). The
+    cells are as large a part of the image at every size: int(224 * factor) across at 224 x 224."""
+    factor = (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1] / scale
     height, width = x.shape[-2:]
     small = _ops.box_resize(x, max(1, int(height * factor)), max(1, int(width * factor)))
     return _ops.box_resize(small, height, width)

@@ -1,7 +1,8 @@
 """Spatter: water drops (severities 1-3) or mud (4-5) on the lens, with Hendrycks & Dietterich's
 parameters. The water drops' rims follow the reference's OpenCV chain (Canny edges, a distance
 transform truncated at 20 px, histogram equalisation and an emboss filter), rebuilt in torch; the
-blob sigmas and the 20 px truncation scale with the image, the 3 x 3 filters do not.
+blob sigmas (with the noise they smooth) and the 20 px truncation scale with the image, the 3 x 3
+filters do not.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def spatter(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> tor
         (0.67, 0.4, 1, 0.65, 1.5, True),
     )[severity - 1]
     height, width = x.shape[-2:]
-    liquid = _ops.gaussian(rng.normal((1, height, width), mean, std), sigma * scale)
+    # Blurring white noise with a sigma s times larger divides its spread by s: scaling the noise by s
+    # keeps the blobs' statistics, hence how many cross the threshold, at every size.
+    liquid = _ops.gaussian(rng.normal((1, height, width), mean, std * scale), sigma * scale)
     liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
     if not mud:
         return _water(x, liquid, strength, scale)
