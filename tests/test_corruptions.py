@@ -250,9 +250,9 @@ def test_matches_imagecorruptions(name, reference_photos):
     np.random.seed(0)
     repeats, tolerance = REFERENCE_SAMPLES.get(name, (1, 0.03 if name in DETERMINISTIC else 0.05))
     images = np.concatenate([reference_photos] * repeats)
-    severities = (2, 4) if name == "glass_blur" else range(1, 6)  # the reference needs ~0.5 s per image
-    if name == "glass_blur":
-        images = images[:2]
+    severities = (2, 4) if name == "glass_blur" else range(1, 6)
+    if name == "glass_blur":  # the reference takes ~0.5 s per image; the scramble itself is tested exactly above
+        images = images[:1]
     clean = images / 255.0
     for severity in severities:
         reference = np.stack([reference_corrupt(imagecorruptions, image, name, severity) for image in images]) / 255.0
