@@ -161,23 +161,24 @@ def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
     """imagecorruptions' _motion_blur (its stand-in for ImageMagick's): a one-sided Gaussian trail of
-    ``2 * radius + 1`` shifted copies along each sample's angle (degrees), edges replicated."""
-    batch, _, height, width = x.shape
+    ``2 * radius + 1`` shifted copies along each sample's angle (degrees), edges replicated. One
+    batched gather per copy, so the kernel count does not grow with the batch."""
+    batch, channels, height, width = x.shape
     taps = 2 * radius + 1
-    weights = torch.exp(-(torch.arange(taps, dtype=torch.float64) ** 2) / (2 * sigma**2))
-    weights = (weights / weights.sum()).tolist()
     steps = torch.arange(taps, dtype=torch.float64)
-    radians = torch.deg2rad(angles.detach().to("cpu", torch.float64))
-    dys = (-torch.ceil(steps[None] * torch.sin(radians)[:, None] - 0.5)).long().tolist()
-    dxs = (-torch.ceil(steps[None] * torch.cos(radians)[:, None] - 0.5)).long().tolist()
-    pad = min(taps, max(height, width))
-    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    kernel = torch.exp(-(steps**2) / (2 * sigma**2))
+    radians = torch.deg2rad(angles.detach().to("cpu", torch.float64))[:, None]
+    dy = (-torch.ceil(steps * torch.sin(radians) - 0.5)).long()  # (B, taps), the reference's rounding
+    dx = (-torch.ceil(steps * torch.cos(radians) - 0.5)).long()
+    inside = ((dy.abs() < height) & (dx.abs() < width)).cumprod(dim=1)  # the reference stops at the first exit
+    weights = (kernel / kernel.sum() * inside).to(x.device, x.dtype)
+    rows = (torch.arange(height) - dy[..., None]).clamp(0, height - 1).to(x.device)  # (B, taps, H)
+    cols = (torch.arange(width) - dx[..., None]).clamp(0, width - 1).to(x.device)  # (B, taps, W)
     out = torch.zeros_like(x)
-    for sample in range(batch):
-        for weight, dy, dx in zip(weights, dys[sample], dxs[sample]):
-            if abs(dy) >= height or abs(dx) >= width:
-                break  # the trail left the image, as in the reference
-            out[sample] += weight * padded[sample, :, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
+    for tap in range(taps):
+        shifted = x.gather(2, rows[:, tap, None, :, None].expand(batch, channels, height, width))
+        shifted = shifted.gather(3, cols[:, tap, None, None, :].expand(batch, channels, height, width))
+        out += weights[:, tap, None, None, None] * shifted
     return out
 
 
