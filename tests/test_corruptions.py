@@ -3,6 +3,7 @@ CE/mCE, and agreement with imagecorruptions on real photos (skipped when it is n
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,29 @@ def test_glass_blur_scrambles_like_the_reference_loop():
                     h_prime, w_prime = h + dy, w + dx
                     x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
         assert _glass_sources(size, size, delta, offsets)[sample].tolist() == x.reshape(-1).tolist()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cv2") is None, reason="OpenCV (pip install .[test]) missing")
+def test_spatter_rims_follow_opencv():
+    """Spatter's water drops: Canny, the chamfer distance transform and histogram equalisation give what
+    OpenCV gives on a spatter-like liquid layer."""
+    import cv2
+
+    from cbtool.robustness import _ops, spatter
+
+    rng = _ops.SampleRNG(range(3), "test", torch.device("cpu"))
+    liquid = _ops.gaussian(rng.normal((1, 96, 96), 0.65, 0.3), 2)
+    layer = torch.floor(torch.where(liquid < 0.68, 0, liquid) * 255)
+    edges = spatter.canny(layer, 50, 150)
+    distance = spatter.distance_to(edges, 20)
+    equalized = spatter.equalize_hist(torch.floor(distance))
+    for i, image in enumerate(layer[:, 0].numpy().astype(np.uint8)):
+        reference_edges = cv2.Canny(image, 50, 150)
+        assert np.array_equal(edges[i, 0].numpy(), reference_edges > 0)
+        reference_distance = np.minimum(cv2.distanceTransform(255 - reference_edges, cv2.DIST_L2, 5), 20)
+        np.testing.assert_allclose(distance[i, 0].numpy(), reference_distance, atol=1e-5)
+        reference_equalized = cv2.equalizeHist(np.floor(distance[i, 0].numpy()).astype(np.uint8))
+        assert np.array_equal(equalized[i, 0].numpy().astype(np.uint8), reference_equalized)
 
 
 @pytest.mark.parametrize(

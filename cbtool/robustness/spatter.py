@@ -58,38 +58,44 @@ def canny(image: torch.Tensor, low: float, high: float) -> torch.Tensor:
         edges = grown
 
 
+# cv2.distanceTransform(DIST_L2, 5): chamfer steps of 1 (edge neighbours), 1.4 (corners) and
+# 2.1969 (knight's moves) within a 5 x 5 mask.
+_CHAMFER_5 = [(dy, dx, 1.0) for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0))]
+_CHAMFER_5 += [(dy, dx, 1.4) for dy in (1, -1) for dx in (1, -1)]
+_CHAMFER_5 += [(dy, dx, 2.1969) for dy, dx in ((1, 2), (2, 1), (1, -2), (2, -1), (-1, 2), (-2, 1), (-1, -2), (-2, -1))]
+
+
 def distance_to(edges: torch.Tensor, limit: float) -> torch.Tensor:
-    """Euclidean distance of every pixel to the nearest edge pixel, exact up to ``limit`` and
-    truncated there (cv2.distanceTransform, then cv2.threshold(..., THRESH_TRUNC))."""
+    """Distance of every pixel to the nearest edge pixel in OpenCV's 5 x 5 chamfer metric, truncated at
+    ``limit`` (cv2.distanceTransform(..., DIST_L2, 5), then cv2.threshold(..., THRESH_TRUNC)). Every step
+    costs at least 1, so ``ceil(limit)`` rounds of relaxation settle all distances up to the limit."""
     height, width = edges.shape[-2:]
-    rows = torch.arange(height, device=edges.device, dtype=torch.float32)[:, None].expand(height, width)
-    far = torch.tensor(float(4 * (height + width)), device=edges.device)
-    above = torch.where(edges, rows, -far).cummax(dim=-2).values
-    below = torch.where(edges, rows, 2 * far).flip(-2).cummin(dim=-2).values.flip(-2)
-    vertical = torch.minimum(rows - above, below - rows)
-    reach = math.ceil(limit)
-    padded = F.pad(vertical, (reach, reach), value=float(far))
-    squared = torch.full_like(vertical, float(far) ** 2)
-    for shift in range(-reach, reach + 1):
-        column = padded[..., reach + shift : reach + shift + width]
-        squared = torch.minimum(squared, column**2 + shift**2)
-    return squared.sqrt().clamp(max=limit)
+    far = float(limit) + 3.0  # anything beyond the limit is truncated anyway
+    distance = (~edges).float() * far
+    for _ in range(math.ceil(limit)):
+        padded = F.pad(distance, (2, 2, 2, 2), value=far)
+        relaxed = distance
+        for dy, dx, step in _CHAMFER_5:
+            relaxed = torch.minimum(relaxed, padded[..., 2 + dy : 2 + dy + height, 2 + dx : 2 + dx + width] + step)
+        if torch.equal(relaxed, distance):
+            break
+        distance = relaxed
+    return distance.clamp(max=limit)
 
 
 def equalize_hist(image: torch.Tensor) -> torch.Tensor:
     """cv2.equalizeHist for each (1, H, W) image of 8-bit values in a batch."""
-    out = []
-    for single in image:
-        levels = single.long().reshape(-1)
-        counts = torch.bincount(levels, minlength=256).float()  # exact below 2**24 pixels
-        first = int(torch.nonzero(counts)[0])
-        if counts[first] == levels.numel():
-            out.append(torch.full_like(single, float(first)))
-            continue
-        cumulative = counts.cumsum(0) - counts.cumsum(0)[first]
-        lut = torch.round(cumulative * 255 / (levels.numel() - counts[first])).clamp(0, 255)
-        out.append(lut.to(single.dtype)[levels].reshape(single.shape))
-    return torch.stack(out)
+    batch = image.shape[0]
+    levels = image.reshape(batch, -1).long()
+    offsets = 256 * torch.arange(batch, device=image.device)[:, None]
+    counts = torch.bincount((levels + offsets).reshape(-1), minlength=256 * batch).reshape(batch, 256).float()
+    cumulative = counts.cumsum(dim=1)  # exact in float32 below 2**24 pixels
+    first = (counts > 0).float().argmax(dim=1, keepdim=True)  # the darkest level present maps to 0
+    below = cumulative.gather(1, first)
+    spread = levels.shape[1] - below  # pixels above the darkest level
+    lut = torch.round((cumulative - below) * 255 / spread.clamp(min=1)).clamp(0, 255)
+    lut = torch.where(spread > 0, lut, first.float())  # a flat image keeps its level
+    return lut.gather(1, levels).reshape(image.shape).to(image.dtype)
 
 
 def _water(x: torch.Tensor, liquid: torch.Tensor, strength: float, scale: float) -> torch.Tensor:

@@ -56,7 +56,8 @@ def _frost_resized(name: str, height: int, width: int, scale: float, device: tor
     texture = _frost_texture(name)
     factor = 1.1 * max(scale, height / texture.shape[1], width / texture.shape[2])
     size = (math.ceil(texture.shape[1] * factor), math.ceil(texture.shape[2] * factor))
-    resized = F.interpolate(texture[None], size=size, mode="bicubic", align_corners=False)[0]  # cv2 INTER_CUBIC
+    # cv2 INTER_CUBIC when enlarging (always, at 224 px); anti-aliased when a small input shrinks it.
+    resized = F.interpolate(texture[None], size=size, mode="bicubic", align_corners=False, antialias=factor < 1)[0]
     return _ops.quantize(resized).to(device)
 
 
