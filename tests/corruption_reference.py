@@ -9,11 +9,13 @@ imagecorruptions module's own globals.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -106,3 +108,83 @@ def photos(size: int = 224, count: int = 4) -> np.ndarray:
         left, top = (image.width - size) // 2, (image.height - size) // 2
         out.append(np.asarray(image.crop((left, top, left + size, top + size))))
     return np.stack(out)
+
+
+class RecordingRNG:
+    """Wraps a one-sample ``SampleRNG`` and keeps its draws in standard form (uniforms in [0, 1),
+    normals with mean 0 and std 1, integers as offsets from ``low``), so the reference can replay them
+    under its own parameters: a wrong parameter on either side still shows. Draws shaped like the
+    image (3, H, W) are kept channels-last, the layout of the reference's arrays."""
+
+    def __init__(self, rng: Any, image_shape: tuple[int, int, int]) -> None:
+        self.rng, self.device, self.image_shape = rng, rng.device, tuple(image_shape)
+        self.draws: dict[str, list[float]] = {"normal": [], "uniform": [], "randint": [], "poisson": []}
+
+    def __len__(self) -> int:
+        return len(self.rng)
+
+    def _keep(self, kind: str, standard: Any) -> None:
+        draw = standard[0]
+        if tuple(draw.shape) == self.image_shape:
+            draw = draw.permute(1, 2, 0)
+        self.draws[kind].extend(draw.reshape(-1).tolist())
+
+    def normal(self, shape: Any, mean: float = 0.0, std: float = 1.0) -> Any:
+        out = self.rng.normal(shape, mean, std)
+        self._keep("normal", (out - mean) / std)
+        return out
+
+    def uniform(self, shape: Any, low: float = 0.0, high: float = 1.0) -> Any:
+        out = self.rng.uniform(shape, low, high)
+        self._keep("uniform", (out - low) / (high - low))
+        return out
+
+    def randint(self, shape: Any, low: int, high: int) -> Any:
+        out = self.rng.randint(shape, low, high)
+        self._keep("randint", out - low)
+        return out
+
+    def poisson(self, rates: Any) -> Any:
+        out = self.rng.poisson(rates)
+        self._keep("poisson", out)
+        return out
+
+
+@contextlib.contextmanager
+def replaying(draws: dict[str, list[float]]) -> Iterator[None]:
+    """Make np.random's normal, uniform, poisson and randint hand out the recorded ``draws`` in order,
+    under the caller's parameters (a numpy call takes as many values as its size asks for). randint
+    falls back on uniform draws u, as ``low + int(u * (high - low))``, the way frost draws its integers."""
+    queues = {kind: iter(values) for kind, values in draws.items()}
+
+    def take(kind: str, size: Any) -> Any:
+        if size is None:
+            return next(queues[kind])
+        return np.array([next(queues[kind]) for _ in range(int(np.prod(size)))]).reshape(size)
+
+    def normal(loc: float = 0.0, scale: float = 1.0, size: Any = None) -> Any:
+        return loc + scale * take("normal", size)
+
+    def uniform(low: float = 0.0, high: float = 1.0, size: Any = None) -> Any:
+        return low + (high - low) * take("uniform", size)
+
+    def poisson(lam: Any = 1.0, size: Any = None) -> Any:
+        return take("poisson", np.shape(lam))
+
+    def randint(low: int, high: int | None = None, size: Any = None) -> Any:
+        low, high = (0, low) if high is None else (low, high)
+        if not draws["randint"]:
+            return low + int(next(queues["uniform"]) * (high - low))
+        offsets = np.asarray(take("randint", size), dtype=np.int64)
+        if np.any(offsets >= high - low):
+            raise AssertionError(f"recorded integers exceed the reference's range [{low}, {high})")
+        return low + offsets
+
+    saved = {name: getattr(np.random, name) for name in ("normal", "uniform", "poisson", "randint")}
+    for name, function in (("normal", normal), ("uniform", uniform), ("poisson", poisson), ("randint", randint)):
+        setattr(np.random, name, function)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(np.random, name, function)

@@ -141,22 +141,29 @@ def box_resize_matrix(in_size: int, out_size: int, device: torch.device) -> torc
 
 
 def box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize the last two dims with PIL's BOX filter."""
+    """Resize the last two dims with PIL's BOX filter as PIL does on 8-bit images: the horizontal pass,
+    rounding to 8 bits (halves up, as its fixed-point arithmetic does), the vertical pass, rounding again."""
     rows = box_resize_matrix(x.shape[-2], height, x.device)
     cols = box_resize_matrix(x.shape[-1], width, x.device)
-    return rows @ x @ cols.T
+
+    def to_8_bits(values: torch.Tensor) -> torch.Tensor:
+        # Box weights are 1/n: results lie on multiples of 1/n, so 1e-4 only settles exact halves.
+        return torch.floor(values.clamp(0, 1) * 255 + 0.5 + 1e-4) / 255
+
+    return to_8_bits(rows @ to_8_bits(x @ cols.T))
 
 
-def clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Zoom (B, C, H, W) about the centre by ``factor`` >= 1, keeping the size: the reference's
-    clipped_zoom (a centre crop of ceil(side / factor), scipy zoom order 1, then the top-left H x W)."""
+def clipped_zoom(x: torch.Tensor, factor: float, crop: bool = True) -> torch.Tensor:
+    """Zoom (B, C, H, W) about the centre by ``factor`` >= 1: the reference's clipped_zoom (a centre crop
+    of ceil(side / factor), scipy zoom order 1), cut to the top-left H x W unless ``crop`` is False (the
+    zoom can come out a pixel larger)."""
     height, width = x.shape[-2:]
     crop_h, crop_w = math.ceil(height / factor), math.ceil(width / factor)
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    crop = x[..., top : top + crop_h, left : left + crop_w]
+    centre = x[..., top : top + crop_h, left : left + crop_w]
     size = (round(crop_h * factor), round(crop_w * factor))  # scipy's output shape
-    zoomed = F.interpolate(crop, size=size, mode="bilinear", align_corners=True)  # scipy's grid_mode=False
-    return zoomed[..., :height, :width]
+    zoomed = F.interpolate(centre, size=size, mode="bilinear", align_corners=True)  # scipy's grid_mode=False
+    return zoomed[..., :height, :width] if crop else zoomed
 
 
 def motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ def _water(x: torch.Tensor, liquid: torch.Tensor, strength: float, scale: float)
     dist = distance_to(canny(liquid, 50, 150), 20 * scale)
     dist = torch.floor(_ops.conv2d_same(dist, _BOX3))
     dist = torch.round(_ops.conv2d_same(equalize_hist(dist), _EMBOSS)).clamp(0, 255)  # CV_8U output
-    mask = liquid * _ops.conv2d_same(dist, _BOX3)
+    mask = liquid * torch.round(_ops.conv2d_same(dist, _BOX3))  # cv2.blur of an 8-bit image rounds
     mask = mask / mask.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12) * strength
     color = torch.tensor([175 / 255, 238 / 255, 238 / 255], device=x.device, dtype=x.dtype)
     return x + mask * color[None, :, None, None]

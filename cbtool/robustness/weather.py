@@ -34,10 +34,11 @@ def snow(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> torch.
         (0.55, 0.3, 2.5, 0.85, 12, 12, 0.55),
     )[severity - 1]
     height, width = x.shape[-2:]
-    flakes = _ops.clipped_zoom(rng.normal((1, height, width), mean, std), max(zoom * scale, 1.0))
+    flakes = _ops.clipped_zoom(rng.normal((1, height, width), mean, std), max(zoom * scale, 1.0), crop=False)
     flakes = torch.where(flakes < threshold, torch.zeros_like(flakes), flakes).clamp(0, 1)
     angles = rng.uniform((), -135, -45)
-    flakes = _ops.quantize(_ops.motion_blur(flakes, max(1, round(radius * scale)), sigma * scale, angles))
+    flakes = _ops.motion_blur(flakes, max(1, round(radius * scale)), sigma * scale, angles)
+    flakes = _ops.quantize(flakes[..., :height, :width])  # imagecorruptions streaks, then cuts to size
     x = keep * x + (1 - keep) * torch.maximum(x, _ops.gray(x) * 1.5 + 0.5)
     return x + flakes + flakes.flip(-2, -1)
 
