@@ -45,6 +45,7 @@ MIN_SIDE = 32  # imagecorruptions' limit too: smaller images leave some corrupti
 
 
 def _keys(keys: Sequence[int] | torch.Tensor, batch: int) -> list[int]:
+    """One Python int per image (numpy and tensor integers accepted), or CorruptionError."""
     values = keys.detach().reshape(-1).tolist() if isinstance(keys, torch.Tensor) else list(keys)
     if len(values) != batch:
         raise CorruptionError(f"need one key per image: got {len(values)} keys for {batch} images")
@@ -57,6 +58,7 @@ def _keys(keys: Sequence[int] | torch.Tensor, batch: int) -> list[int]:
 
 
 def _check_images(images: torch.Tensor) -> None:
+    """Raise CorruptionError unless ``images`` is a float (B, 3, H, W) batch of at least 32 x 32."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise CorruptionError(f"corrupt() takes RGB batches shaped (B, 3, H, W), got {shape}")

@@ -60,6 +60,7 @@ class RobustnessSummary:
 
 
 def _check_error(value: float, what: str) -> float:
+    """``value`` as a float if it is an error rate (a fraction from 0 to 1), else CorruptionError."""
     if not 0.0 <= value <= 1.0:
         raise CorruptionError(f"{what} must be a fraction from 0 to 1, got {value!r}")
     return float(value)
