@@ -234,6 +234,7 @@ def test_ce_and_relative_ce_by_hand():
     assert summary.ce == {"fog": pytest.approx(0.4 / ALEXNET_ERRORS["fog"])}  # no AlexNet figure for spatter
     assert summary.mean_error == {"fog": pytest.approx(0.4), "spatter": pytest.approx(0.4)}
     assert summary.mce == summary.ce["fog"] and not summary.complete
+    assert summarize({"fog": {str(s): e for s, e in errors.items()}}).ce == summary.ce  # JSON keys
 
 
 @pytest.mark.parametrize(

@@ -67,9 +67,12 @@ def _check_error(value: float, what: str) -> float:
 
 
 def mean_error(errors_by_severity: Mapping[int, float], corruption: str = "corruption") -> float:
-    """Mean top-1 error over severities 1-5; all five must be present (the baselines average all five)."""
-    for severity in errors_by_severity:
-        check_severity(severity)
+    """Mean top-1 error over severities 1-5; all five must be present (the baselines average all five).
+    Severities may be ints or, as JSON objects store them, digit strings."""
+    errors_by_severity = {
+        check_severity(int(key) if isinstance(key, str) and key.isdigit() else key): value
+        for key, value in errors_by_severity.items()
+    }
     missing = [s for s in SEVERITIES if s not in errors_by_severity]
     if missing:
         listed = ", ".join(map(str, missing))
