@@ -45,3 +45,7 @@ class RegressionError(CbtoolError):
     """``cbtool check`` found a real regression."""
 
     exit_code = 1
+
+
+class VizError(CbtoolError):
+    """An attention picture that cannot be drawn as asked (a query outside the grid, a layer kind without it)."""

@@ -23,6 +23,7 @@ __all__ = [
     "format_p",
     "format_table",
     "format_value",
+    "label_models",
     "markdown_table",
     "metrics_table",
     "plot_density",
@@ -126,6 +127,19 @@ def _density(model: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _throughput(model: Mapping[str, Any], key: str) -> Any:
     return (_metrics(model).get("throughput") or {}).get(key)
+
+
+def label_models(loaded: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every model of every ``(file name, results)``, relabelled ``file:label`` when labels would be ambiguous."""
+    entries = [(name, results, model) for name, results in loaded for model in results["models"]]
+    labels = [str(model["label"]) for _, _, model in entries]
+    if len(set(labels)) < len(labels):
+        short = [f"{Path(name).name}:{model['label']}" for name, _, model in entries]
+        labels = short if len(set(short)) == len(short) else [f"{name}:{model['label']}" for name, _, model in entries]
+    return [
+        {**model, "label": label, "file": name, "dataset": results["dataset"]}
+        for (name, results, model), label in zip(entries, labels)
+    ]
 
 
 METRIC_HEADERS = ["model", "top1", "top5", "loss", "samples", "img/s model", "img/s e2e", "entropy", "distance"]

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from cbtool import __version__
-from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject
+from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, viz
 
 app = typer.Typer(
     name="cbtool",
@@ -26,6 +26,8 @@ app.command("check")(check.check_command)
 app.command("compare")(compare.compare_command)
 app.command("bench")(bench.bench_command)
 app.command("families")(families.families_command)
+app.command("viz")(viz.viz_command)
+app.command("report")(report_page.report_command)
 
 
 def _version_callback(value: bool) -> None:
@@ -41,8 +43,10 @@ def _root(
     """Context Broadcasting for Vision Transformers."""
 
 
-# Options that, as in timm's scripts, take several space-separated values after one flag.
-MULTI_VALUE_OPTIONS = ("--model-kwargs",)
+# Options that, as in timm's scripts, take several space-separated values after one flag: key=value pairs,
+# or (PATH_OPTIONS) every following argument up to the next option.
+MULTI_VALUE_OPTIONS = ("--model-kwargs", "--images", "--pictures")
+PATH_OPTIONS = ("--images", "--pictures")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -53,7 +57,7 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
         if arg in MULTI_VALUE_OPTIONS:
             current = arg
             continue
-        if current is not None and "=" in arg and not arg.startswith("-"):
+        if current is not None and ("=" in arg or current in PATH_OPTIONS) and not arg.startswith("-"):
             expanded += [current, arg]
             continue
         if current is not None and not expanded[-2:-1] == [current]:

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from cbtool.cli._options import JsonOut, MarkdownOut, Plot, Quiet
-
-
-def label_models(loaded: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Every model of every ``(file name, results)``, relabelled ``file:label`` when labels would be ambiguous."""
-    entries = [(name, results, model) for name, results in loaded for model in results["models"]]
-    labels = [str(model["label"]) for _, _, model in entries]
-    if len(set(labels)) < len(labels):
-        short = [f"{Path(name).name}:{model['label']}" for name, _, model in entries]
-        labels = short if len(set(short)) == len(short) else [f"{name}:{model['label']}" for name, _, model in entries]
-    return [
-        {**model, "label": label, "file": name, "dataset": results["dataset"]}
-        for (name, results, model), label in zip(entries, labels)
-    ]
 
 
 def _summary(model: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +43,7 @@ def compare_command(
     from cbtool.errors import CbtoolError
     from cbtool.report import (
         check_output_folder,
+        label_models,
         density_table,
         difference_rows,
         difference_table,
