@@ -1,0 +1,264 @@
+"""cbtool.viz and ``cbtool viz``: maps equal an independent eager computation, views, rollout, pictures, CLI errors."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cbtool.errors import VizError
+from cbtool.families import TokenLayout
+from cbtool.viz.figure import VizOptions, attention_figure
+from cbtool.viz.maps import attention_maps
+from cbtool.viz.pictures import overlay
+from cbtool.viz.rollout import attention_rollout, check_rollout
+from cbtool.viz.views import class_attention, entropy_map, fuse_heads, query_attention
+
+
+# ----- an independent computation: softmax(q k^T * scale) from the model's own weights ------------------------
+def _inputs_of(modules, run) -> list[torch.Tensor]:
+    """The first positional input of each module during ``run()``."""
+    seen: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone())) for m in modules]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def timm_reference(model, x) -> list[torch.Tensor]:
+    attentions = [block.attn for block in model.blocks]
+    maps = []
+    for attn, h in zip(attentions, _inputs_of(attentions, lambda: model(x))):
+        batch, tokens, _ = h.shape
+        qkv = torch.nn.functional.linear(h, attn.qkv.weight, attn.qkv.bias)
+        q, k, _ = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        maps.append(torch.softmax(q @ k.transpose(-2, -1) * attn.scale, dim=-1))
+    return maps
+
+
+def hf_reference(model, x) -> list[torch.Tensor]:
+    attentions = [m for m in model.modules() if type(m).__name__ == "ViTAttention"]
+    maps = []
+    for attn, h in zip(attentions, _inputs_of(attentions, lambda: model(pixel_values=x))):
+        batch, tokens, _ = h.shape
+        heads = model.config.num_attention_heads
+        q = attn.q_proj(h).view(batch, tokens, heads, -1).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, tokens, heads, -1).transpose(1, 2)
+        maps.append(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1))
+    return maps
+
+
+def test_timm_maps_equal_eager_with_fused_attention_restored(timm_model, images):
+    model, x = timm_model(), images(batch=3)
+    for block in model.blocks:
+        block.attn.fused_attn = True
+    expected = timm_reference(model, x)
+    before = [model.blocks[0].attn.fused_attn]
+    model.train()
+    maps = attention_maps(model, x)
+    assert model.training and all(block.attn.fused_attn is True for block in model.blocks) and before == [True]
+    assert len(maps) == len(expected) == 3
+    for got, want in zip(maps, expected):
+        assert got.shape == (3, 2, 17, 17)
+        assert (got - want).abs().max().item() < 1e-6
+    assert torch.equal(attention_maps(model, x, layers=[-1])[0], maps[-1])
+
+
+def test_hf_maps_equal_eager_with_sdpa_restored(hf_model, images):
+    model, x = hf_model(), images(batch=2)
+    model.set_attn_implementation("sdpa")
+    expected = hf_reference(model, x)
+    maps = attention_maps(model, x, layers="0-2")
+    assert model.config._attn_implementation == "sdpa"
+    for got, want in zip(maps, expected):
+        assert got.shape == want.shape == (2, 2, 17, 17)
+        assert (got - want).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("layers", ["3", [5], "-4", "x"])
+def test_layers_out_of_range_is_one_line(timm_model, images, layers):
+    with pytest.raises(VizError):
+        attention_maps(timm_model(), images(), layers=layers)
+
+
+# ----- views ---------------------------------------------------------------------------------------------------
+GLOBAL = TokenLayout(prefix=1, grid=(2, 3), pixels_per_token=8.0, heads=2)
+
+
+def random_probs(batch=2, heads=2, tokens=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(batch, heads, tokens, tokens, generator=generator), dim=-1)
+
+
+def test_class_query_and_entropy_views():
+    probs = random_probs()
+    assert torch.equal(class_attention(probs, GLOBAL), probs[:, :, 0, 1:].reshape(2, 2, 2, 3))
+    assert torch.equal(query_attention(probs, GLOBAL, (1, 2)), probs[:, :, 1 + 5, 1:].reshape(2, 2, 2, 3))
+    no_class = TokenLayout(prefix=0, grid=(2, 3), pixels_per_token=8.0, heads=2)
+    six = random_probs(tokens=6)
+    assert torch.allclose(class_attention(six, no_class), six.mean(dim=2).reshape(2, 2, 2, 3))
+    uniform = torch.full((1, 1, 7, 7), 1 / 7)
+    assert torch.allclose(entropy_map(uniform, GLOBAL), torch.ones(1, 1, 2, 3))
+    sharp = torch.eye(7).expand(1, 1, 7, 7)
+    assert torch.allclose(entropy_map(sharp, GLOBAL), torch.zeros(1, 1, 2, 3))
+
+
+@pytest.mark.parametrize("heads, shape", [("mean", (2, 1, 2, 3)), ("max", (2, 1, 2, 3)), ("min", (2, 1, 2, 3)),
+                                          ("all", (2, 2, 2, 3)), (1, (2, 1, 2, 3))])
+def test_fuse_heads(heads, shape):
+    values = class_attention(random_probs(), GLOBAL)
+    fused = fuse_heads(values, heads)
+    assert fused.shape == shape
+    if heads == "max":
+        assert torch.all(fused >= fuse_heads(values, "min"))
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: query_attention(p, GLOBAL, (2, 0)),
+    lambda p: query_attention(p, GLOBAL, (0, 3)),
+    lambda p: class_attention(p, TokenLayout(0, (2, 2), 4.0, 2, kind="window")),
+    lambda p: entropy_map(p, TokenLayout(1, (2, 3), 8.0, 2, kind="class")),
+    lambda p: fuse_heads(p, "median"),
+    lambda p: fuse_heads(p, 5),
+])
+def test_undefined_views_are_one_line(call):
+    with pytest.raises(VizError):
+        call(random_probs())
+
+
+def test_rollout_reference_and_refusals(timm_model):
+    probs = random_probs(tokens=7)
+    layouts = [GLOBAL, GLOBAL]
+    rolled = attention_rollout([probs, probs], layouts, discard_ratio=0.0)
+    a = 0.5 * probs.double().mean(dim=1) + 0.5 * torch.eye(7, dtype=torch.float64)
+    a = a / a.sum(-1, keepdim=True)
+    expected = (a @ a)[:, 0, 1:].reshape(2, 2, 3).float()
+    assert torch.allclose(rolled, expected, atol=1e-6)
+    discarded = attention_rollout([probs, probs], layouts, discard_ratio=0.5)
+    assert discarded.shape == (2, 2, 3) and not torch.allclose(discarded, rolled)
+    with pytest.raises(VizError):
+        attention_rollout([probs], [TokenLayout(0, (2, 2), 4.0, 2, kind="window")])
+    with pytest.raises(VizError):
+        check_rollout(timm_model("swin_tiny_patch4_window7_224"))
+    check_rollout(timm_model())
+
+
+# ----- pictures ------------------------------------------------------------------------------------------------
+def test_overlay_shape_determinism_and_sensitivity():
+    image = np.random.default_rng(0).random((40, 30, 3)).astype(np.float32)
+    heat = np.random.default_rng(1).random((4, 3))
+    first, second = overlay(image, heat), overlay(image, heat)
+    assert first.shape == (40, 30, 3) and first.dtype == np.float32 and 0 <= first.min() and first.max() <= 1
+    assert np.array_equal(first, second)
+    changed = heat.copy()
+    changed[0, 0] = heat.max() + 1
+    assert not np.allclose(overlay(image, changed), first)
+
+
+def _png(picture) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def photos():
+    skimage = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    return [Image.fromarray(skimage.astronaut()), Image.fromarray(skimage.chelsea())]
+
+
+def test_figure_is_deterministic_sized_and_follows_the_maps(timm_model, photos, tmp_path):
+    plain, cb = timm_model(), timm_model()
+    import cbtool
+
+    cbtool.inject(cb, cbtool.CBSpec())
+    options = VizOptions(layers="0,-1", query=(1, 2), entropy=True, rollout=True)
+    path = tmp_path / "attn.png"
+    picture = attention_figure([plain, cb], photos, path, labels=["plain", "cb"], options=options, panel=64)
+    columns = 1 + 2 * (2 * 3 + 1)  # image, then per model: 2 layers x 3 views + rollout
+    assert picture.size == (columns * 68 + 4, 2 * (64 + 30 + 4) + 4)
+    from PIL import Image
+
+    with Image.open(path) as written:
+        assert np.array_equal(np.asarray(written.convert("RGB")), np.asarray(picture))
+    again = attention_figure([plain, cb], photos, labels=["plain", "cb"], options=options, panel=64)
+    assert _png(again) == _png(picture)
+    other = attention_figure([plain, timm_model(seed=1)], photos, labels=["plain", "cb"], options=options, panel=64)
+    left, right = np.asarray(picture), np.asarray(other)
+    plain_end = 4 + 8 * 68  # the image and the plain model's 7 columns
+    assert np.array_equal(left[:, :plain_end], right[:, :plain_end])
+    assert not np.array_equal(left[:, plain_end:], right[:, plain_end:])  # the second model's maps changed
+
+
+def test_swin_class_picture_is_refused(timm_model, photos):
+    with pytest.raises(VizError, match="windows"):
+        attention_figure([timm_model("swin_tiny_patch4_window7_224")], photos)
+
+
+# ----- the command ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny plain model and its CB twin as cbtool files, and two real photos as PNG files."""
+    skimage = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    import cbtool
+    from cbtool.sources import resolve
+
+    folder = tmp_path_factory.mktemp("viz")
+    torch.manual_seed(0)
+    model = resolve("vit_tiny_patch16_224", pretrained=False,
+                    model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10))
+    cbtool.save(model, folder / "plain.safetensors")
+    cbtool.inject(model, cbtool.CBSpec())
+    cbtool.save(model, folder / "cb.safetensors")
+    Image.fromarray(skimage.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(skimage.coffee()).save(folder / "coffee.jpg")
+    return folder
+
+
+def cli(args: list, capsys) -> tuple[int, str]:
+    from cbtool.cli.app import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    return code, capsys.readouterr().err
+
+
+def test_viz_command_writes_the_picture(saved, tmp_path, capsys):
+    out = tmp_path / "attn.png"
+    code, err = cli(["viz", saved / "plain.safetensors", saved / "cb.safetensors", "--images", saved / "astronaut.png",
+                     saved / "coffee.jpg", "--layers", "0,2", "--heads", "max", "--rollout", "-o", out], capsys)
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(out) as picture:
+        assert picture.size == ((1 + 2 * 3) * 164 + 4, 2 * (160 + 30 + 4) + 4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--images", "missing.png"], "does not exist"),
+    ([], "--images"),
+    (["--dataset", "sample", "--query", "4,0"], "outside the 4x4 patch grid"),
+    (["--dataset", "sample", "--query", "1"], "ROW,COL"),
+    (["--dataset", "sample", "--layers", "3"], "out of range"),
+    (["--dataset", "sample", "--heads", "median"], "--heads"),
+    (["--dataset", "sample", "--discard-ratio", "1.5", "--rollout"], "discard"),
+])
+def test_viz_bad_input_is_one_line_and_no_file(saved, tmp_path, capsys, extra, message):
+    out = tmp_path / "attn.png"
+    code, err = cli(["viz", saved / "plain.safetensors", *extra, "--limit", "2", "-o", out], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".attn.png.*"))
