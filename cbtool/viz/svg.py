@@ -14,9 +14,11 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+def _ticks(low: float, high: float, count: int = 5) -> list[tuple[float, str]]:
+    """``count`` evenly spaced ticks from ``low`` to ``high``, with enough decimals to tell them apart."""
     step = (high - low) / (count - 1)
-    return [low + i * step for i in range(count)]
+    decimals = max(0, 1 - math.floor(math.log10(step))) if step > 0 else 0
+    return [(low + i * step, f"{low + i * step:.{decimals}f}") for i in range(count)]
 
 
 def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]], *, x_label: str = "layer",
@@ -42,9 +44,9 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]],
              f'viewBox="0 0 {width} {height}" class="chart"><title>{escape(title)}</title>',
              f'<text x="{width / 2}" y="18" text-anchor="middle" class="chart-title">{escape(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
-    for tick in _ticks(low + pad, high - pad):
+    for tick, text in _ticks(low + pad, high - pad):
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
+                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{text}</text>')
     every = max(1, math.ceil(count / 12))
     for i in range(0, count, every):
         parts.append(f'<text x="{x(i):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{i}</text>')
