@@ -1,7 +1,7 @@
 """cbtool: Context Broadcasting (uniform attention) for Vision Transformers.
 
 The public API is imported lazily so that ``import cbtool`` (and ``cbtool --help``) stays fast:
-``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``finetune``, ``CBSpec``.
+``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``finetune``, ``attention_maps``, ``CBSpec``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ _LAZY = {
     "save": "cbtool.checkpoint",
     "evaluate": "cbtool.evaluation",
     "finetune": "cbtool.train",
+    "attention_maps": "cbtool.viz.maps",
     "CbtoolError": "cbtool.errors",
 }
 

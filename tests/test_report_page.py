@@ -29,21 +29,11 @@ ROBUSTNESS = {
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory) -> Path:
+def evaluated(plain_and_cb_files) -> Path:
     """A real ``cbtool eval --json --density`` document for a tiny plain model and its CB twin, on real images."""
-    import torch
-
-    import cbtool
     from cbtool.cli.app import main
-    from cbtool.sources import resolve
 
-    folder = tmp_path_factory.mktemp("report")
-    torch.manual_seed(0)
-    model = resolve("vit_tiny_patch16_224", pretrained=False,
-                    model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10))
-    cbtool.save(model, folder / "plain.safetensors")
-    cbtool.inject(model, cbtool.CBSpec())
-    cbtool.save(model, folder / "cb.safetensors")
+    folder = plain_and_cb_files
     with pytest.raises(SystemExit) as stop:
         main(["eval", str(folder / "plain.safetensors"), str(folder / "cb.safetensors"), "-d", "sample",
               "--limit", "20", "--density", "-j", "0", "-q", "--json", str(folder / "results.json")])
@@ -145,25 +135,14 @@ def test_write_is_atomic_and_bad_pictures_are_one_line(evaluated, tmp_path):
     assert out.read_text().startswith("<!DOCTYPE html>") and not list(tmp_path.glob(".page.html.*"))
 
 
-def cli(args: list, capsys) -> tuple[int, str]:
-    from cbtool.cli.app import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    return code, capsys.readouterr().err
-
-
-def test_report_command(evaluated, tmp_path, capsys):
+def test_report_command(evaluated, tmp_path, main_cli):
     out = tmp_path / "report.html"
-    code, err = cli(["report", evaluated, "-o", out], capsys)
+    code, err = main_cli("report", evaluated, "-o", out)
     assert code == 0 and out.is_file(), err
     for args in (["report", tmp_path / "missing.json", "-o", out.with_name("x.html")],
                  ["report", evaluated, "--pictures", tmp_path / "no.png", "-o", out.with_name("x.html")],
                  ["report", evaluated, "-o", tmp_path / "no-folder" / "x.html"]):
-        code, err = cli(args, capsys)
+        code, err = main_cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert not out.with_name("x.html").exists()
 

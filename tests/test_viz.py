@@ -206,41 +206,20 @@ def test_swin_class_picture_is_refused(timm_model, photos):
 
 # ----- the command ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A tiny plain model and its CB twin as cbtool files, and two real photos as PNG files."""
+def saved(plain_and_cb_files):
+    """The tiny plain and CB model files, with two real photos beside them."""
     skimage = pytest.importorskip("skimage.data")
     from PIL import Image
 
-    import cbtool
-    from cbtool.sources import resolve
-
-    folder = tmp_path_factory.mktemp("viz")
-    torch.manual_seed(0)
-    model = resolve("vit_tiny_patch16_224", pretrained=False,
-                    model_kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10))
-    cbtool.save(model, folder / "plain.safetensors")
-    cbtool.inject(model, cbtool.CBSpec())
-    cbtool.save(model, folder / "cb.safetensors")
-    Image.fromarray(skimage.astronaut()).save(folder / "astronaut.png")
-    Image.fromarray(skimage.coffee()).save(folder / "coffee.jpg")
-    return folder
+    Image.fromarray(skimage.astronaut()).save(plain_and_cb_files / "astronaut.png")
+    Image.fromarray(skimage.coffee()).save(plain_and_cb_files / "coffee.jpg")
+    return plain_and_cb_files
 
 
-def cli(args: list, capsys) -> tuple[int, str]:
-    from cbtool.cli.app import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    return code, capsys.readouterr().err
-
-
-def test_viz_command_writes_the_picture(saved, tmp_path, capsys):
+def test_viz_command_writes_the_picture(saved, tmp_path, main_cli):
     out = tmp_path / "attn.png"
-    code, err = cli(["viz", saved / "plain.safetensors", saved / "cb.safetensors", "--images", saved / "astronaut.png",
-                     saved / "coffee.jpg", "--layers", "0,2", "--heads", "max", "--rollout", "-o", out], capsys)
+    code, err = main_cli("viz", saved / "plain.safetensors", saved / "cb.safetensors", "--images", saved / "astronaut.png",
+                     saved / "coffee.jpg", "--layers", "0,2", "--heads", "max", "--rollout", "-o", out)
     assert code == 0, err
     from PIL import Image
 
@@ -257,8 +236,8 @@ def test_viz_command_writes_the_picture(saved, tmp_path, capsys):
     (["--dataset", "sample", "--heads", "median"], "--heads"),
     (["--dataset", "sample", "--discard-ratio", "1.5", "--rollout"], "discard"),
 ])
-def test_viz_bad_input_is_one_line_and_no_file(saved, tmp_path, capsys, extra, message):
+def test_viz_bad_input_is_one_line_and_no_file(saved, tmp_path, main_cli, extra, message):
     out = tmp_path / "attn.png"
-    code, err = cli(["viz", saved / "plain.safetensors", *extra, "--limit", "2", "-o", out], capsys)
+    code, err = main_cli("viz", saved / "plain.safetensors", *extra, "--limit", "2", "-o", out)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".attn.png.*"))
