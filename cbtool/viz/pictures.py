@@ -93,7 +93,7 @@ def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: st
 def png_bytes(picture) -> bytes:
     """A ``PIL.Image`` as PNG bytes."""
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", optimize=False)
+    picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -103,5 +103,5 @@ def save_png(picture, path: str | os.PathLike[str]) -> Path:
 
     path = Path(path)
     with atomic_path(path) as temporary:
-        picture.save(temporary, format="PNG")
+        picture.save(temporary, format="PNG", compress_level=1)  # level 6 takes longer than the forwards
     return path

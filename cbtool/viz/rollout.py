@@ -50,10 +50,11 @@ def attention_rollout(maps: Sequence[torch.Tensor], layouts: Sequence[TokenLayou
         fused = probs.double().mean(dim=1) if head_fusion == "mean" else (
             probs.double().amax(dim=1) if head_fusion == "max" else probs.double().amin(dim=1))
         if discard_ratio > 0:
-            flat = fused.reshape(batch, -1).clone()
-            drop = flat.topk(int(flat.shape[1] * discard_ratio), dim=1, largest=False).indices
-            flat.scatter_(1, drop, 0.0)
-            fused = flat.view_as(fused) * (1 - identity) + fused * identity  # the diagonal is kept
+            flat = fused.reshape(batch, -1)
+            # zeroing the k weakest = keeping the n - k strongest; topk of the few kept is much cheaper
+            keep = flat.topk(flat.shape[1] - int(flat.shape[1] * discard_ratio), dim=1).indices
+            kept = torch.zeros_like(flat).scatter_(1, keep, flat.gather(1, keep))
+            fused = kept.view_as(fused) * (1 - identity) + fused * identity  # the diagonal is kept
         mixed = 0.5 * fused + 0.5 * identity
         mixed = mixed / mixed.sum(dim=-1, keepdim=True)
         result = mixed @ result
