@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_family_reference import CASES  # the same tiny model of every family
 
 from cbtool.errors import VizError
 from cbtool.families import TokenLayout
@@ -241,3 +242,35 @@ def test_viz_bad_input_is_one_line_and_no_file(saved, tmp_path, main_cli, extra,
     code, err = main_cli("viz", saved / "plain.safetensors", *extra, "--limit", "2", "-o", out)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and not list(tmp_path.glob(".attn.png.*"))
+
+
+# ----- every family --------------------------------------------------------------------------------------------
+ROLLOUT = {"timm-vit", "timm-vit-registers-no-class", "timm-vit-respost", "timm-deit3", "timm-deit-distilled",
+           "timm-siglip", "timm-eva02", "timm-beit", "hf-vit", "hf-deit-teacher", "hf-dinov2-registers",
+           "hf-clip-vision", "hf-siglip-vision", "hf-beit"}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_family_gives_its_maps_or_refuses_in_one_line(case):
+    from cbtool.families import detect
+
+    build, size, _ = CASES[case]
+    model = build()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    layouts = detect(model).attention_layouts(model, (size, size))
+    maps = attention_maps(model, x)
+    assert len(maps) == len(layouts)
+    for probs, layout in zip(maps, layouts):
+        assert probs.shape[1] == layout.heads and torch.allclose(probs.sum(-1), torch.ones(()), atol=1e-5)
+        if layout.kind == "window":
+            with pytest.raises(VizError, match="windows"):
+                class_attention(probs, layout)
+            continue
+        picture = class_attention(probs, layout)
+        assert picture.shape[:2] == (2, layout.heads) and picture.shape[2:] == layout.grid
+    if case in ROLLOUT:
+        check_rollout(model)
+        assert attention_rollout(maps, layouts).shape == (2, *layouts[0].grid)
+    else:
+        with pytest.raises(VizError, match="rollout"):
+            check_rollout(model)

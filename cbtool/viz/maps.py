@@ -57,8 +57,10 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers: LayerChoice =
     training = model.training
     model.eval()
     try:
+        pixels = images.to(model_device(model))
         with family.capture_attention(model, keep):
-            model(images.to(model_device(model)))
+            # transformers' CLIPModel/SiglipModel take input_ids first: name the images
+            model(pixel_values=pixels) if family.library == "transformers" else model(pixels)
     finally:
         model.train(training)
     missing = [index for index in chosen if index not in found]
