@@ -192,3 +192,16 @@ def test_page_in_headless_chromium(evaluated, tmp_path):
     with Image.open(shot) as image:
         size, pixels = image.size, np.asarray(image.convert("RGB").resize((120, 180))).reshape(-1, 3)
     assert size == (1200, 1800) and len(np.unique(pixels, axis=0)) > 50  # tables, charts and the picture were drawn
+
+
+def test_report_command_imports_no_torch(evaluated, tmp_path, cli_env):
+    import sys
+
+    code = ("import sys\nfrom cbtool.cli.app import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n"
+            "    assert not stop.code, stop.code\n"
+            "heavy = sorted(m for m in ('torch', 'timm', 'transformers', 'torchvision') if m in sys.modules)\n"
+            "assert not heavy, heavy\nprint('clean')\n")
+    out = tmp_path / "r.html"
+    proc = subprocess.run([sys.executable, "-c", code, "report", str(evaluated), "-o", str(out)], env=cli_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "clean" in proc.stdout and out.is_file(), proc.stderr
