@@ -70,7 +70,9 @@ def viz_command(
 
         ds = resolve_dataset(dataset, split, purpose="eval", limit=limit)
         pictures = [ds[i][0] for i in range(min(limit, len(ds)))]
-        names = [f"{ds.class_names[label]}" for label in ds.labels[: len(pictures)]]
+        labels = ds.labels[: len(pictures)]
+        known = ds.class_names or []
+        names = [str(known[label]) if 0 <= label < len(known) else f"image {i}" for i, label in enumerate(labels)]
     options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
                          head_fusion=head_fusion, discard_ratio=discard_ratio)
     torch_device = distributed.pick_device(device)
