@@ -112,13 +112,15 @@ def test_class_query_and_entropy_views():
 
 
 @pytest.mark.parametrize("heads, shape", [("mean", (2, 1, 2, 3)), ("max", (2, 1, 2, 3)), ("min", (2, 1, 2, 3)),
-                                          ("all", (2, 2, 2, 3)), (1, (2, 1, 2, 3))])
+                                          ("all", (2, 2, 2, 3)), (1, (2, 1, 2, 3)), ("-1", (2, 1, 2, 3))])
 def test_fuse_heads(heads, shape):
     values = class_attention(random_probs(), GLOBAL)
     fused = fuse_heads(values, heads)
     assert fused.shape == shape
     if heads == "max":
         assert torch.all(fused >= fuse_heads(values, "min"))
+    if heads in (1, "-1"):
+        assert torch.equal(fused[:, 0], values[:, 1])
 
 
 @pytest.mark.parametrize("call", [

@@ -37,7 +37,8 @@ def fuse_heads(values: torch.Tensor, heads: str | int) -> torch.Tensor:
     if heads == "all":
         return values
     if isinstance(heads, int):
-        return values[:, heads : heads + 1]
+        index = heads % values.shape[1]
+        return values[:, index : index + 1]
     if heads == "mean":
         return values.mean(dim=1, keepdim=True)
     reduce = torch.amax if heads == "max" else torch.amin
