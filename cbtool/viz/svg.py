@@ -17,20 +17,22 @@ def _finite(value: object) -> bool:
 def _ticks(low: float, high: float, count: int = 5) -> list[tuple[float, str]]:
     """``count`` evenly spaced ticks from ``low`` to ``high``, with enough decimals to tell them apart."""
     step = (high - low) / (count - 1)
-    decimals = max(0, 1 - math.floor(math.log10(step))) if step > 0 else 0
+    decimals = min(6, max(0, 1 - math.floor(math.log10(step)))) if step > 0 else 0
     return [(low + i * step, f"{low + i * step:.{decimals}f}") for i in range(count)]
 
 
 def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]], *, x_label: str = "layer",
                y_label: str = "", width: int = 520, height: int = 300) -> str:
     """An ``<svg>`` with one polyline per ``(label, values)`` over x = 0, 1, ...; missing values break the line."""
-    left, right, top, bottom = 58, 16, 28, 42 + 16 * len(series)
     values = [v for _, ys in series for v in ys if _finite(v)]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
     pad = 0.05 * (high - low)
+    ticks = _ticks(low, high)
     low, high = low - pad, high + pad
+    left = 30 + 7 * max(len(text) for _, text in ticks)  # room for the widest tick label and the axis title
+    right, top, bottom = 16, 28, 42 + 16 * len(series)
     count = max((len(ys) for _, ys in series), default=1)
     plot_w, plot_h = width - left - right, height - top - bottom
 
@@ -44,7 +46,7 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]],
              f'viewBox="0 0 {width} {height}" class="chart"><title>{escape(title)}</title>',
              f'<text x="{width / 2}" y="18" text-anchor="middle" class="chart-title">{escape(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
-    for tick, text in _ticks(low + pad, high - pad):
+    for tick, text in ticks:
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#eee"/>'
                      f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{text}</text>')
     every = max(1, math.ceil(count / 12))
