@@ -230,6 +230,17 @@ def test_viz_command_writes_the_picture(saved, tmp_path, main_cli):
         assert picture.size == ((1 + 2 * 3) * 164 + 4, 2 * (160 + 30 + 4) + 4)
 
 
+def test_viz_command_on_a_dataset_per_head(saved, tmp_path, main_cli):
+    out = tmp_path / "heads.png"
+    code, err = main_cli("viz", saved / "cb.safetensors", "--dataset", "sample", "--limit", "3", "--heads", "all",
+                         "--entropy", "--panel", "64", "-o", out)
+    assert code == 0, err
+    from PIL import Image
+
+    with Image.open(out) as picture:  # the image, then 2 views x 2 heads of the last layer; 3 class-balanced images
+        assert picture.size == ((1 + 2 * 2) * 68 + 4, 3 * (64 + 30 + 4) + 4)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--images", "missing.png"], "does not exist"),
     ([], "--images"),
