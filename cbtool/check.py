@@ -271,6 +271,13 @@ def validate_results(results: Any, name: str = "results") -> dict[str, Any]:
         correct = model["metrics"].get("correct")
         if correct is not None and (not isinstance(correct, str) or correct.strip("01")):
             raise CbtoolError(f"{name}: models[{index}].metrics.correct must be a string of 0s and 1s")
+        density = model.get("density") if isinstance(model.get("density"), dict) else {}
+        for part, key in [("metrics", "top1"), ("metrics", "top5"), ("metrics", "loss"),
+                          ("density", "entropy_mean"), ("density", "distance_mean")]:  # fmt: skip
+            value = (model["metrics"] if part == "metrics" else density).get(key)
+            if value is not None and not _is_number(value):
+                raise CbtoolError(f"{name}: models[{index}].{part}.{key} is {value!r}, not a finite number; "
+                                  "re-run cbtool eval to get usable results")  # fmt: skip
     return results
 
 

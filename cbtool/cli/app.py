@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from typing import Callable
 
 import typer
 
@@ -18,13 +20,33 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("inject")(inject.inject_command)
-app.command("info")(info.info_command)
-app.command("eval")(eval_cmd.eval_command)
-app.command("finetune")(finetune.finetune_command)
-app.command("check")(check.check_command)
-app.command("compare")(compare.compare_command)
-app.command("bench")(bench.bench_command)
+
+
+def interruptible(command: Callable) -> Callable:
+    """Ctrl-C in ``command`` becomes an ``Interrupted`` error (exit 130) that says which files were written.
+
+    Typer would turn it into a silent exit 130; the command itself may raise a more precise ``Interrupted``.
+    """
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from cbtool import files
+        from cbtool.errors import Interrupted
+
+        files.written.clear()
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            done = ", ".join(str(path) for path in files.written)
+            raise Interrupted(f"interrupted; wrote {done} before stopping" if done else "interrupted; nothing was written") from None
+
+    return run
+
+
+for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
+                        ("finetune", finetune.finetune_command), ("check", check.check_command),
+                        ("compare", compare.compare_command), ("bench", bench.bench_command)):  # fmt: skip
+    app.command(_name)(interruptible(_command))
 
 
 def _version_callback(value: bool) -> None:
@@ -74,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     except CbtoolError as error:
         if os.environ.get("CBTOOL_DEBUG"):
             raise
-        print(f"cbtool: error: {error}", file=sys.stderr)
+        print(f"cbtool: {error.prefix}{error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        print("cbtool: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # between commands, or in Typer itself
+        print("cbtool: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -99,6 +99,7 @@ def _run(o: dict[str, Any]) -> None:
     from cbtool import distributed, sources, train
     from cbtool.checkpoint import check_output_path
     from cbtool.errors import CbtoolError
+    from cbtool.files import check_outputs, check_writable_folder
     from cbtool.families import detect
     from cbtool.spec import CBSpec
 
@@ -117,9 +118,13 @@ def _run(o: dict[str, Any]) -> None:
         resume=_str(o["resume"]), run_info=_recordable(o),
     )  # fmt: skip
     if info.is_main:  # fail before a long download or a long run
+        check_outputs({"-o/--output": o["output"], "--save-best": o["save_best"], "--log": o["log"]},
+                      [o["model"], o["checkpoint"]], dataset=o["dataset"])  # fmt: skip
         check_output_path(o["output"], force=o["force"])
         if o["save_best"] is not None and o["resume"] is None:
             check_output_path(o["save_best"], force=o["force"])
+        run_dir = o["run_dir"] or (train.find_checkpoint(o["resume"]).parent if o["resume"] else "runs")
+        check_writable_folder(run_dir, "run folder", "pick another with --run-dir, or run from a writable folder")
 
     if o["resume"] is not None:
         model, _ = train.load_run(o["resume"])
@@ -150,14 +155,37 @@ def _run(o: dict[str, Any]) -> None:
         result = train.finetune(model, train_ds, val_ds, config)
     except train.Interrupted as stop:
         if info.is_main:
-            saved = f"saved {stop.checkpoint}; " if stop.checkpoint else ""
-            print(f"cbtool: interrupted at step {stop.step}; {saved}resume with: cbtool finetune --resume {stop.run_dir}",
-                  file=sys.stderr)  # fmt: skip
+            print(f"cbtool: {_interrupted_message(stop)}", file=sys.stderr)
         raise typer.Exit(130) from None
     if info.is_main:
         final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
         best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
         typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
+
+
+def _interrupted_message(stop) -> str:
+    """What a Ctrl-C left: the checkpoint just saved, else the last complete one, else nothing to resume."""
+    from cbtool.train import CHECKPOINT_INFO_NAME, CHECKPOINT_NAME
+
+    resume = f"resume with: cbtool finetune --resume {stop.run_dir}"
+    if stop.checkpoint:
+        return f"interrupted at step {stop.step}; saved {stop.checkpoint}; {resume}"
+    checkpoint, info = stop.run_dir / CHECKPOINT_NAME, stop.run_dir / CHECKPOINT_INFO_NAME
+    if not stop.again:  # a rank other than 0 under torchrun, or a run that never saved
+        return f"interrupted at step {stop.step}; {resume}" if checkpoint.exists() else f"interrupted at step {stop.step}; nothing was saved"
+    if checkpoint.exists() and info.exists():
+        return (f"interrupted again at step {stop.step} before saving; the last complete checkpoint is {checkpoint} "
+                f"(step {_saved_step(info)}); {resume}")  # fmt: skip
+    return f"interrupted again at step {stop.step} before any checkpoint was saved; nothing to resume in {stop.run_dir}"
+
+
+def _saved_step(info: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads(info.read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
 
 
 def _str(path) -> str | None:
