@@ -51,6 +51,8 @@ def check_output_path(path: str | Path, *, force: bool = False) -> Path:
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
     """(metadata, tensor entries) of a safetensors file, validated against the file's size."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a safetensors file")
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     size = path.stat().st_size

@@ -156,7 +156,8 @@ def check_outputs(outputs: Mapping[str, Any], inputs: Iterable[Any], dataset: st
         target = Path(path).expanduser().resolve()
         for shown, source in existing + ([(dataset, folder)] if folder else []):
             if target == source:
-                raise OutputError(f"{flag} {path} is an input of this command ({shown}); write to another file")
+                same = "" if shown == str(path) else f" ({shown})"
+                raise OutputError(f"{flag} {path} is an input of this command{same}; write to another file")
         if folder is not None and folder in target.parents:
             raise OutputError(f"{flag} {path} lies inside the dataset folder {dataset}; write it somewhere else")
         if target in seen:

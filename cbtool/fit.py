@@ -73,8 +73,8 @@ def mismatch_message(model: Any, file: str, mismatched: Sequence[tuple[str, tupl
     for label, keys in (("missing from the file", missing), ("not in the model", unexpected)):
         if keys:
             parts.append(f"{len(keys)} tensors {label} (e.g. {keys[0]})")
-    hints = [hint for hint in (_hint(model, key, theirs) for key, theirs, _ in mismatched) if hint]
-    advice = f"build the model to match with {hints[0]}" if hints else (
+    hints = _hints(model, {key: theirs for key, theirs, _ in mismatched})
+    advice = f"build the model to match with {' '.join(hints)}" if hints else (
         "check the model name and --model-kwargs (or --num-classes for another head)")
     return f"{file} does not fit {type(model).__name__}: {'; '.join(parts)}; {advice}"
 
@@ -83,19 +83,24 @@ def _shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")"
 
 
-def _hint(model: Any, key: str, theirs: Sequence[int]) -> str | None:
-    """The option that would build the file's shape, for the tensors whose shape says it."""
+def _hints(model: Any, theirs: dict[str, Sequence[int]]) -> list[str]:
+    """The options that would build the file's shapes, where the patch embedding and position embedding say them."""
     _, patch = input_geometry(model)
-    if key.endswith("patch_embed.proj.weight") and len(theirs) == 4:
-        return f"--model-kwargs patch_size={theirs[-1]}" + (f" embed_dim={theirs[0]}" if theirs[0] != _dim(model) else "")
-    if key.endswith("pos_embed") and len(theirs) == 3 and patch is not None:
-        if theirs[-1] != _dim(model):
-            return f"--model-kwargs embed_dim={theirs[-1]}"
+    kwargs, size = [], None
+    proj = next((shape for key, shape in theirs.items() if key.endswith("patch_embed.proj.weight") and len(shape) == 4), None)
+    pos = next((shape for key, shape in theirs.items() if key.endswith("pos_embed") and len(shape) == 3), None)
+    dim = (proj[0] if proj else pos[-1] if pos else None)
+    if dim is not None and dim != _dim(model):
+        kwargs.append(f"embed_dim={dim}")
+    if proj is not None:
+        patch = (int(proj[-2]), int(proj[-1]))
+        kwargs.append(f"patch_size={proj[-1]}")
+    if pos is not None and patch is not None:
         prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
-        grid = math.isqrt(max(theirs[1] - prefix, 0))
-        if grid and grid * grid == theirs[1] - prefix:
-            return f"--img-size {grid * patch[0]}"
-    return None
+        grid = math.isqrt(max(pos[1] - prefix, 0))
+        if grid and grid * grid == pos[1] - prefix:
+            size = grid * patch[0]
+    return ([f"--model-kwargs {' '.join(kwargs)}"] if kwargs else []) + ([f"--img-size {size}"] if size else [])
 
 
 def _dim(model: Any) -> int | None:
@@ -112,4 +117,4 @@ def unreadable_message(path: Path, error: BaseException) -> str:
                 "safetensors.torch.save_file(state_dict, 'weights.safetensors') where it was made, and pass that file")
     if path.stat().st_size == 0:
         return f"cannot read checkpoint {path}: the file is empty"
-    return f"cannot read checkpoint {path}: {first_line(error)}"
+    return f"cannot read checkpoint {path} (truncated, or not a safetensors or PyTorch weights file): {first_line(error)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="cbtool")  # standalone: Typer reports usage errors itself (exit 2)
     except CbtoolError as error:
+        if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if os.environ.get("CBTOOL_DEBUG"):
             raise
         print(f"cbtool: {error.prefix}{error}", file=sys.stderr)

@@ -31,7 +31,7 @@ def inject_command(
     from cbtool.files import check_outputs
 
     spec = CBSpec(variant=variant, position=position, layers=layers)
-    check_outputs({"-o/--output": output}, [model, checkpoint])
+    check_outputs({"--output": output}, [model, checkpoint])
     output = check_output_path(output, force=force)  # fail before a long download
 
     from cbtool import sources
