@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="cbtool")  # standalone: Typer reports usage errors itself (exit 2)
     except CbtoolError as error:
-        if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short
+        if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short,
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            sys.unraisablehook = lambda _: None  # nor may data-loader workers cut off mid-start print their cleanup
         if os.environ.get("CBTOOL_DEBUG"):
             raise
         print(f"cbtool: {error.prefix}{error}", file=sys.stderr)
