@@ -16,6 +16,7 @@ import secrets
 import socket
 import sys
 import zlib
+from collections import deque
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any, Iterator
 from cbtool.errors import OutputError
 
 _SUFFIX = ".tmp"
-written: list[Path] = []  # every file renamed into place by this process (the CLI clears it per command)
+# The files this process renamed into place, newest last (the CLI clears it per command and names them on Ctrl-C).
+written: deque[Path] = deque(maxlen=64)
 _TEMPORARY = re.compile(r"^\..+\.cbtool-([0-9a-f]{8})-(\d+)-[0-9a-z]{8}\.tmp$")
 # safetensors dtype names of torch dtypes (by their str()).
 _SAFETENSORS_DTYPES = {

@@ -52,10 +52,9 @@ def check_input_size(model: Any, size: int | Sequence[int], name: str, *, option
     size = _pair(size[-2:] if not isinstance(size, int) else size)
     fixed, patch = input_geometry(model)
     if fixed is not None and size != fixed:
-        raise ModelSourceError(
-            f"{name} takes {_px(fixed)} px inputs, not {_px(size)} ({option}); leave {option} out, or build the "
-            f"model at that size (cbtool inject with --img-size {_px(size)}, then finetune)"
-        )
+        fix = (f"leave {option} out, or build a model of that size from its timm name with --img-size {_px(size)} "
+               "(then finetune it)") if option.startswith("--") else f"pass --img-size {_px(fixed)}"  # fmt: skip
+        raise ModelSourceError(f"{name} takes {_px(fixed)} px inputs, not {_px(size)} ({option}); {fix}")
     if patch is not None and (size[0] % patch[0] or size[1] % patch[1] or min(size) < min(patch)):
         lower = max(size[0] // patch[0], 1) * patch[0]
         raise ModelSourceError(

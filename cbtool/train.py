@@ -859,7 +859,8 @@ def _validation_text(val: dict | None) -> str:
     if holdout:
         return (f"validation on {val['num_samples']} images held out of {holdout.get('from_split') or 'the training data'} "
                 f"(--val-fraction {holdout['fraction']:g})")  # fmt: skip
-    return f"validation on split {val.get('split')} ({val['num_samples']} images)"
+    split = f"split {val['split']}" if val.get("split") else "the validation data"
+    return f"validation on {split} ({val['num_samples']} images)"
 
 
 def _start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data) -> str:
