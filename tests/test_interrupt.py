@@ -96,19 +96,23 @@ def _tiny_file(path: Path) -> Path:
 INJECT = ["inject", "vit_small_patch16_224", "--no-pretrained", "-o", "out/m.safetensors"]
 
 
-@pytest.mark.parametrize("moment", ["starting", "writing"])
-def test_inject_ctrl_c(tmp_path, cli_env, moment):
+@pytest.mark.parametrize(("moment", "sig"), [("starting", signal.SIGINT), ("writing", signal.SIGINT),
+                                             ("starting", signal.SIGKILL)])  # fmt: skip
+def test_inject_interrupted(tmp_path, cli_env, moment, sig):
     (tmp_path / "out").mkdir()
     run = Running(INJECT, tmp_path, cli_env)
     if moment == "starting":
         time.sleep(1.0)
     else:
         run.wait_for(lambda: _temporaries(tmp_path / "out"), "the temporary file")
-    run.send(signal.SIGINT)
+    run.send(sig)
     code, lines = run.finish()
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     if code == 0:  # finished before the signal came: the whole file, nothing else
         assert left == ["m.safetensors"] and load(tmp_path / "out/m.safetensors") is not None
+        return
+    if sig == signal.SIGKILL:  # before the write began: nothing at all
+        assert code == -signal.SIGKILL and left == []
         return
     assert code == 130 and "Traceback" not in "\n".join(lines), lines
     assert lines[-1] in (NOTHING, "cbtool: interrupted; wrote out/m.safetensors before stopping"), lines
@@ -181,6 +185,7 @@ def _has_checkpoint(run_dir: Path):
 
 @pytest.mark.parametrize(("moment", "sig", "times"), [
     ("starting", signal.SIGINT, 1),
+    ("starting", signal.SIGKILL, 1),
     ("training", signal.SIGINT, 2),
     ("training", signal.SIGKILL, 1),
 ])  # fmt: skip
@@ -196,6 +201,9 @@ def test_finetune_interrupted(tmp_path, cli_env, tiny, moment, sig, times):
     assert not (tmp_path / "out.safetensors").exists()
     text = "\n".join(lines)
     assert "Traceback" not in text
+    if sig == signal.SIGKILL and moment == "starting":  # still loading: no run folder yet, or an empty start
+        assert code == -signal.SIGKILL and not (run_dir / "checkpoint.pt").exists() and _temporaries(tmp_path) == []
+        return
     if sig == signal.SIGKILL:
         assert code == -signal.SIGKILL
         assert len(_temporaries(run_dir)) <= 1  # at most the one being written

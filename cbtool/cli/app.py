@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import signal
 import sys
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import typer
 
@@ -23,10 +26,28 @@ app = typer.Typer(
 )
 
 
-def interruptible(command: Callable) -> Callable:
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise it: numpy, torch and timm are not safe to interrupt while
+    they import (a half-imported numpy, or a C++ abort, instead of a clean stop)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pending: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def interruptible(command: Callable, preload: tuple[str, ...] = ()) -> Callable:
     """Ctrl-C in ``command`` becomes an ``Interrupted`` error (exit 130) that says which files were written.
 
     Typer would turn it into a silent exit 130; the command itself may raise a more precise ``Interrupted``.
+    ``preload``: heavy modules imported first with Ctrl-C held (see ``sigint_deferred``).
     """
 
     @functools.wraps(command)
@@ -36,6 +57,9 @@ def interruptible(command: Callable) -> Callable:
 
         files.written.clear()
         try:
+            with sigint_deferred():
+                for module in preload:
+                    importlib.import_module(module)
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             done = ", ".join(str(path) for path in files.written)
@@ -44,10 +68,13 @@ def interruptible(command: Callable) -> Callable:
     return run
 
 
-for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
-                        ("finetune", finetune.finetune_command), ("check", check.check_command),
-                        ("compare", compare.compare_command), ("bench", bench.bench_command)):  # fmt: skip
-    app.command(_name)(interruptible(_command))
+_MODELS = ("numpy", "torch", "timm")  # what the model commands import anyway; info, check and compare stay light
+for _name, _command, _preload in (
+    ("inject", inject.inject_command, _MODELS), ("info", info.info_command, ()), ("eval", eval_cmd.eval_command, _MODELS),
+    ("finetune", finetune.finetune_command, _MODELS), ("check", check.check_command, ()),
+    ("compare", compare.compare_command, ()), ("bench", bench.bench_command, _MODELS),
+):  # fmt: skip
+    app.command(_name)(interruptible(_command, _preload))
 
 
 def _version_callback(value: bool) -> None:
