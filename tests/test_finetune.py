@@ -544,3 +544,18 @@ def test_torchrun_two_processes_match_one(tmp_path, env):
     # only rank 0 writes: one log, one line per event
     events = [r["event"] for r in read_log(tmp_path / "two" / "log.jsonl")]
     assert events.count("start") == 1 and events.count("end") == 1
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    ([], "validation on 20 images held out of train (--val-fraction 0.1)"),
+    (["--val-split", "test"], "validation on split test (20 images)"),
+])  # fmt: skip
+def test_the_banner_says_what_the_run_validates_on(tmp_path, capsys, extra, said):
+    model = tiny_file(tmp_path / "tiny.safetensors")
+    code = cli("finetune", model, "--dataset", "sample", "--limit", "40", "--val-limit", "20", "--batch-size", "20",
+               "--workers", "0", "--steps", "1", *extra, "--run-dir", tmp_path / "run", "-o", tmp_path / "out.safetensors")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    banner = next(line for line in err.splitlines() if line.startswith("training for"))
+    assert said in banner, banner
+    assert ("note: 'sample' has no validation split: holding out 10%" in err) == (not extra)
