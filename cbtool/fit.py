@@ -29,7 +29,8 @@ def input_geometry(model: Any) -> tuple[tuple[int, int] | None, tuple[int, int] 
         patch = _pair(patch_embed.patch_size)
         flexible = getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True)
         size = getattr(patch_embed, "img_size", None)
-        return (None if flexible or size is None else _pair(size)), patch
+        padded = getattr(patch_embed, "dynamic_img_pad", False)  # pads any size up to a multiple of the patch
+        return (None if flexible or size is None else _pair(size)), (None if padded else patch)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "patch_size", None) is not None:
         patch = _pair(config.patch_size)

@@ -78,8 +78,10 @@ def resolve(
                 set_num_classes(loaded, num_classes)
                 record = loaded.cbtool_source
                 loaded.cbtool_fresh_head = bool(record.get("pretrained") or record.get("checkpoint") or loaded.cbtool_training)
-        if img_size is not None:
+        if img_size is not None:  # the size it was built for, or any size a dynamic-size model takes
             check_input_size(loaded, img_size, str(model))
+            config = getattr(loaded, DATA_CONFIG_ATTRIBUTE, None) or {"input_size": [3, img_size, img_size]}
+            setattr(loaded, DATA_CONFIG_ATTRIBUTE, {**config, "input_size": [config["input_size"][0], img_size, img_size]})
         return loaded
     if path.is_dir():
         if not (path / "config.json").is_file():

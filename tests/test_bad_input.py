@@ -121,6 +121,8 @@ CASES: dict[str, tuple[list[str], int, str]] = {
                                       "would put a new, untrained head"),
     "eval-img-size-30": (["eval", CB, *EVAL, "--img-size", "30"], 2, "takes 28 px inputs, not 30"),
     "eval-img-size-56": (["eval", CB, *EVAL, "--img-size", "56"], 2, "takes 28 px inputs, not 56"),
+    "eval-dynamic-size-not-a-multiple": (["eval", "{in}/dynamic.safetensors", *EVAL, "--img-size", "30"], 2,
+                                         "--img-size 30 is not a multiple of {in}/dynamic.safetensors's patch size 4"),
     "eval-img-size-conflict": (["eval", *VIT, "--img-size", "28", "--model-kwargs", *ARCH, "img_size=32", *EVAL], 2,
                                "disagree"),
     "eval-pos-embed": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/pos32.safetensors", *KW, *EVAL], 2,
@@ -249,6 +251,7 @@ def inputs(tmp_path_factory) -> Path:
     save(inject(_tiny(), CBSpec()), folder / "cb.safetensors")
     save(inject(_tiny(img_size=32), CBSpec()), folder / "cb32.safetensors")
     save(_tiny(num_classes=2), folder / "two.safetensors")
+    save(_tiny(dynamic_img_size=True), folder / "dynamic.safetensors")
     state = _tiny(seed=1).state_dict()
     save_file(state, str(folder / "weights.safetensors"))
     save(resolve("vit_tiny_patch16_224", pretrained=False, checkpoint=folder / "weights.safetensors",
@@ -339,3 +342,11 @@ def test_the_battery_covers_every_command():
     commands = {argv[0] for argv, _, _ in CASES.values()}
     assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench"}
     assert len(CASES) >= 80
+
+
+def test_a_dynamic_size_model_takes_another_multiple_of_its_patch(inputs, tmp_path, capsys):
+    """The awkward but valid case: --img-size on a saved model that takes any multiple of its patch."""
+    out = tmp_path / "r.json"
+    assert _run(["eval", str(inputs / "dynamic.safetensors"), *EVAL, "--img-size", "32", "--json", str(out)]) == 0, (
+        capsys.readouterr().err)
+    assert json.loads(out.read_text())["preprocessing"]["input_size"] == [3, 32, 32]
