@@ -1,7 +1,7 @@
 """cbtool: Context Broadcasting (uniform attention) for Vision Transformers.
 
 The public API is imported lazily so that ``import cbtool`` (and ``cbtool --help``) stays fast:
-``inject``, ``load``, ``save``, ``evaluate``, ``finetune``, ``CBSpec``.
+``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``finetune``, ``CBSpec``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from cbtool._version import __version__
 _LAZY = {
     "CBSpec": "cbtool.spec",
     "inject": "cbtool.surgery",
+    "remove": "cbtool.surgery",
     "load": "cbtool.checkpoint",
     "save": "cbtool.checkpoint",
     "evaluate": "cbtool.evaluation",

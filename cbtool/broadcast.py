@@ -1,38 +1,71 @@
-"""The Context Broadcasting operations: uniform attention as a token mean, mixed back into every token."""
+"""The Context Broadcasting operations: uniform attention as a token mean, mixed back into every token.
 
-from __future__ import annotations
+An operation is registered as the child ``cb`` of the module whose output it rewrites (the end of a
+branch) and applied there by a forward hook. The hooks are plain typed functions that reach the
+operation as ``module.cb``, so a CB model stays traceable (``torch.fx``, timm's feature extraction,
+``torch.compile``, ``torch.export``) and, at the ``mlp`` and ``attn`` positions, scriptable
+(``torch.jit.script``; TorchScript cannot type a hook on a block that is called with keyword arguments).
+"""
+
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+# The child name of the operation on its hooked module: cbs scales are saved as ``<module>.cb.scale``.
+CHILD_NAME = "cb"
 
-def _token_dims(x: torch.Tensor) -> tuple[int, ...]:
-    # (B, N, C) sequences average over N; (B, H, W, C) maps (Swin) over H and W.
-    if x.ndim < 3:
-        raise ValueError(f"context broadcasting needs (B, tokens..., C) inputs, got shape {tuple(x.shape)}")
-    return tuple(range(1, x.ndim - 1))
+
+def _tracing() -> bool:
+    """True while torch.fx traces: a traced graph may later run with autograd, so it must not mix in place."""
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    return is_fx_symbolic_tracing()
 
 
 class _Broadcast(nn.Module):
-    """Shared by both variants: how the operation attaches to the module whose output it rewrites."""
+    """Shared by both variants: the token mean over ``token_dims`` and how it is mixed into the output.
 
-    # Set by surgery when the hooked output is a fresh branch output that nothing else reads (the ends of
-    # the MLP and attention branches, not a block's output). Without autograd the mix may then overwrite
-    # it: the same values, without allocating (and page-faulting) a new activation-sized tensor.
-    overwrite_output: bool = False
+    token_dims: the dims of one image's tokens in the hooked output: ``[1]`` for (B, N, C) sequences,
+        ``[1, 2]`` for (B, H, W, C) maps (Swin). Fixed at injection, so tracing sees no shape checks.
+    overwrite_output: set when the hooked output is a fresh branch output that nothing else reads (the ends
+        of the MLP and attention branches, not a block's output). Without autograd the mix then overwrites
+        it: the same values, without allocating (and page-faulting) a new activation-sized tensor.
+    token_weights: set per forward for families with padding tokens (NaFlexViT): (B, N, 1), 1 for the
+        tokens that count in the mean; None averages every token.
+    """
+
+    token_weights: Optional[torch.Tensor]
+
+    def __init__(self, token_dims: Tuple[int, ...] = (1,)) -> None:
+        super().__init__()
+        self.token_dims: List[int] = [int(d) for d in token_dims]
+        self.overwrite_output = False
+        self.token_weights = None
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """The uniform-attention output: the mean of one image's (valid) tokens, broadcast over them."""
+        weights = self.token_weights
+        if weights is None:
+            return x.mean(dim=self.token_dims, keepdim=True)
+        weights = weights.to(x.dtype)
+        return (x * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mix(x, inplace=False)
+        return self.mix(x, False)
+
+    def apply_to_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The operation as the hook applies it: in place where that is safe."""
+        inplace = self.overwrite_output and not torch.is_grad_enabled()
+        if inplace and not torch.jit.is_scripting():
+            inplace = not _tracing()
+        return self.mix(x, inplace)
 
     def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def output_hook(self, _module: nn.Module, _args: tuple, output: object) -> object:
-        """Forward hook: apply the operation to the hooked module's output (the first item of a tuple)."""
-        inplace = self.overwrite_output and not torch.is_grad_enabled()
-        if isinstance(output, tuple):
-            return (self.mix(output[0], inplace), *output[1:])
-        return self.mix(output, inplace)
+    def extra_repr(self) -> str:
+        return f"token_dims={tuple(self.token_dims)}"
 
 
 class ContextBroadcast(_Broadcast):
@@ -41,8 +74,10 @@ class ContextBroadcast(_Broadcast):
     variant = "cb"
 
     def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
-        context = x.mean(dim=_token_dims(x), keepdim=True)
-        return x.lerp_(context, 0.5) if inplace else torch.lerp(x, context, 0.5)
+        context = self.context(x)
+        if inplace:
+            return x.lerp_(context, 0.5)
+        return torch.lerp(x, context, 0.5)
 
 
 class ScaledContextBroadcast(_Broadcast):
@@ -50,25 +85,54 @@ class ScaledContextBroadcast(_Broadcast):
 
     variant = "cbs"
 
-    def __init__(self, dim: int, init: float = 0.5) -> None:
-        super().__init__()
+    def __init__(self, dim: int, init: float = 0.5, token_dims: Tuple[int, ...] = (1,)) -> None:
+        super().__init__(token_dims)
         self.scale = nn.Parameter(torch.full((dim,), float(init)))
 
     def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
-        context = x.mean(dim=_token_dims(x), keepdim=True)
+        context = self.context(x)
         scale = self.scale.to(x.dtype)
-        return x.lerp_(context, scale) if inplace else torch.lerp(x, context, scale)
+        if inplace:
+            return x.lerp_(context, scale)
+        return torch.lerp(x, context, scale)
 
     def extra_repr(self) -> str:
-        return f"dim={self.scale.numel()}"
+        return f"dim={self.scale.numel()}, token_dims={tuple(self.token_dims)}"
 
 
-def make_broadcast(variant: str, dim: int, scale_init: float = 0.5) -> nn.Module:
+def tensor_output_hook(module: nn.Module, args: Tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    """Forward hook for modules that return a tensor (timm): apply ``module.cb`` to it."""
+    return module.cb.apply_to_output(output)
+
+
+def tuple_output_hook(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook for modules that return a tuple whose first item is the branch output (transformers)."""
+    if isinstance(output, tuple):
+        return (module.cb.apply_to_output(output[0]), *output[1:])
+    return module.cb.apply_to_output(output)
+
+
+class BranchEnd(nn.Module):
+    """Stands in for a parameterless ``torch.nn`` module (``Identity``, ``Dropout``) that ends a branch.
+
+    torch.fx treats ``torch.nn`` modules as leaves and drops their hooks; this module is not a leaf, so
+    the CB hook on it is traced. It adds no state-dict keys, and ``remove`` puts the original back.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def make_broadcast(variant: str, dim: int, scale_init: float = 0.5, token_dims: Tuple[int, ...] = (1,)) -> nn.Module:
     """Build the operation for ``variant`` at channel width ``dim``."""
     if variant == "cb":
-        return ContextBroadcast()
+        return ContextBroadcast(token_dims)
     if variant == "cbs":
-        return ScaledContextBroadcast(dim, scale_init)
+        return ScaledContextBroadcast(dim, scale_init, token_dims)
     raise ValueError(f"unknown variant {variant!r}")
 
 

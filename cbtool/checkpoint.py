@@ -178,7 +178,7 @@ def load(path: str | Path, device: str = "cpu"):
 
     from cbtool.sources import DATA_CONFIG_ATTRIBUTE, rebuild
     from cbtool.spec import CBSpec
-    from cbtool.surgery import inject
+    from cbtool.surgery import inject, legacy_scale_keys
 
     metadata = read_metadata(path)
     model = rebuild(metadata[SOURCE_KEY])
@@ -188,6 +188,10 @@ def load(path: str | Path, device: str = "cpu"):
         state = load_file(str(path), device=device)
     except Exception as error:
         raise CheckpointError(f"cannot read the weights in {path}: {first_line(error)}") from None
+    if metadata.get(SPEC_KEY) is not None:
+        for old, new in legacy_scale_keys(model).items():  # files written by cbtool 0.1.0
+            if old in state and new not in state:
+                state[new] = state.pop(old)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:

@@ -94,7 +94,7 @@ def evaluate(
                 size = (int(images.shape[-2]), int(images.shape[-1]))
                 for i, (model, family) in enumerate(zip(models, families)):
                     densities[i] = DensityAccumulator(family.attention_layouts(model, size))
-                    captures.enter_context(family.capture_attention(model, densities[i]))
+                    captures.enter_context(family.capture_attention(model, densities[i], query_chunks=True))
             for i, (runner, family) in enumerate(zip(runners, families)):
                 synchronize(device)
                 tick = time.perf_counter()

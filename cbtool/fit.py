@@ -22,6 +22,19 @@ def check_option_conflicts(img_size: int | None, num_classes: int | None, model_
             raise ModelSourceError(f"{flag} {value} and --model-kwargs {key}={model_kwargs[key]} disagree; give one of them")
 
 
+def has_trained_weights(model: Any) -> bool:
+    """Whether ``model``'s weights were trained (pretrained, a checkpoint, a cbtool fine-tune), as its record says."""
+    record = getattr(model, "cbtool_source", None) or {}
+    return bool(record.get("pretrained") or record.get("checkpoint") or getattr(model, "cbtool_training", None))
+
+
+def is_head_key(model: Any, key: str) -> bool:
+    """Whether ``key`` belongs to the classifier timm's pretrained config names (``head`` by default)."""
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    return any(key.startswith(h + ".") for h in heads)
+
+
 def input_geometry(model: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     """``(fixed input size or None, patch size or None)``; a None size means any multiple of the patch."""
     patch_embed = getattr(model, "patch_embed", None)

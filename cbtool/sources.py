@@ -16,19 +16,24 @@ from typing import Any
 from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, UnsupportedModelError, first_line
-from cbtool.fit import check_input_size, check_option_conflicts, mismatch_message, unreadable_message
+from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_weights, is_head_key, mismatch_message,
+                        unreadable_message)
+from cbtool.families import hf_architectures
 from cbtool.hub import hub_access
 
 SOURCE_ATTRIBUTE = "cbtool_source"
 DATA_CONFIG_ATTRIBUTE = "cbtool_data_config"
 OFFLINE_HINT = "pass --no-pretrained for random weights or --checkpoint FILE for local weights"
 HF_OFFLINE_HINT = "download it once with network access, or pass a local folder with config.json and model.safetensors"
-# transformers classes cbtool rebuilds from a config; anything else is refused rather than guessed.
-HF_ARCHITECTURES = (
-    "ViTForImageClassification", "ViTModel",
-    "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
-    "Dinov2ForImageClassification", "Dinov2Model",
-)
+# transformers classes cbtool builds: exactly those the family registry supports; anything else is refused.
+HF_ARCHITECTURES = hf_architectures()
+# model_type -> the class to build when a config names no architecture.
+_DEFAULT_ARCHITECTURE = {
+    "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel", "beit": "BeitForImageClassification",
+    "swin": "SwinForImageClassification", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
+    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
+}
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -76,8 +81,7 @@ def resolve(
 
             if detect(loaded).num_classes(loaded) != num_classes:
                 set_num_classes(loaded, num_classes)
-                record = loaded.cbtool_source
-                loaded.cbtool_fresh_head = bool(record.get("pretrained") or record.get("checkpoint") or loaded.cbtool_training)
+                loaded.cbtool_fresh_head = has_trained_weights(loaded)
         if img_size is not None:  # the size it was built for, or any size a dynamic-size model takes
             check_input_size(loaded, img_size, str(model))
             config = getattr(loaded, DATA_CONFIG_ATTRIBUTE, None) or {"input_size": [3, img_size, img_size]}
@@ -212,22 +216,16 @@ def load_weights(model: nn.Module, checkpoint: str | Path, *, allow_new_head: bo
     own, count = model.state_dict(), len(state)
     if allow_new_head:
         # A head of another class count is left at its fresh initialisation (as timm does for pretrained).
-        state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and _is_head_key(model, k))}
+        state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and is_head_key(model, k))}
     mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if allow_new_head:
-        missing = [k for k in missing if not _is_head_key(model, k)]
+        missing = [k for k in missing if not is_head_key(model, k)]
     if mismatched or missing or unexpected:
         raise ModelSourceError(mismatch_message(model, str(checkpoint), mismatched, missing, unexpected))
     model.load_state_dict(state, strict=not allow_new_head)
     return len(state) < count
-
-
-def _is_head_key(model: nn.Module, key: str) -> bool:
-    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
-    heads = head if isinstance(head, (list, tuple)) else [head]
-    return any(key.startswith(h + ".") for h in heads)
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -288,6 +286,8 @@ def _import_transformers():
 
 def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_classes, img_size, model_kwargs,
                           checkpoint) -> nn.Module:
+    from cbtool.families.hf_heads import HEADED, add_head
+
     transformers = _import_transformers()
     if img_size is not None:
         raise ModelSourceError("--img-size is not supported for transformers models; it needs new position embeddings")
@@ -312,6 +312,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         raise
     except Exception as error:  # transformers raises many types for bad configs and files
         raise ModelSourceError(f"cannot load {what}: {first_line(error, 300)}") from None
+    if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
+        model = add_head(model, num_classes)
+        architecture = type(model).__name__
     record = {
         "library": "transformers",
         "architecture": architecture,
@@ -328,8 +331,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
 def _architecture(config, name: str) -> str:
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
-        default = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification",
-                   "dinov2": "Dinov2Model"}.get(config.model_type)
+        default = _DEFAULT_ARCHITECTURE.get(config.model_type)
         architectures = [default] if default else []
     for architecture in architectures:
         if architecture in HF_ARCHITECTURES:

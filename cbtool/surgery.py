@@ -1,18 +1,22 @@
-"""Insert Context Broadcasting into a model: resolve and validate every target first, then rewrite."""
+"""Insert Context Broadcasting into a model (resolve and validate every target first, then rewrite) and take it out.
+
+Each operation is registered as the child ``cb`` of the module whose output ends the chosen branch and
+applied by a forward hook on that module, so a ``cb`` model keeps the state-dict keys of the original
+(it loads into stock timm/transformers with ``strict=True``) and ``cbs`` adds one ``<module>.cb.scale``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from torch import nn
 
-from cbtool.broadcast import is_broadcast, make_broadcast
+from cbtool.broadcast import CHILD_NAME, BranchEnd, is_broadcast, make_broadcast, tensor_output_hook, tuple_output_hook
 from cbtool.errors import SpecError, UnsupportedModelError
-from cbtool.families import detect
+from cbtool.families import Family, detect
 from cbtool.spec import CBSpec
 
-# The operation lives on its block under this name, so cbs scales are saved as ``<block>.cb.scale``.
-CHILD_NAME = "cb"
 SPEC_ATTRIBUTE = "cbtool_spec"
 
 
@@ -21,6 +25,8 @@ class _Target:
     block_name: str
     block: nn.Module
     hooked: nn.Module
+    token_dims: tuple[int, ...]
+    tuple_output: bool
     dim: int
 
 
@@ -28,7 +34,7 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
     """Insert CB into ``model`` in place as ``spec`` says and return it.
 
     Every check runs before the first change, so a failure leaves the model untouched. For ``cb`` the
-    state-dict keys are unchanged; ``cbs`` adds one ``<block>.cb.scale`` vector per rewritten block.
+    state-dict keys are unchanged; ``cbs`` adds one ``<module>.cb.scale`` vector per rewritten block.
     """
     spec = spec or CBSpec()
     if not isinstance(spec, CBSpec):
@@ -42,19 +48,52 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
     targets = []
     for index in spec.resolve_layers(len(blocks)):
         name, block = blocks[index]
-        if CHILD_NAME in dict(block.named_children()):
-            raise UnsupportedModelError(f"block {name} already has a child named {CHILD_NAME!r}")
-        targets.append(_Target(name, block, family.branch_module(block, spec.position), family.block_dim(block)))
+        branch = family.branch(block, spec.position)
+        if CHILD_NAME in dict(branch.module.named_children()):
+            raise UnsupportedModelError(f"a module in block {name} already has a child named {CHILD_NAME!r}")
+        if _is_torch_leaf(branch.module) and any(True for _ in branch.module.parameters()):
+            raise UnsupportedModelError(f"the {spec.position} branch of {name} ends in a {type(branch.module).__name__} "
+                                        "with parameters, where cbtool cannot attach CB")
+        targets.append(_Target(name, block, branch.module, branch.token_dims, branch.tuple_output,
+                               family.block_dim(block)))
 
     for target in targets:
-        operation = make_broadcast(spec.variant, target.dim, spec.scale_init)
+        hooked = _hookable(target.block, target.hooked)
+        operation = make_broadcast(spec.variant, target.dim, spec.scale_init, target.token_dims)
         reference = next(target.block.parameters(), None)
         if reference is not None:
             operation.to(device=reference.device, dtype=reference.dtype)
         operation.overwrite_output = spec.position != "block"
-        target.block.add_module(CHILD_NAME, operation)
-        target.hooked.register_forward_hook(operation.output_hook)
+        hooked.add_module(CHILD_NAME, operation)
+        hooked.register_forward_hook(tuple_output_hook if target.tuple_output else tensor_output_hook)
+        if family.masked_tokens:
+            target.block.register_forward_pre_hook(partial(_read_mask, family), with_kwargs=True)
     setattr(model, SPEC_ATTRIBUTE, spec)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Take Context Broadcasting out of ``model`` in place and return the plain model (as PEFT unloads an adapter).
+
+    The hooks, the ``cb`` children (and with them any ``cbs`` scales) and the spec are removed; every other
+    weight is untouched, so the result computes exactly what the model computed before ``inject``.
+    """
+    found = find_broadcasts(model)
+    if not found and getattr(model, SPEC_ATTRIBUTE, None) is None:
+        raise UnsupportedModelError("this model has no Context Broadcasting to remove")
+    # Hooks are found by identity, not through handles, so that deep copies of a model remove their own.
+    for module in model.modules():
+        _drop_hooks(module._forward_hooks, (tensor_output_hook, tuple_output_hook))
+        _drop_hooks(module._forward_pre_hooks, (_read_mask,))
+    for name, _operation in found:
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name)
+        delattr(parent, CHILD_NAME)
+        if isinstance(parent, BranchEnd):
+            owner_name, _, attribute = parent_name.rpartition(".")
+            setattr(model.get_submodule(owner_name), attribute, parent.inner)
+    if SPEC_ATTRIBUTE in model.__dict__:
+        delattr(model, SPEC_ATTRIBUTE)
     return model
 
 
@@ -71,3 +110,44 @@ def spec_of(model: nn.Module) -> CBSpec | None:
 def broadcast_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned CB parameters (the ``cbs`` scales); empty for ``cb``."""
     return [p for _, module in find_broadcasts(model) for p in module.parameters()]
+
+
+def legacy_scale_keys(model: nn.Module) -> dict[str, str]:
+    """cbtool 0.1.0 saved ``cbs`` scales as ``<block>.cb.scale``: map those names to where they live now."""
+    family = detect(model)
+    mapping = {}
+    for block_name, block in family.blocks(model):
+        for name, module in block.named_modules():
+            if is_broadcast(module) and hasattr(module, "scale"):
+                mapping[f"{block_name}.{CHILD_NAME}.scale"] = f"{block_name}.{name}.scale"
+    return mapping
+
+
+def _is_torch_leaf(module: nn.Module) -> bool:
+    # torch.fx traces torch.nn modules as leaves and drops their hooks.
+    return type(module).__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential)
+
+
+def _hookable(block: nn.Module, module: nn.Module) -> nn.Module:
+    """``module``, or a ``BranchEnd`` put in its place where ``module`` is a torch.nn leaf (Identity, Dropout)."""
+    if module is block or not _is_torch_leaf(module):
+        return module
+    name = next(n for n, m in block.named_modules() if m is module)
+    owner_name, _, attribute = name.rpartition(".")
+    wrapper = BranchEnd(module)
+    setattr(block.get_submodule(owner_name), attribute, wrapper)
+    return wrapper
+
+
+def _read_mask(family: Family, block: nn.Module, _args: tuple, kwargs: dict) -> None:
+    """Block pre-hook for families with padding tokens: tell the block's CB which tokens count."""
+    weights = family.token_weights(kwargs.get("attn_mask"))
+    for module in block.modules():
+        if is_broadcast(module):
+            module.token_weights = weights
+
+
+def _drop_hooks(hooks: dict, functions: tuple) -> None:
+    for key, hook in list(hooks.items()):
+        if hook in functions or getattr(hook, "func", None) in functions:
+            del hooks[key]

@@ -431,9 +431,10 @@ def default_lr(model: nn.Module) -> float:
     """1e-5 for pretrained weights (healing), 1e-3 for randomly initialised ones (training from scratch)."""
     from cbtool.sources import SOURCE_ATTRIBUTE
 
-    record = getattr(unwrap(model), SOURCE_ATTRIBUTE, None) or {}
-    trained = record.get("pretrained") or record.get("checkpoint") or getattr(unwrap(model), "cbtool_training", None)
-    return PRETRAINED_LR if (trained or not record) else SCRATCH_LR
+    from cbtool.fit import has_trained_weights
+
+    record = getattr(unwrap(model), SOURCE_ATTRIBUTE, None)
+    return PRETRAINED_LR if (has_trained_weights(unwrap(model)) or not record) else SCRATCH_LR
 
 
 def fit_head(model: nn.Module, num_classes: int) -> int | None:

@@ -1,4 +1,4 @@
-"""The bad-input battery: every command, fed what a new user might type, answers with one line and exit 2
+"""The bad-input battery: every command (all eight), fed what a new user might type, answers with one line and exit 2
 (1 for a real regression), never a traceback, never a file left behind, and never touches an input.
 
 Each row of ``CASES`` is ``id: (argv, exit code, phrase the message must contain)``. ``{in}`` is the folder of
@@ -86,7 +86,7 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "inject-bad-layers": (["inject", *VIT, "--layers", "1-", "-o", OUT], 2, "bad --layers term '1-'"),
     "inject-layers-out-of-range": (["inject", *VIT, *KW, "--layers", "5", "-o", OUT], 2, "out of range"),
     "inject-unknown-name": (["inject", "vit_tinny_patch16_224", "--no-pretrained", "-o", OUT], 2, "did you mean"),
-    "inject-not-a-transformer": (["inject", "resnet18", "--no-pretrained", "-o", OUT], 2, "has no transformer blocks"),
+    "inject-not-a-transformer": (["inject", "resnet18", "--no-pretrained", "-o", OUT], 2, "is not a model class cbtool supports"),
     "inject-missing-file": (["inject", "{in}/nope.safetensors", "-o", OUT], 2, "does not exist"),
     "inject-random-bytes": (["inject", "{in}/random.safetensors", "-o", OUT], 2, "is not a safetensors file"),
     "inject-checkpoint-with-a-file": (["inject", PLAIN, "--checkpoint", "{in}/weights.safetensors", "-o", OUT], 2,
@@ -210,6 +210,9 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "compare-nan": (["compare", "{in}/results.json", "{in}/nan.json"], 2, "not a finite number"),
     "compare-plot-without-density": (["compare", "{in}/results.json", "{in}/baseline.json", "--plot", "{out}/p.png"], 2,
                                      "--plot needs per-layer density"),
+    # --- families ----------------------------------------------------------------------------------
+    "families-extra-argument": (["families", "vit"], 2, "usage: Got unexpected extra"),
+    "families-unknown-option": (["families", "--yaml"], 2, "usage: No such option: --yaml"),
     # --- bench -------------------------------------------------------------------------------------
     "bench-json-is-the-model": (["bench", PLAIN, *BENCH, "--json", PLAIN], 2, "is an input of this command"),
     "bench-img-size-30": (["bench", *VIT, "--img-size", "30", "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=1",
@@ -340,7 +343,7 @@ def test_bad_input(case_id, inputs, tmp_path, capsys, monkeypatch):
 
 def test_the_battery_covers_every_command():
     commands = {argv[0] for argv, _, _ in CASES.values()}
-    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench"}
+    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench", "families"}
     assert len(CASES) >= 80
 
 

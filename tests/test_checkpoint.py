@@ -95,7 +95,7 @@ def test_cb_file_loads_into_stock_hf_model(tmp_path, hf_model, images, logits):
 def test_cbs_file_does_not_fit_a_stock_model_strictly(tmp_path, timm_model):
     path = save(inject(timm_model(), CBSpec("cbs", layers="0")), tmp_path / "cbs.safetensors")
     stock = timm_model(perturb=False)
-    with pytest.raises(RuntimeError, match="blocks.0.cb.scale"):
+    with pytest.raises(RuntimeError, match="blocks.0.mlp.cb.scale"):
         stock.load_state_dict(load_file(path), strict=True)
 
 
@@ -110,16 +110,16 @@ def test_deepcopy_keeps_hooks_on_the_copy(timm_model, images, logits, variant):
     for (_, op), (_, op_copy), block in zip(find_broadcasts(model), find_broadcasts(twin), twin.blocks):
         assert op_copy is not op
         hooks = list(block.mlp._forward_hooks.values())
-        assert len(hooks) == 1 and hooks[0].__self__ is op_copy  # bound to the copy's operation
+        assert len(hooks) == 1 and block.mlp.cb is op_copy  # the hook applies the copy's own operation
     if variant == "cbs":
         with torch.no_grad():
-            twin.blocks[1].cb.scale.fill_(0.0)
+            twin.blocks[1].mlp.cb.scale.fill_(0.0)
         assert (logits(twin, x) - before).abs().max().item() > 1e-4
         assert torch.equal(logits(model, x), before)
         with torch.no_grad():
-            model.blocks[2].cb.scale.fill_(1.0)
+            model.blocks[2].mlp.cb.scale.fill_(1.0)
         assert not torch.equal(logits(model, x), before)
-        assert torch.equal(twin.blocks[2].cb.scale, torch.full((32,), 0.5))
+        assert torch.equal(twin.blocks[2].mlp.cb.scale, torch.full((32,), 0.5))
 
 
 # --- metadata ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ ERROR_CASES = {
     "unknown-name": (["inject", "vit_tinny_patch16_224", "--no-pretrained", "-o", OUT],
                      r"unknown model 'vit_tinny_patch16_224'.*did you mean .*vit_tiny_patch16_224", None),
     "resnet50": (["inject", "resnet50", "--no-pretrained", "-o", OUT],
-                 r"ResNet has no transformer blocks.*supported: .*VisionTransformer.*Swin.*Dinov2", None),
+                 r"ResNet \(timm.models.resnet\) is not a model class cbtool supports.*`cbtool families`", None),
     "missing-checkpoint": (["inject", "vit_tiny_patch16_224", "--model-kwargs", *TINY, "--checkpoint", "nope.pth",
                             "-o", OUT],
                            r"checkpoint nope\.pth does not exist", None),
@@ -222,7 +222,7 @@ def test_model_kwargs_take_several_values_after_one_flag(tmp_path, capsys, no_de
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (32, 2, 2)
     assert model.cbtool_source["model_kwargs"] == {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2,
                                                    "num_heads": 2, "num_classes": 1000}
-    assert [name for name, _ in find_broadcasts(model)] == ["blocks.1.cb"]
+    assert [name for name, _ in find_broadcasts(model)] == ["blocks.1.mlp.cb"]
     assert model.cbtool_data_config["input_size"] == [3, 32, 32]
 
 

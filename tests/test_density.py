@@ -117,14 +117,27 @@ def grid_distances(rows: int, cols: int, pixels: float) -> torch.Tensor:
     return torch.tensor([[math.hypot(r1 - r2, c1 - c2) * pixels for r2, c2 in points] for r1, c1 in points], dtype=torch.float64)
 
 
-def reference_density(maps: list[torch.Tensor], layouts: list[TokenLayout]) -> tuple[list[list[float]], list[list[float]]]:
-    """Per-layer, per-head normalized entropy and mean attention distance, by hand from the maps."""
+def window_masks(model) -> list[torch.Tensor | None]:
+    """Each Swin block's shifted-window mask (windows, N, N), 0 where a key is allowed; None elsewhere."""
+    return [getattr(block, "attn_mask", None) for _, block in detect(model).blocks(model)]
+
+
+def reference_density(maps: list[torch.Tensor], layouts: list[TokenLayout], masks=None) -> tuple[list[list[float]], list[list[float]]]:
+    """Per-layer, per-head normalized entropy and mean attention distance, by hand from the maps.
+
+    With a window mask, each query's entropy is normalised by the log of its count of allowed keys.
+    """
     entropy, distance = [], []
-    for probs, layout in zip(maps, layouts):
+    for probs, layout, mask in zip(maps, layouts, masks or [None] * len(maps)):
         probs = probs.double()
         keys = probs.shape[-1]
         logs = torch.where(probs > 0, probs.log(), torch.zeros_like(probs))
-        entropy.append((-(probs * logs).sum(-1) / math.log(keys)).mean(dim=(0, 2)).tolist())
+        if mask is None:
+            log_n = torch.full(probs.shape[:-1], math.log(keys), dtype=torch.float64)
+        else:
+            counts = (mask == 0).sum(-1).double()  # (windows, queries)
+            log_n = counts.log().repeat(probs.shape[0] // mask.shape[0], 1).unsqueeze(1).expand(probs.shape[:-1])
+        entropy.append((-(probs * logs).sum(-1) / log_n).mean(dim=(0, 2)).tolist())
         patch = probs[:, :, layout.prefix :, layout.prefix :]
         patch = patch / patch.sum(-1, keepdim=True)  # renormalized over patch keys
         rows, cols = layout.grid
@@ -202,7 +215,7 @@ def test_density_matches_library_attention_maps(family, scale):
     maps = reference_maps(model, x)
     layouts = detect(model).attention_layouts(model, (IMAGE, IMAGE))
     assert len(maps) == len(layouts) == len(detect(model).blocks(model)) == len(density["entropy_per_layer"])
-    entropy, distance = reference_density(maps, layouts)
+    entropy, distance = reference_density(maps, layouts, window_masks(model))
     for layer in range(len(maps)):
         assert density["entropy_per_layer_head"][layer] == pytest.approx(entropy[layer], abs=1e-6)
         assert density["distance_per_layer_head"][layer] == pytest.approx(distance[layer], rel=1e-5)
@@ -224,12 +237,10 @@ def test_swin_windows():
     # Uniform attention inside a 4x4 window: stage 1 tokens are 4 px apart, stage 2 tokens 8 px.
     assert density["distance_per_layer"][0] == pytest.approx(uniform_distance(4, 4, 4.0), rel=1e-5)
     assert density["distance_per_layer"][2] == pytest.approx(uniform_distance(4, 4, 8.0), rel=1e-5)
-    for (_, block), entropy in zip(blocks, density["entropy_per_layer"]):
-        if max(block.shift_size) == 0:
-            assert entropy == pytest.approx(1.0, abs=1e-6)
-        else:
-            # Shifted windows mask some keys out; they still count in log(N), so uniform reads below 1.
-            assert entropy < 1.0
+    assert any(max(block.shift_size) > 0 for _, block in blocks)
+    # Shifted windows mask some keys out; uniform attention over the allowed keys reads 1.0 in every layer.
+    assert density["entropy_per_layer"] == pytest.approx([1.0] * 4, abs=1e-6)
+    assert density["layer_kinds"] == ["window"] * 4
 
 
 # ----- switches are put back --------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_weight_decay_groups_spare_norms_biases_cb_scales_and_embeddings():
     names = {id(p): name for name, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
-    assert {"pos_embed", "cls_token", "blocks.0.cb.scale", "blocks.0.norm1.weight", "head.bias"} <= no_decay
+    assert {"pos_embed", "cls_token", "blocks.0.mlp.cb.scale", "blocks.0.norm1.weight", "head.bias"} <= no_decay
     assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= decay
     assert not decay & no_decay and len(decay | no_decay) == len(names)
 
@@ -246,7 +246,7 @@ def test_train_cb_head_freezes_everything_else(tmp_path):
                             run_dir=str(tmp_path / "run"))  # fmt: skip
     result = finetune(model, train, val, config)
     trainable = {name for name, p in result.model.named_parameters() if p.requires_grad}
-    assert trainable == {f"blocks.{i}.cb.scale" for i in range(2)} | {"head.weight", "head.bias"}
+    assert trainable == {f"blocks.{i}.mlp.cb.scale" for i in range(2)} | {"head.weight", "head.bias"}
     after = result.model.state_dict()
     for name, value in after.items():
         if name in trainable:
@@ -390,8 +390,8 @@ def test_inject_then_train_cb_and_head_from_a_timm_name(tmp_path, capsys):
     built = resolve("vit_tiny_patch16_224", pretrained=False, img_size=28, model_kwargs=TINY).state_dict()
     tuned = load_file(output)
     assert read_metadata(output)["cbtool_spec"] == {"variant": "cbs", "position": "mlp", "layers": "1", "scale_init": 0.5}
-    assert set(tuned) - set(built) == {"blocks.1.cb.scale"}
-    assert not torch.equal(tuned["blocks.1.cb.scale"], torch.full((32,), 0.5))
+    assert set(tuned) - set(built) == {"blocks.1.mlp.cb.scale"}
+    assert not torch.equal(tuned["blocks.1.mlp.cb.scale"], torch.full((32,), 0.5))
     for name, value in built.items():
         if not name.startswith("head."):
             assert torch.equal(tuned[name], value), name

@@ -201,7 +201,7 @@ def test_changing_one_scale_changes_the_output(timm_model, images, logits):
     x = images()
     before = logits(model, x)
     with torch.no_grad():
-        model.blocks[1].cb.scale[3] = 0.9
+        model.blocks[1].mlp.cb.scale[3] = 0.9
     after = logits(model, x)
     assert (after - before).abs().max().item() > 1e-4
 
@@ -211,10 +211,10 @@ def test_cbs_adds_one_scale_per_chosen_block(timm_model):
     keys = set(model.state_dict())
     inject(model, CBSpec("cbs", "attn", layers="0,2", scale_init=0.25))
     added = set(model.state_dict()) - keys
-    assert added == {"blocks.0.cb.scale", "blocks.2.cb.scale"}
+    assert added == {"blocks.0.ls1.cb.scale", "blocks.2.ls1.cb.scale"}
     for key in added:
         assert torch.equal(model.state_dict()[key], torch.full((32,), 0.25))
-    assert [name for name, _ in find_broadcasts(model)] == ["blocks.0.cb", "blocks.2.cb"]
+    assert [name for name, _ in find_broadcasts(model)] == ["blocks.0.ls1.cb", "blocks.2.ls1.cb"]
     assert all(isinstance(m, ScaledContextBroadcast) for _, m in find_broadcasts(model))
 
 
@@ -268,11 +268,11 @@ def test_bad_spec_leaves_model_untouched(timm_model, images, logits, spec, error
 
 def test_block_with_a_cb_child_refused_before_any_change(timm_model):
     model = timm_model()
-    model.blocks[2].add_module("cb", torch.nn.Identity())  # someone else's module under our name
+    model.blocks[2].mlp.add_module("cb", torch.nn.Identity())  # someone else's module under our name
     hooks = hook_count(model)
-    with pytest.raises(UnsupportedModelError, match="block blocks.2 already has a child named 'cb'"):
+    with pytest.raises(UnsupportedModelError, match="a module in block blocks.2 already has a child named 'cb'"):
         inject(model, CBSpec())
-    assert not hasattr(model.blocks[0], "cb") and not hasattr(model.blocks[1], "cb")
+    assert not hasattr(model.blocks[0].mlp, "cb") and not hasattr(model.blocks[1].mlp, "cb")
     assert hook_count(model) == hooks and spec_of(model) is None
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import typer
 
 from cbtool import __version__
-from cbtool.cli import bench, check, compare, eval as eval_cmd, finetune, info, inject
+from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject
 
 app = typer.Typer(
     name="cbtool",
@@ -73,6 +73,7 @@ for _name, _command, _preload in (
     ("inject", inject.inject_command, _MODELS), ("info", info.info_command, ()), ("eval", eval_cmd.eval_command, _MODELS),
     ("finetune", finetune.finetune_command, _MODELS), ("check", check.check_command, ()),
     ("compare", compare.compare_command, ()), ("bench", bench.bench_command, _MODELS),
+    ("families", families.families_command, ()),
 ):  # fmt: skip
     app.command(_name)(interruptible(_command, _preload))
 

@@ -1,32 +1,51 @@
-"""Model families behind one interface; ``detect`` picks the adapter for a model."""
+"""The family registry: every model class cbtool supports, the adapter that knows it, and ``detect``.
+
+A model is supported only when its exact class is registered here; nothing is accepted because it
+looks like a ViT (``cbtool families`` prints the matrix).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from cbtool.errors import UnsupportedModelError
-from cbtool.families.base import Family, TokenLayout
+from cbtool.families.base import Branch, Family, Support, TokenLayout, class_name
+from cbtool.families.hf_swin import HfSwin
 from cbtool.families.hf_vit import HfViT
+from cbtool.families.timm_cait import TimmCaiT
+from cbtool.families.timm_pit import TimmPiT
 from cbtool.families.timm_swin import TimmSwin
-from cbtool.families.timm_vit import TimmViT
+from cbtool.families.timm_vit import TimmNaFlexViT, TimmViT
 
-# Order matters: the more specific adapter first.
-FAMILIES: tuple[Family, ...] = (HfViT(), TimmSwin(), TimmViT())
+FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSwin(), HfViT(), HfSwin())
+REGISTRY: dict[str, Family] = {cls: family for family in FAMILIES for cls in family.classes}
 
-SUPPORTED = (
-    "timm VisionTransformer (vit_*, deit3_*, register-token models), VisionTransformerDistilled (deit_*_distilled), "
-    "Eva, Beit, SwinTransformer; transformers ViT, DeiT and Dinov2"
+SUPPORTED = "; ".join(
+    f"{family.library} {', '.join(name.rsplit('.', 1)[-1] for name in family.classes)}" for family in FAMILIES
 )
 
 
 def detect(model: nn.Module) -> Family:
-    """The family adapter for ``model``; a model with no transformer blocks is refused."""
-    for family in FAMILIES:
-        if family.matches(model):
-            return family
-    raise UnsupportedModelError(
-        f"{type(model).__name__} has no transformer blocks cbtool can rewrite; supported: {SUPPORTED}"
-    )
+    """The family adapter registered for ``model``'s class; any other class is refused in one line."""
+    family = REGISTRY.get(class_name(model))
+    if family is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({type(model).__module__}) is not a model class cbtool supports: Context "
+            "Broadcasting and attention density are defined per family; run `cbtool families` for the list"
+        )
+    return family
 
 
-__all__ = ["FAMILIES", "Family", "TokenLayout", "detect", "SUPPORTED"]
+def support_matrix() -> list[Support]:
+    """One row per family: library, classes, what CB means and what density means."""
+    return [family.support() for family in FAMILIES]
+
+
+def hf_architectures() -> tuple[str, ...]:
+    """The transformers class names cbtool can build and rewrite."""
+    return tuple(name.rsplit(".", 1)[-1] for family in FAMILIES if family.library == "transformers"
+                 for name in family.classes)
+
+
+__all__ = ["FAMILIES", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures",
+           "support_matrix", "SUPPORTED"]

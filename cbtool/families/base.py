@@ -1,16 +1,31 @@
-"""The small interface every model family implements; nothing outside ``families/`` knows module names."""
+"""The small interface every model family implements; nothing outside ``families/`` knows module names.
+
+A family adapter declares the exact model classes it supports (``classes``) and what Context
+Broadcasting and attention density mean for them (``cb_semantics``, ``density_semantics``). Models are
+never accepted by look-alike structure: ``families.detect`` looks the class up in the registry.
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-AttentionCallback = Callable[[int, torch.Tensor], None]
-"""Called as ``callback(layer_index, probs)`` with probs of shape (batch, heads, queries, keys)."""
+from cbtool.errors import UnsupportedModelError
+
+AttentionCallback = Callable[..., None]
+"""Called as ``callback(layer_index, probs, valid=None)``.
+
+probs: (batch, heads, queries, keys) softmax probabilities, the model's own.
+valid: None, or a bool tensor broadcastable to ``probs`` marking the keys each query may attend to
+    (shifted-window masks, padding); entropy is then normalised by the count of valid keys.
+"""
+
+# What an attention layer's maps are, for density: only token-to-token maps are measured.
+GLOBAL, WINDOW, CLASS, NOT_APPLICABLE = "global", "window", "class", "n/a"
 
 
 @dataclass(frozen=True)
@@ -18,32 +33,69 @@ class TokenLayout:
     """How the keys of one attention layer sit in the image, for attention distances.
 
     prefix: tokens before the patch tokens (class, distillation, register tokens).
-    grid: (rows, cols) of patch tokens, or None when it must be inferred from the key count.
+    grid: (rows, cols) of patch keys (the window for windowed attention), or None to infer a square.
     pixels_per_token: the stride of one patch token in input pixels.
     heads: attention heads of the layer.
+    kind: ``global`` (every token attends to every token of the image), ``window`` (within local
+        windows, folded into the batch), ``class`` (class-attention: only the class token queries) or
+        ``n/a`` (not token attention; never measured).
+    reason: why a layer is ``n/a``.
     """
 
     prefix: int
     grid: tuple[int, int] | None
     pixels_per_token: float
     heads: int
+    kind: str = GLOBAL
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Where one branch of a block ends, for the CB hook.
+
+    module: the module whose output is the end of the branch (before layer scale, drop path and the
+        residual add; after a post-norm).
+    token_dims: the dims of one image's tokens in that output (``(1,)`` for (B, N, C), ``(1, 2)`` for maps).
+    tuple_output: the module returns a tuple whose first item is the branch output.
+    """
+
+    module: nn.Module
+    token_dims: tuple[int, ...] = (1,)
+    tuple_output: bool = False
+
+
+@dataclass(frozen=True)
+class Support:
+    """One row of the support matrix (``cbtool families``)."""
+
+    family: str
+    library: str
+    classes: tuple[str, ...]
+    cb: str
+    density: str
 
 
 class Family:
     """One model family: where the blocks are, where each branch ends, how to read attention."""
 
     name: str = "base"
-    description: str = ""
+    library: str = ""
+    classes: tuple[str, ...] = ()
+    """Fully qualified names (``module.Class``) of the model classes this adapter supports."""
+    cb_semantics: str = ""
+    density_semantics: str = ""
 
-    def matches(self, model: nn.Module) -> bool:
-        raise NotImplementedError
+    def support(self) -> Support:
+        short = tuple(name.rsplit(".", 1)[-1] for name in self.classes)
+        return Support(self.name, self.library, short, self.cb_semantics, self.density_semantics)
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """The transformer blocks in forward order, with their qualified names."""
+        """The blocks that CB may rewrite, in forward order, with their qualified names."""
         raise NotImplementedError
 
-    def branch_module(self, block: nn.Module, position: str) -> nn.Module:
-        """The module whose output is the end of the branch at ``position`` (``mlp``, ``attn`` or ``block``)."""
+    def branch(self, block: nn.Module, position: str) -> Branch:
+        """Where the branch at ``position`` (``mlp``, ``attn`` or ``block``) of ``block`` ends."""
         raise NotImplementedError
 
     def block_dim(self, block: nn.Module) -> int:
@@ -68,30 +120,61 @@ class Family:
         """The classification logits from whatever the model's forward returned."""
         return output  # type: ignore[return-value]
 
+    masked_tokens: bool = False
+    """Blocks receive an ``attn_mask`` keyword marking padding tokens; CB then averages the valid tokens only."""
+
+    def token_weights(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B, N, 1) weights of the valid tokens for a block's ``attn_mask``; None means every token counts."""
+        return None
+
     def attention_layouts(self, model: nn.Module, image_size: tuple[int, int]) -> list[TokenLayout]:
         """One layout per attention layer, in the order ``capture_attention`` reports them."""
         raise NotImplementedError
 
     @contextmanager
-    def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
+    def capture_attention(self, model: nn.Module, callback: AttentionCallback,
+                          query_chunks: bool = False) -> Iterator[None]:
         """While active, every forward calls ``callback`` with each layer's attention probabilities.
 
-        Fused attention is switched to the explicit path for the measurement and restored afterwards.
+        Fused attention is switched to the explicit path for the measurement and restored afterwards. With
+        ``query_chunks`` a family may instead rebuild the maps a few query rows at a time while the model keeps
+        its fused kernel, calling ``callback(layer, probs, allowed, query_offset=first_row)`` per chunk.
         """
         raise NotImplementedError
         yield
 
 
-def children_named(module: nn.Module, *names: str) -> bool:
-    return all(isinstance(getattr(module, name, None), nn.Module) for name in names)
+def class_name(model: nn.Module) -> str:
+    """The fully qualified class name the registry is keyed by."""
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def find_blocks(model: nn.Module, *child_names: str) -> list[tuple[str, nn.Module]]:
-    """Outermost modules that have all of ``child_names`` as children, in registration (forward) order."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(parent + ".") for parent, _ in found):
-            continue
-        if module is not model and children_named(module, *child_names):
-            found.append((name, module))
-    return found
+def checked_blocks(
+    owner: str, blocks: list[tuple[str, nn.Module]], allowed: dict[str, str]
+) -> list[tuple[str, nn.Module]]:
+    """``blocks`` if every block's class is in ``allowed`` (qualified name -> kind); refuse the model otherwise."""
+    if not blocks:
+        raise UnsupportedModelError(f"{owner} has no transformer blocks")
+    for name, block in blocks:
+        if class_name(block) not in allowed:
+            short = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in allowed}))
+            raise UnsupportedModelError(
+                f"{owner} block {name} is a {type(block).__name__}, whose branches cbtool cannot place CB in "
+                f"(supported blocks: {short}); see `cbtool families`"
+            )
+    return blocks
+
+
+def allowed_from_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Which (query, key) pairs an attention mask allows: True where a boolean mask is True or an additive one is 0."""
+    if mask is None:
+        return None
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def window_allowed(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """A (windows, N, N) shifted-window mask (0 allowed, -100 masked) as (batch * windows, 1, N, N) booleans."""
+    windows = mask.shape[0]
+    allowed = (mask == 0).unsqueeze(0).expand(probs.shape[0] // windows, -1, -1, -1)
+    return allowed.reshape(-1, 1, *mask.shape[1:])

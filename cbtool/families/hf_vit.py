@@ -1,59 +1,111 @@
-"""Hugging Face transformers 5.x ViT-style models: ViT, DeiT (with teacher), Dinov2 (layers with attention/mlp)."""
+"""Hugging Face transformers 5.x vision transformers: ViT, DeiT (with teacher), Dinov2 (with registers),
+the CLIP and SigLIP vision towers, and BEiT. Swin lives in ``hf_swin``."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from cbtool.errors import UnsupportedModelError
-from cbtool.families.base import AttentionCallback, Family, TokenLayout, find_blocks
+from cbtool.families.base import AttentionCallback, Branch, Family, TokenLayout, class_name
 
 _HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
+_MODELS = "transformers.models"
+
+# Encoder layer class -> (attention child, MLP child). All are pre-norm: the branch ends at these modules'
+# outputs, before the layer scale / dropout / drop path that follow (each commutes with a token mean).
+_LAYERS = {
+    f"{_MODELS}.vit.modeling_vit.ViTLayer": ("attention", "mlp"),
+    f"{_MODELS}.deit.modeling_deit.DeiTLayer": ("attention", "mlp"),
+    f"{_MODELS}.dinov2.modeling_dinov2.Dinov2Layer": ("attention", "mlp"),
+    f"{_MODELS}.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersLayer": ("attention", "mlp"),
+    f"{_MODELS}.clip.modeling_clip.CLIPEncoderLayer": ("self_attn", "mlp"),
+    f"{_MODELS}.siglip.modeling_siglip.SiglipEncoderLayer": ("self_attn", "mlp"),
+    f"{_MODELS}.beit.modeling_beit.BeitLayer": ("attention", "mlp"),
+}
+
+# Headless encoder -> the classification model of the same architecture (``--num-classes`` adds a head).
+HEADED = {
+    "ViTModel": "ViTForImageClassification",
+    "DeiTModel": "DeiTForImageClassification",
+    "Dinov2Model": "Dinov2ForImageClassification",
+    "Dinov2WithRegistersModel": "Dinov2WithRegistersForImageClassification",
+    "BeitModel": "BeitForImageClassification",
+    "SwinModel": "SwinForImageClassification",
+    "CLIPVisionModel": "CLIPForImageClassification",
+    "CLIPModel": "CLIPForImageClassification",
+    "SiglipVisionModel": "SiglipForImageClassification",
+    "SiglipModel": "SiglipForImageClassification",
+}
+
+
+def _classes(*pairs: tuple[str, str]) -> tuple[str, ...]:
+    return tuple(f"{_MODELS}.{module}.{name}" for module, names in pairs for name in names.split())
 
 
 class HfViT(Family):
     name = "hf-vit"
-    description = "transformers ViT, DeiT (with teacher) and Dinov2 models"
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("transformers.") and bool(self.blocks(model))
+    library = "transformers"
+    classes = _classes(
+        ("vit.modeling_vit", "ViTForImageClassification ViTModel"),
+        ("deit.modeling_deit", "DeiTForImageClassification DeiTForImageClassificationWithTeacher DeiTModel"),
+        ("dinov2.modeling_dinov2", "Dinov2ForImageClassification Dinov2Model"),
+        ("dinov2_with_registers.modeling_dinov2_with_registers",
+         "Dinov2WithRegistersForImageClassification Dinov2WithRegistersModel"),
+        ("clip.modeling_clip", "CLIPVisionModel CLIPModel CLIPForImageClassification"),
+        ("siglip.modeling_siglip", "SiglipVisionModel SiglipModel SiglipForImageClassification"),
+        ("beit.modeling_beit", "BeitForImageClassification BeitModel"),
+    )
+    cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
+    density_semantics = "global self-attention over prefix and patch tokens; distances on the patch grid"
+    layer_classes = _LAYERS
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return find_blocks(model, "attention", "mlp")
+        # CLIP models hold a text tower too: only the vision tower is searched.
+        root_name = "vision_model" if isinstance(getattr(model, "vision_model", None), nn.Module) else ""
+        root = model.get_submodule(root_name)
+        prefix = f"{root_name}." if root_name else ""
+        found = [(prefix + name, m) for name, m in root.named_modules() if class_name(m) in self.layer_classes]
+        if not found:
+            raise UnsupportedModelError(f"{type(model).__name__} has no encoder layers cbtool knows")
+        return found
 
-    def branch_module(self, block: nn.Module, position: str) -> nn.Module:
-        # ViT/DeiT: attention -> dropout -> +residual; Dinov2: attention -> layer_scale -> drop_path -> +residual.
-        # CB commutes with the per-channel layer scale and per-sample drop path, so the branch ends at
-        # the attention/mlp outputs for every family here.
-        return {"mlp": block.mlp, "attn": block.attention, "block": block}[position]
+    def branch(self, block: nn.Module, position: str) -> Branch:
+        if position == "block":
+            return Branch(block, (1,), tuple_output=False)
+        attention, mlp = self.layer_classes[class_name(block)]
+        if position == "attn":
+            return Branch(getattr(block, attention), (1,), tuple_output=True)
+        return Branch(getattr(block, mlp), (1,))
 
     def block_dim(self, block: nn.Module) -> int:
-        return int(block.attention.config.hidden_size)
+        return int(_vision_config(block).hidden_size)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         embeddings = self._embeddings(model)
         prefix = 1 if getattr(embeddings, "cls_token", None) is not None else 0
+        prefix += 1 if getattr(embeddings, "class_embedding", None) is not None else 0  # CLIP
         prefix += 1 if getattr(embeddings, "distillation_token", None) is not None else 0
         registers = getattr(embeddings, "register_tokens", None)
         return prefix + (registers.shape[1] if registers is not None else 0)
 
     def num_classes(self, model: nn.Module) -> int | None:
-        if not any(isinstance(getattr(model, name, None), nn.Module) for name in _HEAD_NAMES):
+        if not self.head_modules(model):
             return None
         return int(model.config.num_labels)
 
     def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
         heads = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
-        if not heads:  # a headless backbone (ViTModel, Dinov2Model)
+        if not heads:
             raise UnsupportedModelError(
-                f"{type(model).__name__} has no classification head; use the *ForImageClassification model"
+                f"{type(model).__name__} has no classification head; pass --num-classes N to add one"
             )
         for name in heads:
             old = getattr(model, name)
-            in_features = old.in_features if isinstance(old, nn.Linear) else _head_in_features(model)
+            in_features = old.in_features if isinstance(old, nn.Linear) else _vision_config(model).hidden_size
             setattr(model, name, nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity())
         model.config.num_labels = num_classes
         model.config.id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
@@ -65,51 +117,76 @@ class HfViT(Family):
     def logits(self, output: object) -> torch.Tensor:
         logits = getattr(output, "logits", None)
         if logits is None:
-            raise UnsupportedModelError("this model returns no logits; it needs a classification head")
+            raise UnsupportedModelError("this model returns no logits; it needs a classification head (--num-classes N)")
         return logits
 
     def attention_layouts(self, model: nn.Module, image_size: tuple[int, int]) -> list[TokenLayout]:
-        patch = int(model.config.patch_size)
-        layout = TokenLayout(
-            prefix=self.num_prefix_tokens(model),
-            grid=(image_size[0] // patch, image_size[1] // patch),
-            pixels_per_token=float(patch),
-            heads=int(model.config.num_attention_heads),
-        )
+        config = _vision_config(model)
+        patch = int(config.patch_size)
+        layout = TokenLayout(self.num_prefix_tokens(model), (image_size[0] // patch, image_size[1] // patch),
+                             float(patch), int(config.num_attention_heads))
         return [layout for _ in self.blocks(model)]
 
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules that return ``(output, probabilities)`` on the eager path, one per layer."""
+        return [getattr(block, self.layer_classes[class_name(block)][0]) for _, block in self.blocks(model)]
+
+    def mask_to_allowed(self, mask: Optional[torch.Tensor], probs: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
     @contextmanager
-    def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
+    def capture_attention(self, model: nn.Module, callback: AttentionCallback,
+                          query_chunks: bool = False) -> Iterator[None]:
         # The eager path returns the softmax probabilities as the attention module's second output
-        # (dropout is off in eval mode); sdpa/flash return none, so switch for the measurement.
-        config = model.config
-        previous = config._attn_implementation
-        config._attn_implementation = "eager"
-        handles = [
-            block.attention.register_forward_hook(_report(index, callback))
-            for index, (_, block) in enumerate(self.blocks(model))
-        ]
+        # (dropout is off in eval mode); sdpa/flash return none, so switch every config for the measurement.
+        configs = {id(c): c for m in model.modules() if _is_config(c := getattr(m, "config", None))}
+        previous = {key: config._attn_implementation for key, config in configs.items()}
+        for config in configs.values():
+            config._attn_implementation = "eager"
+        handles = []
+        for index, attention in enumerate(self.attention_modules(model)):
+            mask: list[Optional[torch.Tensor]] = [None]
+            handles.append(attention.register_forward_pre_hook(_remember_mask(mask), with_kwargs=True))
+            handles.append(attention.register_forward_hook(_report(index, callback, mask, self.mask_to_allowed)))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            config._attn_implementation = previous
+            for key, config in configs.items():
+                config._attn_implementation = previous[key]
 
     def _embeddings(self, model: nn.Module) -> nn.Module:
-        base = getattr(model, getattr(model, "base_model_prefix", ""), model)
-        return getattr(base, "embeddings", base)
+        for _, module in model.named_modules():
+            if type(module).__name__.endswith("Embeddings") and "Patch" not in type(module).__name__:
+                return module
+        return model
 
 
-def _report(index: int, callback: AttentionCallback):
-    def hook(_module: nn.Module, _args: tuple, output: tuple) -> None:
-        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if probs is None:
-            raise UnsupportedModelError("the attention module returned no probabilities in eager mode")
-        callback(index, probs)
+def _is_config(value: object) -> bool:
+    return value is not None and hasattr(value, "_attn_implementation") and hasattr(value, "to_dict")
+
+
+def _vision_config(module: nn.Module):
+    config = module.config if hasattr(module, "config") else None
+    if config is None:  # a layer: find the config on one of its children
+        config = next(m.config for m in module.modules() if _is_config(getattr(m, "config", None)))
+    return getattr(config, "vision_config", None) or config
+
+
+def _remember_mask(store: list):
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        store[0] = mask if torch.is_tensor(mask) else None
 
     return hook
 
 
-def _head_in_features(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
+def _report(index: int, callback: AttentionCallback, mask: list, to_allowed):
+    def hook(_module: nn.Module, _args: tuple, output: tuple) -> None:
+        probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if probs is None:
+            raise UnsupportedModelError("the attention module returned no probabilities in eager mode")
+        callback(index, probs, to_allowed(mask[0], probs))
+
+    return hook

@@ -1,97 +1,85 @@
-"""timm transformers whose blocks have ``attn`` and ``mlp`` children: ViT, DeiT (distilled), Eva, BEiT, and kin."""
+"""timm's plain Vision Transformers: ViT (CLIP, SigLIP, DINOv2, register, FlexiViT variants), DeiT (distilled),
+DeiT3, EVA/EVA02, BEiT and NaFlexViT (mask-aware)."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
-from typing import Iterator
+from typing import Optional
 
+import torch
 from torch import nn
 
-from cbtool.errors import UnsupportedModelError
-from cbtool.families.base import AttentionCallback, Family, TokenLayout, find_blocks
+from cbtool.families.base import TokenLayout, allowed_from_mask, checked_blocks, class_name
+from cbtool.families.timm_base import POST_NORM, PRE_NORM, AttentionProbe, TimmFamily, attn_drop_probe, timm_branch
+
+_BLOCKS = {
+    "timm.models.vision_transformer.Block": PRE_NORM,
+    "timm.models.vision_transformer.ResPostBlock": POST_NORM,
+    "timm.models.eva.EvaBlock": PRE_NORM,
+    "timm.models.eva.EvaBlockPostNorm": POST_NORM,
+    "timm.models.beit.Block": PRE_NORM,
+}
 
 
-class TimmViT(Family):
+def patch_grid(embed: nn.Module, image_size: tuple[int, int]) -> tuple[tuple[int, int], float]:
+    """The patch-token grid of ``image_size`` and the pixels per token, from a timm patch embedding."""
+    if hasattr(embed, "dynamic_feat_size"):
+        rows, cols = embed.dynamic_feat_size(tuple(image_size))
+    else:
+        patch = embed.patch_size
+        patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+        rows, cols = image_size[0] // int(patch[0]), image_size[1] // int(patch[1])
+    return (int(rows), int(cols)), image_size[0] / max(int(rows), 1)
+
+
+class TimmViT(TimmFamily):
     name = "timm-vit"
-    description = "timm VisionTransformer, VisionTransformerDistilled, Eva, Beit and other blocks with attn/mlp"
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("timm.") and bool(self.blocks(model))
+    classes = (
+        "timm.models.vision_transformer.VisionTransformer",
+        "timm.models.deit.VisionTransformerDistilled",
+        "timm.models.eva.Eva",
+        "timm.models.beit.Beit",
+    )
+    cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
+    density_semantics = "global self-attention over prefix and patch tokens; distances on the patch grid"
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return find_blocks(model, "attn", "mlp")
+        return checked_blocks(type(model).__name__, [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)], _BLOCKS)
 
-    def branch_module(self, block: nn.Module, position: str) -> nn.Module:
-        # timm: x = x + drop_path(ls(attn(norm(x)))); the branch ends at attn / mlp, before layer scale.
-        return {"mlp": block.mlp, "attn": block.attn, "block": block}[position]
-
-    def block_dim(self, block: nn.Module) -> int:
-        norm = getattr(block, "norm1", None)
-        shape = getattr(norm, "normalized_shape", None)
-        if shape:
-            return int(shape[-1])
-        fc2 = getattr(block.mlp, "fc2", None)
-        if isinstance(fc2, nn.Linear):
-            return fc2.out_features
-        raise UnsupportedModelError(f"cannot tell the channel width of block {type(block).__name__}")
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
-
-    def num_classes(self, model: nn.Module) -> int | None:
-        n = getattr(model, "num_classes", None)
-        return int(n) if n else None
-
-    def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
-        model.reset_classifier(num_classes)
-
-    def head_modules(self, model: nn.Module) -> list[nn.Module]:
-        head = model.get_classifier()
-        heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled models have two
-        return [h for h in heads if isinstance(h, nn.Module)]
-
-    def _attention_modules(self, model: nn.Module) -> list[nn.Module]:
-        modules = []
-        for name, block in self.blocks(model):
-            attn = block.attn
-            if not isinstance(getattr(attn, "attn_drop", None), nn.Module):
-                raise UnsupportedModelError(
-                    f"attention module {name}.attn ({type(attn).__name__}) has no attn_drop, "
-                    "so its probabilities cannot be captured"
-                )
-            modules.append(attn)
-        return modules
+    def branch(self, block: nn.Module, position: str):
+        return timm_branch(block, position, _BLOCKS[class_name(block)])
 
     def attention_layouts(self, model: nn.Module, image_size: tuple[int, int]) -> list[TokenLayout]:
-        patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
-        stride = float(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        grid = (image_size[0] // int(stride), image_size[1] // int(stride))
+        grid, stride = patch_grid(self._embed(model), image_size)
         prefix = self.num_prefix_tokens(model)
-        return [
-            TokenLayout(prefix=prefix, grid=grid, pixels_per_token=stride, heads=int(attn.num_heads))
-            for attn in self._attention_modules(model)
-        ]
+        return [TokenLayout(prefix, grid, stride, int(block.attn.num_heads)) for _, block in self.blocks(model)]
 
-    @contextmanager
-    def capture_attention(self, model: nn.Module, callback: AttentionCallback) -> Iterator[None]:
-        with ExitStack() as stack:
-            for index, attn in enumerate(self._attention_modules(model)):
-                stack.enter_context(_explicit_attention(attn, index, callback))
-            yield
+    def probes(self, model: nn.Module) -> list[AttentionProbe]:
+        return [attn_drop_probe(block.attn, f"{name}.attn") for name, block in self.blocks(model)]
+
+    def _embed(self, model: nn.Module) -> nn.Module:
+        return model.patch_embed
 
 
-@contextmanager
-def _explicit_attention(attn: nn.Module, index: int, callback: AttentionCallback) -> Iterator[None]:
-    """Route ``attn`` through its explicit softmax path and report the probabilities entering ``attn_drop``."""
-    had_flag = "fused_attn" in attn.__dict__
-    previous = attn.__dict__.get("fused_attn")
-    attn.fused_attn = False
-    handle = attn.attn_drop.register_forward_pre_hook(lambda _module, args: callback(index, args[0]))
-    try:
-        yield
-    finally:
-        handle.remove()
-        if had_flag:
-            attn.fused_attn = previous
-        else:
-            del attn.fused_attn
+class TimmNaFlexViT(TimmViT):
+    name = "timm-naflexvit"
+    classes = ("timm.models.naflexvit.NaFlexVit",)
+    cb_semantics = "mean over one image's valid tokens: padding excluded by the attention mask"
+    density_semantics = "global self-attention; entropy over each query's valid keys; distances for image inputs"
+
+    masked_tokens = True
+
+    def token_weights(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return _token_weights_from_mask(attn_mask)
+
+    def _embed(self, model: nn.Module) -> nn.Module:
+        return model.embeds
+
+
+def _token_weights_from_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, N, 1) weights, 1 for the tokens some query may attend to and 0 for padding; None without a mask."""
+    allowed = allowed_from_mask(mask)
+    if allowed is None:
+        return None
+    while allowed.ndim < 4:
+        allowed = allowed.unsqueeze(1)
+    return allowed.any(dim=-2).any(dim=1).unsqueeze(-1)

@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from cbtool.distributed import all_reduce_sum
-from cbtool.families.base import TokenLayout
+from cbtool.families.base import CLASS, GLOBAL, NOT_APPLICABLE, WINDOW, TokenLayout
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -25,39 +25,56 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probs).sum(dim=-1) / math.log(keys)
 
 
-def _entropy_sums(probs: torch.Tensor) -> torch.Tensor:
-    """``normalized_entropy(probs).sum(dim=(0, 2))``: the entropy summed over images and queries, per head.
+def _entropy_sums(probs: torch.Tensor, log_keys: torch.Tensor | None = None,
+                  scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalized entropy summed over images and queries, per head.
 
-    The same values in 1/2 to 2/3 of the time on CPU: ``entr`` is slower than a log done in place on one
-    scratch tensor. Clamping at the smallest normal float makes ``p = 0`` contribute 0, as in ``entr``.
+    ``log_keys``: per-query ``log(valid keys)`` broadcastable to (batch, heads, queries), with 0 for queries
+    that are not measured; None normalises every query by ``log(keys)``. The log is done in place on one
+    scratch tensor (1/2 to 2/3 of the time of ``entr`` on CPU); clamping at the smallest normal float makes
+    ``p = 0`` contribute 0, as in ``entr``. ``scratch``, a buffer of ``probs``' shape, saves the allocation
+    (on the CPU, the page faults of a fresh map-sized tensor cost about as much as the log).
     """
     keys = probs.shape[-1]
     if keys < 2:
         return torch.zeros(probs.shape[1], dtype=probs.dtype, device=probs.device)
-    p_log_p = probs.clamp_min(torch.finfo(probs.dtype).tiny).log_().mul_(probs)
-    return (-p_log_p.sum(dim=-1) / math.log(keys)).sum(dim=(0, 2))
+    clamped = torch.clamp_min(probs, torch.finfo(probs.dtype).tiny, out=scratch) if scratch is not None else \
+        probs.clamp_min(torch.finfo(probs.dtype).tiny)
+    entropy = -torch.linalg.vecdot(clamped.log_(), probs)
+    if log_keys is None:
+        return (entropy / math.log(keys)).sum(dim=(0, 2))
+    measured = log_keys > 0
+    return torch.where(measured, entropy / torch.where(measured, log_keys, 1.0), 0.0).sum(dim=(0, 2))
 
 
-def _distance_sums(patch_probs: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    """Mean distance of each patch query, attention renormalized over patch keys, summed per head."""
-    weight = patch_probs.sum(dim=-1).clamp_min(1e-12)
-    per_query = (patch_probs * distances).sum(dim=-1) / weight  # (batch, heads, patch queries)
+def _distance_sums(patch_probs: torch.Tensor, distances: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean distance of each patch query, attention renormalized over patch keys, summed per head.
+
+    ``weight``: each query's attention on the patch keys, where the caller knows it (saves a pass).
+    """
+    weight = (patch_probs.sum(dim=-1) if weight is None else weight).clamp_min(1e-12)
+    per_query = torch.linalg.vecdot(patch_probs, distances) / weight  # (batch, heads, patch queries)
     return per_query.sum(dim=(0, 2))
 
 
 _CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32
 
 
-def _cache_sized(probs: torch.Tensor) -> list[torch.Tensor]:
-    """The maps a few images at a time on the CPU, whole elsewhere.
+def _pieces(probs: torch.Tensor) -> list[tuple[slice, slice]]:
+    """(images, queries) slices that cut the maps into cache-sized pieces on the CPU; the whole map elsewhere.
 
-    Reducing a map that does not fit in the CPU caches costs several times more per element (ViT-S at
-    224 px, batch 64: a 60 MB map per layer); on a GPU, more pieces would only mean more kernel launches.
+    Reducing a map that does not fit in the CPU caches costs several times more per element (ViT-S at 224 px,
+    batch 64: a 60 MB map per layer; at 384 px one image's map alone is 8 MB), so large maps are cut by
+    images and, when one image is too large, by queries. On a GPU more pieces would only mean more launches.
     """
-    if probs.device.type != "cpu" or probs.shape[0] == 0:
-        return [probs]
-    step = max(1, _CPU_CHUNK_ELEMENTS // probs[0].numel())
-    return list(probs.split(step))
+    batch, _heads, queries, _keys = probs.shape
+    if probs.device.type != "cpu" or batch == 0:
+        return [(slice(None), slice(None))]
+    per_query = max(1, probs[0, :, 0].numel())
+    query_step = max(1, min(queries, _CPU_CHUNK_ELEMENTS // per_query))
+    image_step = max(1, _CPU_CHUNK_ELEMENTS // (per_query * queries)) if query_step == queries else 1
+    return [(slice(b, b + image_step), slice(q, q + query_step))
+            for b in range(0, batch, image_step) for q in range(0, queries, query_step)]
 
 
 @lru_cache(maxsize=16)
@@ -77,28 +94,99 @@ class DensityAccumulator:
         self._distance: list[torch.Tensor | None] = [None] * self.num_layers
         self._entropy_count = torch.zeros(self.num_layers, dtype=torch.float64)
         self._distance_count = torch.zeros(self.num_layers, dtype=torch.float64)
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
-    def __call__(self, layer: int, probs: torch.Tensor) -> None:
-        probs = probs.float()  # (batch, heads, queries, keys)
+    def __call__(self, layer: int, probs: torch.Tensor, allowed: torch.Tensor | None = None,
+                 query_offset: int = 0) -> None:
+        """Add one layer's maps: all queries, or the queries from ``query_offset`` on (maps fed in query chunks)."""
         layout = self.layouts[layer]
+        if layout.kind == NOT_APPLICABLE:
+            return
+        probs = probs.float()  # (batch, heads, queries, keys)
+        log_keys = None
+        if allowed is not None:  # masked keys (shifted windows, padding) do not count in log N
+            log_keys = allowed.sum(dim=-1, dtype=torch.float32).clamp_min(1.0).log().expand(
+                probs.shape[0], -1, probs.shape[2])
         patches = probs.shape[-1] - layout.prefix
-        rows, cols = _grid_for(patches, layout)
-        with_distance = rows * cols == patches and patches >= 1
-        if with_distance:
-            distances = _grid_distances(rows, cols, str(probs.device)) * layout.pixels_per_token
+        distances = self._distances(layout, probs)
+        with_distance = distances is not None
         entropy = torch.zeros(probs.shape[1], dtype=torch.float64)
         distance = torch.zeros(probs.shape[1], dtype=torch.float64)
-        for part in _cache_sized(probs):
-            entropy += _entropy_sums(part).double().cpu()
+        for images, queries in _pieces(probs):
+            part = probs[images, :, queries]
+            part_log_keys = None if log_keys is None else log_keys[images, :, queries]
+            entropy += _entropy_sums(part, part_log_keys, self._scratch_for(part)).double().cpu()
             if with_distance:
-                distance += _distance_sums(part[:, :, layout.prefix :, layout.prefix :], distances).double().cpu()
+                start = query_offset + (queries.start or 0)  # the first query's index in the whole map
+                first = max(start, layout.prefix)  # patch queries only
+                stop = start + part.shape[2]
+                if first < stop:
+                    patch_part = part[:, :, first - start :, layout.prefix :]
+                    rows_of = distances[first - layout.prefix : stop - layout.prefix]
+                    distance += _distance_sums(patch_part, rows_of).double().cpu()
 
-        self._entropy[layer] = entropy if self._entropy[layer] is None else self._entropy[layer] + entropy
-        self._entropy_count[layer] += probs.shape[0] * probs.shape[2]
+        measured = probs.shape[0] * probs.shape[2] if log_keys is None else int((log_keys[:, 0] > 0).sum())
+        self._add_entropy(layer, entropy, measured)
         if with_distance:
-            self._distance[layer] = distance if self._distance[layer] is None else self._distance[layer] + distance
-            self._distance_count[layer] += probs.shape[0] * patches
+            self._add_distance(layer, distance, probs.shape[0] * _patch_queries(query_offset, probs.shape[2], layout.prefix))
+
+    @torch.no_grad()
+    def add_scores(self, layer: int, scores: torch.Tensor, query_offset: int = 0) -> None:
+        """Add the maps ``softmax(scores)`` of unmasked attention from the pre-softmax scores (rows from ``query_offset``).
+
+        With ``e = exp(s - max s)`` and ``Z = sum e``, the entropy is ``log Z + max s - (e . s) / Z`` and the
+        distance weights are ``e`` renormalised over patch keys: no log of the map and no division pass, the
+        two costliest steps of reducing a map. ``scores`` may be overwritten.
+        """
+        layout = self.layouts[layer]
+        if layout.kind == NOT_APPLICABLE:
+            return
+        scores = scores.float()
+        keys = scores.shape[-1]
+        peak = scores.amax(dim=-1, keepdim=True)
+        exp = torch.sub(scores, peak, out=self._scratch_for(scores)).exp_()
+        total = exp.sum(dim=-1)
+        entropy = total.log().add_(peak.squeeze(-1)).sub_(torch.linalg.vecdot(exp, scores).div_(total))
+        self._add_entropy(layer, (entropy / math.log(keys)).sum(dim=(0, 2)) if keys > 1 else entropy.zero_().sum(dim=(0, 2)),
+                          scores.shape[0] * scores.shape[2])
+        distances = self._distances(layout, scores)
+        first = max(query_offset, layout.prefix)
+        stop = query_offset + scores.shape[2]
+        if distances is not None and first < stop:
+            rows = distances[first - layout.prefix : stop - layout.prefix]
+            skip = first - query_offset
+            patch_exp = exp[:, :, skip:, layout.prefix :]
+            on_patches = total[:, :, skip:] - exp[:, :, skip:, : layout.prefix].sum(dim=-1)
+            self._add_distance(layer, _distance_sums(patch_exp, rows, on_patches), scores.shape[0] * (stop - first))
+
+    def _distances(self, layout: TokenLayout, maps: torch.Tensor) -> torch.Tensor | None:
+        """Pixel distances between patch tokens for this layer's key grid, or None where they are not defined."""
+        patches = maps.shape[-1] - layout.prefix
+        rows, cols = _grid_for(patches, layout)
+        if layout.kind == CLASS or rows * cols != patches or patches < 1 or maps.shape[2] > maps.shape[3]:
+            return None
+        return _grid_distances(rows, cols, str(maps.device)) * layout.pixels_per_token
+
+    def _add_entropy(self, layer: int, sums: torch.Tensor, count: int) -> None:
+        sums = sums.double().cpu()
+        self._entropy[layer] = sums if self._entropy[layer] is None else self._entropy[layer] + sums
+        self._entropy_count[layer] += count
+
+    def _add_distance(self, layer: int, sums: torch.Tensor, count: int) -> None:
+        sums = sums.double().cpu()
+        self._distance[layer] = sums if self._distance[layer] is None else self._distance[layer] + sums
+        self._distance_count[layer] += count
+
+    def _scratch_for(self, part: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of ``part``'s shape (the maps arrive in pieces of a few shapes)."""
+        key = (tuple(part.shape), part.dtype, part.device)
+        scratch = self._scratch.get(key)
+        if scratch is None:
+            if len(self._scratch) > 8:
+                self._scratch.clear()
+            scratch = self._scratch[key] = torch.empty(part.shape, dtype=part.dtype, device=part.device)
+        return scratch
 
     def result(self) -> dict:
         """Per-layer and per-head means reduced over ranks; ``None`` entries for layers never seen."""
@@ -106,9 +194,14 @@ class DensityAccumulator:
         distance = self._reduce(self._distance, self._distance_count)
         per_layer = [sum(h) / len(h) if h else None for h in entropy]
         per_layer_distance = [sum(h) / len(h) if h else None for h in distance]
-        seen = [v for v in per_layer if v is not None]
-        seen_distance = [v for v in per_layer_distance if v is not None]
+        # The means cover self-attention (global or windowed); class-attention layers have one query each.
+        self_attention = [layout.kind in (GLOBAL, WINDOW) for layout in self.layouts]
+        seen = [v for v, use in zip(per_layer, self_attention) if v is not None and use]
+        seen_distance = [v for v, use in zip(per_layer_distance, self_attention) if v is not None and use]
         return {
+            "layer_kinds": [layout.kind for layout in self.layouts],
+            "not_applicable": {str(i): layout.reason for i, layout in enumerate(self.layouts)
+                               if layout.kind == NOT_APPLICABLE},
             "entropy_mean": sum(seen) / len(seen) if seen else None,
             "entropy_per_layer": per_layer,
             "entropy_per_layer_head": entropy,
@@ -130,6 +223,11 @@ class DensityAccumulator:
             (stacked[layer, : self.layouts[layer].heads] / counts[layer]).tolist() if counts[layer] > 0 else []
             for layer in range(self.num_layers)
         ]
+
+
+def _patch_queries(offset: int, count: int, prefix: int) -> int:
+    """How many of the queries ``offset .. offset + count - 1`` are patch tokens (index >= prefix)."""
+    return max(0, offset + count - max(offset, prefix))
 
 
 def _grid_for(patches: int, layout: TokenLayout) -> tuple[int, int]:

@@ -1,0 +1,202 @@
+"""What every timm family shares: heads, prefix tokens, and capturing attention from the explicit path."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from cbtool.errors import UnsupportedModelError
+from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from_mask, class_name
+
+# Where a timm block's branches end: pre-norm blocks end at the attention / MLP module (layer scale and
+# drop path follow, and both commute with a token mean); post-norm blocks end after norm1 / norm2, so
+# CB goes on the drop path modules that receive the normalised branch output.
+PRE_NORM, POST_NORM = "pre-norm", "post-norm"
+
+
+def timm_branch(block: nn.Module, position: str, kind: str, attn_token_dims: tuple[int, ...] = (1,),
+                mlp_token_dims: tuple[int, ...] = (1,), block_token_dims: tuple[int, ...] = (1,)) -> Branch:
+    """The branch end of a timm block with ``attn``/``mlp`` (pre-norm) or ``drop_path1``/``drop_path2`` (post-norm)."""
+    if position == "block":
+        return Branch(block, block_token_dims)
+    if kind == PRE_NORM:
+        # timm's Block: the attention output enters ls1 alone (CB commutes with the layer scale); hooking ls1
+        # rather than attn, which is called with keyword arguments, keeps the model scriptable.
+        attention_end = block.ls1 if isinstance(getattr(block, "ls1", None), nn.Module) else block.attn
+        module = attention_end if position == "attn" else block.mlp
+    else:
+        module = block.drop_path1 if position == "attn" else block.drop_path2
+    return Branch(module, attn_token_dims if position == "attn" else mlp_token_dims)
+
+
+@dataclass(frozen=True)
+class AttentionProbe:
+    """Where one timm attention layer's probabilities can be read on its explicit (unfused) path.
+
+    attention: the module with the ``fused_attn`` switch, whose ``mask_arg`` keyword holds the attention mask.
+    probs_at: the module whose input is the softmax output (``attn_drop``; ``proj_w`` for talking heads).
+    to_probs: turns that input into (batch, heads, queries, keys).
+    to_allowed: turns the mask into a bool tensor broadcastable to the probabilities (None: no mask).
+    """
+
+    attention: nn.Module
+    probs_at: nn.Module
+    to_probs: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    mask_arg: str = "attn_mask"
+    to_allowed: Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]] = (
+        lambda mask, probs: allowed_from_mask(mask)
+    )
+    reads_qk: bool = False
+    """The layer is timm's plain ``Attention``: softmax(q k^T * scale + mask) can be rebuilt from the outputs of
+    its ``q_norm`` and ``k_norm``, in query chunks, while the model keeps its fused kernel."""
+
+
+class TimmFamily(Family):
+    """Shared by the timm adapters; subclasses say where the blocks and attention layers are."""
+
+    library = "timm"
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0))
+
+    def num_classes(self, model: nn.Module) -> int | None:
+        n = getattr(model, "num_classes", None)
+        return int(n) if n else None
+
+    def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
+        model.reset_classifier(num_classes)
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        head = model.get_classifier()
+        heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled models have two
+        return [h for h in heads if isinstance(h, nn.Module)]
+
+    def block_dim(self, block: nn.Module) -> int:
+        norm = getattr(block, "norm1", None)
+        shape = getattr(norm, "normalized_shape", None)
+        if shape:
+            return int(shape[-1])
+        fc2 = getattr(getattr(block, "mlp", None), "fc2", None)
+        if isinstance(fc2, nn.Linear):
+            return fc2.out_features
+        raise UnsupportedModelError(f"cannot tell the channel width of block {type(block).__name__}")
+
+    def probes(self, model: nn.Module) -> list[AttentionProbe]:
+        """One probe per attention layer, in the order of ``attention_layouts``."""
+        raise NotImplementedError
+
+    @contextmanager
+    def capture_attention(self, model: nn.Module, callback: AttentionCallback,
+                          query_chunks: bool = False) -> Iterator[None]:
+        with ExitStack() as stack:
+            for index, probe in enumerate(self.probes(model)):
+                if query_chunks and probe.reads_qk:
+                    stack.enter_context(_chunked_attention(probe, index, callback))
+                else:
+                    stack.enter_context(_explicit_attention(probe, index, callback))
+            yield
+
+
+def attn_drop_probe(attention: nn.Module, where: str) -> AttentionProbe:
+    """The usual timm attention: softmax -> ``attn_drop`` -> ``@ v``."""
+    if not isinstance(getattr(attention, "attn_drop", None), nn.Module):
+        raise UnsupportedModelError(
+            f"attention module {where} ({type(attention).__name__}) has no attn_drop, so its probabilities "
+            "cannot be captured"
+        )
+    plain = class_name(attention) == "timm.layers.attention.Attention" and getattr(attention, "gate", None) is None
+    return AttentionProbe(attention, attention.attn_drop, reads_qk=plain)
+
+
+_CHUNK_ELEMENTS = 1 << 20  # query rows per chunk: about 4 MB of float32 maps at a time
+
+
+@contextmanager
+def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCallback) -> Iterator[None]:
+    """Report ``softmax(q k^T * scale + mask)`` of timm's plain ``Attention`` in query chunks, from its q and k.
+
+    The model's own forward keeps its fused kernel; the maps are rebuilt a few query rows at a time and
+    reduced at once, so they never exist whole (at 384 px a ViT-S layer's maps are 128 MB per batch of 16).
+    """
+    attention = probe.attention
+    state: dict[str, Optional[torch.Tensor]] = {"q": None, "mask": None}
+
+    def remember(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+        state["mask"] = mask
+
+    def keep_q(_module: nn.Module, _args: tuple, q: torch.Tensor) -> None:
+        state["q"] = q
+
+    def report(_module: nn.Module, _args: tuple, k: torch.Tensor) -> None:
+        q, mask = state["q"].float() * attention.scale, state["mask"]
+        k = k.float().contiguous().transpose(-2, -1)  # q and k are strided views of qkv: copy k once, not per chunk
+        batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[-1]
+        step = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
+        buffer = q.new_empty(batch, heads, min(step, queries), keys)  # reused: no page faults per chunk
+        for start in range(0, queries, step):
+            rows = q[:, :, start : start + step]
+            scores = torch.matmul(rows, k, out=buffer[:, :, : rows.shape[2]])
+            allowed = None
+            if mask is not None:
+                bias = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
+                if bias.dtype == torch.bool:
+                    scores.masked_fill_(~bias, float("-inf"))
+                else:
+                    scores.add_(bias)
+                allowed = allowed_from_mask(bias)
+            if allowed is None and hasattr(callback, "add_scores"):
+                callback.add_scores(index, scores, query_offset=start)  # reduces without forming the map
+                continue
+            scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # softmax in place
+            scores.div_(scores.sum(dim=-1, keepdim=True))
+            callback(index, scores, allowed, query_offset=start)
+
+    handles = [
+        attention.register_forward_pre_hook(remember, with_kwargs=True),
+        attention.q_norm.register_forward_hook(keep_q),
+        attention.k_norm.register_forward_hook(report),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        state.clear()
+
+
+@contextmanager
+def _explicit_attention(probe: AttentionProbe, index: int, callback: AttentionCallback) -> Iterator[None]:
+    """Route ``probe.attention`` through its explicit softmax path and report its probabilities."""
+    attention = probe.attention
+    had_flag = "fused_attn" in attention.__dict__
+    previous = attention.__dict__.get("fused_attn")
+    mask: list[Optional[torch.Tensor]] = [None]
+
+    def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask[0] = kwargs.get(probe.mask_arg, args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+
+    def report(_module: nn.Module, args: tuple) -> None:
+        probs = probe.to_probs(args[0])
+        allowed = None if mask[0] is None else probe.to_allowed(mask[0], probs)
+        callback(index, probs, allowed)
+
+    if hasattr(attention, "fused_attn"):
+        attention.fused_attn = False
+    handles = [
+        attention.register_forward_pre_hook(remember_mask, with_kwargs=True),
+        probe.probs_at.register_forward_pre_hook(report),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if had_flag:
+            attention.fused_attn = previous
+        elif "fused_attn" in attention.__dict__:
+            del attention.fused_attn

@@ -1,0 +1,71 @@
+"""Corruption names, groups and the parsers for ``--corruptions`` and ``--severities``; no torch."""
+
+from __future__ import annotations
+
+from cbtool.errors import CbtoolError
+
+# The order of Hendrycks & Dietterich (ICLR 2019), Figure 1, then the four held-out ("extra") ones.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
+    "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
+    "weather": ("snow", "frost", "fog", "brightness"),
+    "digital": ("contrast", "elastic_transform", "pixelate", "jpeg_compression"),
+    "extra": ("speckle_noise", "gaussian_blur", "spatter", "saturate"),
+}
+# The 15 corruptions of ImageNet-C, over which mCE is averaged.
+COMMON: tuple[str, ...] = GROUPS["noise"] + GROUPS["blur"] + GROUPS["weather"] + GROUPS["digital"]
+CORRUPTIONS: tuple[str, ...] = COMMON + GROUPS["extra"]
+SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+# Selections that name several corruptions at once.
+SUBSETS: dict[str, tuple[str, ...]] = {"all": CORRUPTIONS, "common": COMMON, **GROUPS}
+
+
+class CorruptionError(CbtoolError):
+    """An unknown corruption name or a severity outside 1-5."""
+
+
+def check_corruption(name: str) -> str:
+    """Return ``name`` if it is a known corruption, else raise CorruptionError listing the valid ones."""
+    if name not in CORRUPTIONS:
+        raise CorruptionError(
+            f"unknown corruption {name!r}; valid: {', '.join(CORRUPTIONS)} (or a group: {', '.join(SUBSETS)})"
+        )
+    return name
+
+
+def check_severity(severity: object) -> int:
+    """Return ``severity`` as an int if it is an integer in 1-5, else raise CorruptionError."""
+    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+        raise CorruptionError(f"severity must be an integer from 1 to 5, got {severity!r}")
+    return severity
+
+
+def parse_corruptions(text: str) -> tuple[str, ...]:
+    """Parse ``all``, ``common``, a group (``noise``, ``blur``, ``weather``, ``digital``, ``extra``) or
+    comma-separated names and groups into corruption names, in canonical order, without repeats."""
+    parts = [part.strip().lower() for part in text.split(",")]
+    if not any(parts):
+        raise CorruptionError(f"no corruption given; valid: {', '.join(CORRUPTIONS)} (or {', '.join(SUBSETS)})")
+    chosen: set[str] = set()
+    for part in parts:
+        if not part:
+            raise CorruptionError(f"empty name in --corruptions {text!r}")
+        chosen.update(SUBSETS[part] if part in SUBSETS else (check_corruption(part),))
+    return tuple(name for name in CORRUPTIONS if name in chosen)
+
+
+def parse_severities(text: str) -> tuple[int, ...]:
+    """Parse ``1-5``, ``3`` or ``1,3,5`` (ranges and lists mix: ``1,3-5``) into sorted severities."""
+    chosen: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        try:
+            bounds = (int(low), int(high) if high else int(low))
+        except ValueError:
+            raise CorruptionError(f"severities must look like 1-5, 3 or 1,3,5; got {text!r}") from None
+        if bounds[0] > bounds[1]:
+            raise CorruptionError(f"severity range {part.strip()!r} runs backwards; write it as {bounds[1]}-{bounds[0]}")
+        for severity in bounds:
+            check_severity(severity)
+        chosen.update(range(bounds[0], bounds[1] + 1))
+    return tuple(sorted(chosen))

@@ -1,0 +1,288 @@
+"""Every registered family against a hand-written forward with CB, and uniform attention reading entropy 1.0.
+
+The references below write each block's forward out by hand from the library's own code, with
+``cb(t) = 0.5 * t + 0.5 * mean_tokens(t)`` inserted at the documented end of the branch: after the
+attention / MLP module in pre-norm blocks (before layer scale, drop path and the residual add), after the
+post-norm in post-norm blocks (ResPostBlock, SwinV2), over the whole stage map in Swin. A plain twin runs
+these forwards; the injected model must match it to 1e-5, and differ from the plain model, so removing
+CB (or putting it one module off) fails the test. Weights are perturbed so no branch is zero-initialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from cbtool.evaluation import evaluate
+from cbtool.families import detect
+from cbtool.spec import CBSpec
+from cbtool.surgery import inject
+
+POSITIONS = ("mlp", "attn", "block")
+
+
+def cb(t: torch.Tensor, dims=(1,)) -> torch.Tensor:
+    return 0.5 * t + 0.5 * t.mean(dim=dims, keepdim=True)
+
+
+def at(position: str, here: str, t: torch.Tensor, dims=(1,)) -> torch.Tensor:
+    return cb(t, dims) if position == here else t
+
+
+# ----- hand-written block forwards, one per block type ---------------------------------------------
+def timm_block(self, position, x, attn_mask=None, is_causal=False, **kw):  # vision_transformer.Block
+    x = x + self.drop_path1(self.ls1(at(position, "attn", self.attn(self.norm1(x), attn_mask=attn_mask))))
+    x = x + self.drop_path2(self.ls2(at(position, "mlp", self.mlp(self.norm2(x)))))
+    return at(position, "block", x)
+
+
+def timm_respost(self, position, x, attn_mask=None, is_causal=False):  # post-norm: CB after norm1 / norm2
+    x = x + self.drop_path1(at(position, "attn", self.norm1(self.attn(x, attn_mask=attn_mask))))
+    x = x + self.drop_path2(at(position, "mlp", self.norm2(self.mlp(x))))
+    return at(position, "block", x)
+
+
+def eva_block(self, position, x, rope=None, attn_mask=None, is_causal=False):
+    a = at(position, "attn", self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask))
+    x = x + self.drop_path1(a if self.gamma_1 is None else self.gamma_1 * a)
+    m = at(position, "mlp", self.mlp(self.norm2(x)))
+    x = x + self.drop_path2(m if self.gamma_2 is None else self.gamma_2 * m)
+    return at(position, "block", x)
+
+
+def beit_block(self, position, x, shared_rel_pos_bias=None):
+    a = at(position, "attn", self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias))
+    x = x + self.drop_path1(a if self.gamma_1 is None else self.gamma_1 * a)
+    m = at(position, "mlp", self.mlp(self.norm2(x)))
+    x = x + self.drop_path2(m if self.gamma_2 is None else self.gamma_2 * m)
+    return at(position, "block", x)
+
+
+def cait_block(self, position, x):  # LayerScaleBlock (self-attention over patch tokens)
+    x = x + self.drop_path(self.gamma_1 * at(position, "attn", self.attn(self.norm1(x))))
+    x = x + self.drop_path(self.gamma_2 * at(position, "mlp", self.mlp(self.norm2(x))))
+    return at(position, "block", x)
+
+
+def swin_block(self, position, x):  # (B, H, W, C); CB averages the whole map, never a window
+    B, H, W, C = x.shape
+    x = x + self.drop_path1(at(position, "attn", self._attn(self.norm1(x)), (1, 2)))
+    x = x.reshape(B, -1, C)
+    x = x + self.drop_path2(at(position, "mlp", self.mlp(self.norm2(x))))
+    return at(position, "block", x.reshape(B, H, W, C), (1, 2))
+
+
+def swinv2_block(self, position, x):  # post-norm
+    B, H, W, C = x.shape
+    x = x + self.drop_path1(at(position, "attn", self.norm1(self._attn(x)), (1, 2)))
+    x = x.reshape(B, -1, C)
+    x = x + self.drop_path2(at(position, "mlp", self.norm2(self.mlp(x))))
+    return at(position, "block", x.reshape(B, H, W, C), (1, 2))
+
+
+def hf_vit_layer(self, position, x, attention_mask=None, **kw):
+    x = self.dropout(at(position, "attn", self.attention(self.layernorm_before(x), attention_mask)[0])) + x
+    x = self.dropout(at(position, "mlp", self.mlp(self.layernorm_after(x)))) + x
+    return at(position, "block", x)
+
+
+def hf_dinov2_layer(self, position, x, attention_mask=None, **kw):
+    a = at(position, "attn", self.attention(self.norm1(x), attention_mask=attention_mask)[0])
+    x = self.drop_path(self.layer_scale1(a)) + x
+    x = self.drop_path(self.layer_scale2(at(position, "mlp", self.mlp(self.norm2(x))))) + x
+    return at(position, "block", x)
+
+
+def hf_clip_layer(self, position, x, attention_mask=None, **kw):  # CLIP and SigLIP
+    x = x + at(position, "attn", self.self_attn(hidden_states=self.layer_norm1(x), attention_mask=attention_mask)[0])
+    x = x + at(position, "mlp", self.mlp(self.layer_norm2(x)))
+    return at(position, "block", x)
+
+
+def hf_beit_layer(self, position, x, attention_mask=None, interpolate_pos_encoding=False, resolution=None, **kw):
+    if self.relative_position_bias is not None:
+        window = (resolution[0] // self.patch_size, resolution[1] // self.patch_size)
+        bias = self.relative_position_bias(window, interpolate_pos_encoding, dim_size=x.shape[1])
+        attention_mask = bias + attention_mask if attention_mask is not None else bias
+    a = at(position, "attn", self.attention(self.layernorm_before(x), attention_mask=attention_mask)[0])
+    x = self.drop_path(self.lambda_1 * self.dropout(a)) + x
+    m = at(position, "mlp", self.mlp(self.layernorm_after(x)))
+    x = self.drop_path(self.lambda_2 * self.dropout(m)) + x
+    return at(position, "block", x)
+
+
+def hf_swin_layer(self, position, x, input_dimensions, always_partition=False, **kw):
+    from transformers.models.swin.modeling_swin import window_partition, window_reverse
+
+    if not always_partition:
+        self.set_shift_and_window_size(input_dimensions)
+    height, width = input_dimensions
+    batch, _, channels = x.shape
+    shortcut = x
+    h = self.layernorm_before(x).view(batch, height, width, channels)
+    h, pad = self.maybe_pad(h, height, width)
+    _, hp, wp, _ = h.shape
+    windows = window_partition(self.cyclic_shift(h), self.window_size).view(-1, self.window_size**2, channels)
+    mask = self.get_attn_mask(hp, wp, dtype=h.dtype, device=windows.device)
+    out, weights = self.attention(windows, mask)
+    out = self.dropout(out).view(-1, self.window_size, self.window_size, channels)
+    out = self.cyclic_shift(window_reverse(out, self.window_size, hp, wp), reverse=True)
+    out = out[:, :height, :width, :].contiguous().view(batch, height * width, channels)
+    x = shortcut + self.drop_path(at(position, "attn", out))
+    x = self.dropout(at(position, "mlp", self.mlp(self.layernorm_after(x)))) + x
+    return at(position, "block", x), weights
+
+
+# ----- the families ------------------------------------------------------------------------------
+def _timm(name, **kwargs):
+    def build():
+        import timm
+        from timm.models import vision_transformer
+
+        if isinstance(kwargs.get("block_fn"), str):
+            kwargs["block_fn"] = getattr(vision_transformer, kwargs["block_fn"])
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return build
+
+
+def _hf(architecture, config_class, **config):
+    def build():
+        import transformers
+
+        return getattr(transformers, architecture)(getattr(transformers, config_class)(**config))
+
+    return build
+
+
+_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+_HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+_SWIN = dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(1, 2), num_classes=5)
+_HF_SWIN = dict(image_size=64, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=5)
+
+# id: (builder, image size, {block class name: hand-written forward})
+CASES = {
+    "timm-vit": (_timm("vit_tiny_patch16_224", **_VIT), 32, {"Block": timm_block}),
+    "timm-vit-registers-no-class": (
+        _timm("vit_tiny_patch16_224", reg_tokens=2, class_token=False, global_pool="avg", **_VIT), 32,
+        {"Block": timm_block}),
+    "timm-vit-respost": (_timm("vit_tiny_patch16_224", block_fn="ResPostBlock", **_VIT), 32,
+                         {"ResPostBlock": timm_respost}),
+    "timm-deit3": (_timm("deit3_small_patch16_224", **_VIT), 32, {"Block": timm_block}),
+    "timm-deit-distilled": (_timm("deit_tiny_distilled_patch16_224", **_VIT), 32, {"Block": timm_block}),
+    "timm-siglip": (_timm("vit_base_patch16_siglip_224", **_VIT), 32, {"Block": timm_block}),
+    "timm-eva02": (_timm("eva02_tiny_patch14_224", **_VIT), 32, {"EvaBlock": eva_block}),
+    "timm-beit": (_timm("beit_base_patch16_224", **_VIT), 32, {"Block": beit_block}),
+    "timm-naflexvit": (_timm("naflexvit_base_patch16_gap", **_VIT), 32, {"Block": timm_block}),
+    "timm-cait": (_timm("cait_xxs24_224", **_VIT), 32, {"LayerScaleBlock": cait_block}),
+    "timm-pit-distilled": (_timm("pit_ti_distilled_224", img_size=64, num_classes=5), 64, {"Block": timm_block}),
+    "timm-swin": (_timm("swin_tiny_patch4_window7_224", **_SWIN), 64, {"SwinTransformerBlock": swin_block}),
+    "timm-swinv2": (_timm("swinv2_tiny_window8_256", **_SWIN), 64, {"SwinTransformerV2Block": swinv2_block}),
+    "hf-vit": (_hf("ViTForImageClassification", "ViTConfig", num_labels=5, **_HF), 32, {"ViTLayer": hf_vit_layer}),
+    "hf-deit-teacher": (_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5, **_HF), 32,
+                        {"DeiTLayer": hf_vit_layer}),
+    "hf-dinov2-registers": (
+        _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", num_register_tokens=2, mlp_ratio=2,
+            **{k: v for k, v in _HF.items() if k != "intermediate_size"}), 32,
+        {"Dinov2WithRegistersLayer": hf_dinov2_layer}),
+    "hf-clip-vision": (_hf("CLIPVisionModel", "CLIPVisionConfig", **_HF), 32, {"CLIPEncoderLayer": hf_clip_layer}),
+    "hf-siglip-vision": (_hf("SiglipVisionModel", "SiglipVisionConfig", **_HF), 32,
+                         {"SiglipEncoderLayer": hf_clip_layer}),
+    "hf-beit": (_hf("BeitForImageClassification", "BeitConfig", num_labels=5, use_relative_position_bias=True,
+                    layer_scale_init_value=0.5, **_HF), 32, {"BeitLayer": hf_beit_layer}),
+    "hf-swin": (_hf("SwinForImageClassification", "SwinConfig", **_HF_SWIN), 64, {"SwinLayer": hf_swin_layer}),
+}
+
+
+@torch.no_grad()
+def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Seeded noise on every parameter; layer scales set near 1 so that no branch is scaled away."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if any(part in name for part in ("gamma", "lambda_", "layer_scale", "ls1", "ls2")):
+            parameter.fill_(1.0)
+        parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.float().eval()
+
+
+def output(model, x):
+    family = detect(model)
+    with torch.no_grad():
+        if family.library == "transformers":
+            result = model(pixel_values=x)
+            return getattr(result, "logits", None) if getattr(result, "logits", None) is not None else result.last_hidden_state
+        return model(x)
+
+
+def with_reference_forwards(plain, forwards, position):
+    reference = copy.deepcopy(plain)
+    replaced = 0
+    for module in reference.modules():
+        forward = forwards.get(type(module).__name__)
+        if forward is not None:
+            module.forward = types.MethodType(lambda self, *a, _f=forward, **k: _f(self, position, *a, **k), module)
+            replaced += 1
+    assert replaced == len(detect(plain).blocks(plain))
+    return reference
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_cb_matches_the_hand_written_forward(case, position):
+    build, size, forwards = case
+    torch.manual_seed(0)
+    plain = perturbed(build())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    expected = output(with_reference_forwards(plain, forwards, position), x)
+    model = inject(copy.deepcopy(plain), CBSpec("cb", position))
+    got = output(model, x)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (got - output(plain, x)).abs().max().item() > 1e-4  # the test cannot pass without CB
+
+
+# ----- uniform attention reads 1.0 in every layer -------------------------------------------------
+_QK_LINEARS = ("q_proj", "k_proj", "query", "key", "attn.q", "attn.k")
+_POSITION_BIASES = ("relative_position_bias_table", "q_bias", "k_bias", "cpb_mlp.2")
+
+
+@torch.no_grad()
+def uniform(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero query/key projections and position biases: every softmax then sees constant logits."""
+    for name, module in model.named_modules():
+        if name.endswith("qkv") and isinstance(module, torch.nn.Linear):
+            rows = slice(0, 2 * module.out_features // 3)
+            module.weight[rows] = 0.0
+            if module.bias is not None:
+                module.bias[rows] = 0.0
+        elif name.endswith(_QK_LINEARS) and isinstance(module, torch.nn.Linear):
+            module.weight.zero_()
+            if module.bias is not None:
+                module.bias.zero_()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if any(part in name for part in _POSITION_BIASES) and tensor.is_floating_point():
+            tensor.zero_()
+    return model
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_uniform_attention_reads_entropy_one_in_every_layer(case):
+    build, size, _ = case
+    torch.manual_seed(0)
+    model = uniform(perturbed(build()))
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(3, dtype=torch.long)
+    family = detect(model)
+    if family.num_classes(model) is None:
+        from cbtool.families.hf_heads import add_head
+
+        model = add_head(model, 5)
+    (result,) = evaluate([model], [(x, labels, torch.arange(3))], density=True, progress=False)
+    density = result.density
+    layers = len(family.attention_layouts(model, (size, size)))
+    assert len(density["entropy_per_layer"]) == layers
+    for heads in density["entropy_per_layer_head"]:
+        assert heads == pytest.approx([1.0] * len(heads), abs=1e-5)
+    assert density["entropy_mean"] == pytest.approx(1.0, abs=1e-5)
