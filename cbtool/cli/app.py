@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import signal
 import sys
@@ -26,28 +25,45 @@ app = typer.Typer(
 )
 
 
+# Where a KeyboardInterrupt would do harm: the import machinery, and the code that forks workers.
+_UNSAFE = ("<frozen importlib", "popen_fork.py", "popen_forkserver.py", "popen_spawn_posix.py")
+
+
 @contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block ends, then raise it: numpy, torch and timm are not safe to interrupt while
-    they import (a half-imported numpy, or a C++ abort, instead of a clean stop)."""
+def sigint_outside_imports() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual, except while a module is being imported or a worker forked:
+    numpy, torch and timm are not safe to stop half-way (a half-imported numpy, or a C++ abort), and CPython
+    drops an exception raised in a fork hook. Then the signal is sent again every 50 ms until that is done.
+    Commands keep their lazy imports (and their fast errors)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
-    pending: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, _frame: pending.append(signum))
+
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        while frame is not None and os.getpid() == owner:  # forked workers stop at once (torch expects that)
+            if frame.f_code.co_filename.startswith(_UNSAFE[0]) or frame.f_code.co_filename.endswith(_UNSAFE[1:]):
+                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                return
+            frame = frame.f_back
+        # Stopping now: workers and their helper threads end mid-handshake, and their noise must not bury the one line.
+        threading.excepthook = sys.unraisablehook = lambda _: None
+        sys.excepthook = lambda *_: None  # multiprocessing's fd-sharing thread reports through this one
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pending:
-        raise KeyboardInterrupt
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def interruptible(command: Callable, preload: tuple[str, ...] = ()) -> Callable:
+def interruptible(command: Callable) -> Callable:
     """Ctrl-C in ``command`` becomes an ``Interrupted`` error (exit 130) that says which files were written.
 
     Typer would turn it into a silent exit 130; the command itself may raise a more precise ``Interrupted``.
-    ``preload``: heavy modules imported first with Ctrl-C held (see ``sigint_deferred``).
     """
 
     @functools.wraps(command)
@@ -57,10 +73,8 @@ def interruptible(command: Callable, preload: tuple[str, ...] = ()) -> Callable:
 
         files.written.clear()
         try:
-            with sigint_deferred():
-                for module in preload:
-                    importlib.import_module(module)
-            return command(*args, **kwargs)
+            with sigint_outside_imports():
+                return command(*args, **kwargs)
         except KeyboardInterrupt:
             done = ", ".join(str(path) for path in files.written)
             raise Interrupted(f"interrupted; wrote {done} before stopping" if done else "interrupted; nothing was written") from None
@@ -68,14 +82,11 @@ def interruptible(command: Callable, preload: tuple[str, ...] = ()) -> Callable:
     return run
 
 
-_MODELS = ("numpy", "torch", "timm")  # what the model commands import anyway; info, check and compare stay light
-for _name, _command, _preload in (
-    ("inject", inject.inject_command, _MODELS), ("info", info.info_command, ()), ("eval", eval_cmd.eval_command, _MODELS),
-    ("finetune", finetune.finetune_command, _MODELS), ("check", check.check_command, ()),
-    ("compare", compare.compare_command, ()), ("bench", bench.bench_command, _MODELS),
-    ("families", families.families_command, ()),
-):  # fmt: skip
-    app.command(_name)(interruptible(_command, _preload))
+for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
+                        ("finetune", finetune.finetune_command), ("check", check.check_command),
+                        ("compare", compare.compare_command), ("bench", bench.bench_command),
+                        ("families", families.families_command)):  # fmt: skip
+    app.command(_name)(interruptible(_command))
 
 
 def _version_callback(value: bool) -> None:
@@ -123,9 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="cbtool")  # standalone: Typer reports usage errors itself (exit 2)
     except CbtoolError as error:
-        if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short,
+        if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            sys.unraisablehook = lambda _: None  # nor may data-loader workers cut off mid-start print their cleanup
         if os.environ.get("CBTOOL_DEBUG"):
             raise
         print(f"cbtool: {error.prefix}{error}", file=sys.stderr)
