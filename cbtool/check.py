@@ -271,6 +271,12 @@ def validate_results(results: Any, name: str = "results") -> dict[str, Any]:
         correct = model["metrics"].get("correct")
         if correct is not None and (not isinstance(correct, str) or correct.strip("01")):
             raise CbtoolError(f"{name}: models[{index}].metrics.correct must be a string of 0s and 1s")
+        # Accuracies are counts over samples: NaN means a broken file. (A NaN loss is a broken model: a regression.)
+        for key in ("top1", "top5"):
+            value = model["metrics"].get(key)
+            if value is not None and not _is_number(value):
+                raise CbtoolError(f"{name}: models[{index}].metrics.{key} is {value!r}, not a finite number; "
+                                  "re-run cbtool eval to get usable results")  # fmt: skip
     return results
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cbtool._version import __version__
-from cbtool.errors import CheckpointError, OutputError, SpecError
+from cbtool.errors import CheckpointError, OutputError, SpecError, first_line
+from cbtool.files import atomic_path, write_safetensors  # noqa: F401  (atomic_path: public name kept here)
 from cbtool.spec import CBSpec
 
 SOURCE_KEY = "cbtool_source"
@@ -46,39 +45,14 @@ def check_output_path(path: str | Path, *, force: bool = False) -> Path:
     return path
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in ``path``'s folder; rename it into place only if the block succeeds.
-
-    The result keeps an existing file's permissions, else gets what the umask allows (mkstemp's are 0600).
-    """
-    path = Path(path)
-    mode = _file_mode(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _file_mode(path: Path) -> int:
-    if path.exists():
-        return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 # --- header, without torch ----------------------------------------------------------------------
 
 
 def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, dict]]:
     """(metadata, tensor entries) of a safetensors file, validated against the file's size."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a safetensors file")
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     size = path.stat().st_size
@@ -174,8 +148,6 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 def save(model, path: str | Path, *, force: bool = False, training: dict | None = None) -> Path:
     """Write ``model`` (built by cbtool, with or without CB) to ``path`` atomically, with its metadata."""
-    from safetensors.torch import save_file
-
     from cbtool.sources import DATA_CONFIG_ATTRIBUTE, SOURCE_ATTRIBUTE
     from cbtool.surgery import spec_of
 
@@ -196,7 +168,7 @@ def save(model, path: str | Path, *, force: bool = False, training: dict | None 
     if training is not None:
         metadata[TRAINING_KEY] = json.dumps(training, sort_keys=True)
     with atomic_path(path) as temporary:
-        save_file(_plain_state_dict(model), str(temporary), metadata=metadata)
+        write_safetensors(_plain_state_dict(model), temporary, metadata=metadata)
     return path
 
 
@@ -215,7 +187,7 @@ def load(path: str | Path, device: str = "cpu"):
     try:
         state = load_file(str(path), device=device)
     except Exception as error:
-        raise CheckpointError(f"cannot read the weights in {path}: {str(error).splitlines()[0][:200]}") from None
+        raise CheckpointError(f"cannot read the weights in {path}: {first_line(error)}") from None
     if metadata.get(SPEC_KEY) is not None:
         for old, new in legacy_scale_keys(model).items():  # files written by cbtool 0.1.0
             if old in state and new not in state:

@@ -7,6 +7,7 @@ class CbtoolError(Exception):
     """A problem with the user's input or environment, not a bug in cbtool."""
 
     exit_code = 2
+    prefix = "error: "  # the CLI prints "cbtool: " + prefix + message
 
 
 class SpecError(CbtoolError):
@@ -49,3 +50,17 @@ class RegressionError(CbtoolError):
 
 class VizError(CbtoolError):
     """An attention picture that cannot be drawn as asked (a query outside the grid, a layer kind without it)."""
+
+
+class Interrupted(CbtoolError):
+    """Ctrl-C stopped a command; the message (starting with "interrupted") says what was saved, if anything."""
+
+    exit_code = 130
+    prefix = ""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``error``'s message (its type name when the message is empty), cut to ``limit``."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

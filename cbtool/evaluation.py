@@ -80,6 +80,8 @@ def evaluate(
 
         progress_bar = tqdm(total=total_batches, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
     with ExitStack() as captures:
+        if progress_bar is not None:  # cleared on errors and Ctrl-C too, so messages start on a clean line
+            captures.callback(progress_bar.close)
         started = time.perf_counter()
         for batch in loader:
             images, targets = batch[0], batch[1]

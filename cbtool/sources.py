@@ -15,7 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from cbtool.errors import CbtoolError, ModelSourceError, UnsupportedModelError
+from cbtool.errors import CbtoolError, ModelSourceError, UnsupportedModelError, first_line
+from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_weights, is_head_key, mismatch_message,
+                        unreadable_message)
 from cbtool.families import hf_architectures
 from cbtool.hub import hub_access
 
@@ -64,10 +66,13 @@ def resolve(
     if isinstance(model_kwargs, (list, tuple)):
         model_kwargs = parse_model_kwargs(list(model_kwargs))
     model_kwargs = dict(model_kwargs or {})
+    check_option_conflicts(img_size, num_classes, model_kwargs)
     path = Path(model).expanduser()
     if path.suffix == ".safetensors" or (path.is_file() and not path.is_dir()):
         if checkpoint is not None:
             raise ModelSourceError("--checkpoint goes with a timm model name, not with a file")
+        if model_kwargs:
+            raise ModelSourceError("--img-size and --model-kwargs cannot change a saved model's architecture")
         from cbtool.checkpoint import load
 
         loaded = load(path)
@@ -76,8 +81,11 @@ def resolve(
 
             if detect(loaded).num_classes(loaded) != num_classes:
                 set_num_classes(loaded, num_classes)
-        if img_size is not None or model_kwargs:
-            raise ModelSourceError("--img-size and --model-kwargs cannot change a saved model's architecture")
+                loaded.cbtool_fresh_head = has_trained_weights(loaded)
+        if img_size is not None:  # the size it was built for, or any size a dynamic-size model takes
+            check_input_size(loaded, img_size, str(model))
+            config = getattr(loaded, DATA_CONFIG_ATTRIBUTE, None) or {"input_size": [3, img_size, img_size]}
+            setattr(loaded, DATA_CONFIG_ATTRIBUTE, {**config, "input_size": [config["input_size"][0], img_size, img_size]})
         return loaded
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -110,8 +118,8 @@ def rebuild(record: dict[str, Any]) -> nn.Module:
 
         try:
             model = timm.create_model(record["model_name"], pretrained=False, **record.get("model_kwargs", {}))
-        except (RuntimeError, KeyError, TypeError, ValueError) as error:
-            raise ModelSourceError(f"cannot rebuild timm model {record.get('model_name')!r}: {error}") from None
+        except Exception as error:  # whatever the architecture code raises for these arguments
+            raise ModelSourceError(f"cannot rebuild timm model {record.get('model_name')!r}: {first_line(error)}") from None
     elif library == "transformers":
         model = _build_transformers(record["architecture"], record["config"])
     else:
@@ -159,11 +167,16 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
     except CbtoolError:
         raise
     except TypeError as error:
-        raise ModelSourceError(f"bad architecture argument for {name}: {error}") from None
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise ModelSourceError(f"cannot build timm model {name}: {error}") from None
+        raise ModelSourceError(f"bad architecture argument for {name}: {first_line(error)}") from None
+    except Exception as error:  # timm asserts, divides by the patch size, ...: name what was asked for
+        raise ModelSourceError(f"cannot build timm model {name} with {' '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'its defaults'}: {first_line(error)}") from None
+    if img_size is not None:
+        check_input_size(model, img_size, name)
+    # cbtool_fresh_head: trained weights under a new, untrained head (timm leaves it at its initialisation).
     if checkpoint is not None:
-        load_weights(model, checkpoint, allow_new_head=num_classes is not None)
+        model.cbtool_fresh_head = load_weights(model, checkpoint, allow_new_head=num_classes is not None)
+    else:
+        model.cbtool_fresh_head = bool(use_hub and num_classes is not None and model.pretrained_cfg.get("num_classes") != num_classes)
     # The name as typed (with its tag, if any) rebuilds the same architecture and data config offline;
     # an hf-hub: id needs the network, so it is recorded as its architecture plus the Hub's arguments.
     rebuild_name = model.pretrained_cfg.get("architecture") if name.startswith("hf-hub:") else name
@@ -195,34 +208,24 @@ def timm_data_config(model: nn.Module, img_size: int | None = None) -> dict[str,
     return config
 
 
-def load_weights(model: nn.Module, checkpoint: str | Path, *, allow_new_head: bool = False) -> None:
-    """Load a state dict from ``.safetensors`` or ``.pth``/``.bin`` (``weights_only=True``) into ``model``."""
+def load_weights(model: nn.Module, checkpoint: str | Path, *, allow_new_head: bool = False) -> bool:
+    """Load a state dict from ``.safetensors`` or ``.pth``/``.bin`` (``weights_only=True``) into ``model``.
+
+    Returns whether the file's head was left out for another class count (``allow_new_head``)."""
     state = read_state_dict(checkpoint)
-    own = model.state_dict()
+    own, count = model.state_dict(), len(state)
     if allow_new_head:
         # A head of another class count is left at its fresh initialisation (as timm does for pretrained).
-        state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)}
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+        state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and is_head_key(model, k))}
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if allow_new_head:
-        missing = [k for k in missing if not _is_head_key(model, k)]
+        missing = [k for k in missing if not is_head_key(model, k)]
     if mismatched or missing or unexpected:
-        parts = []
-        for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise ModelSourceError(
-            f"{checkpoint} does not fit {type(model).__name__}: {', '.join(parts)}; "
-            "check the model name and --model-kwargs (or --num-classes for another head)"
-        )
+        raise ModelSourceError(mismatch_message(model, str(checkpoint), mismatched, missing, unexpected))
     model.load_state_dict(state, strict=not allow_new_head)
-
-
-def _is_head_key(model: nn.Module, key: str) -> bool:
-    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
-    heads = head if isinstance(head, (list, tuple)) else [head]
-    return any(key.startswith(h + ".") for h in heads)
+    return len(state) < count
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -240,7 +243,7 @@ def read_state_dict(path: str | Path) -> dict:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt files raise a zoo of types
-        raise ModelSourceError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+        raise ModelSourceError(unreadable_message(path, error)) from None
     for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -307,8 +310,8 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
             processor = _image_processor_config(name)
     except CbtoolError:
         raise
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise ModelSourceError(f"cannot load {what}: {str(error).splitlines()[0][:300]}") from None
+    except Exception as error:  # transformers raises many types for bad configs and files
+        raise ModelSourceError(f"cannot load {what}: {first_line(error, 300)}") from None
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
         model = add_head(model, num_classes)
         architecture = type(model).__name__

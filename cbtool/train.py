@@ -33,6 +33,7 @@ from cbtool import distributed
 from cbtool.checkpoint import atomic_path, check_output_path, save, unwrap
 from cbtool.errors import CbtoolError, OutputError, TrainingError
 from cbtool.optim import WarmupCosine, param_groups, parse_train_parts, select_trainable
+from cbtool.ranges import check_range
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_INFO_NAME = "checkpoint.json"
@@ -104,18 +105,17 @@ class FinetuneConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise CbtoolError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise CbtoolError(f"--lr must be positive, not {self.lr}")
-        if not 0.0 <= self.warmup_frac < 1.0:
-            raise CbtoolError(f"--warmup-frac must be in [0, 1), not {self.warmup_frac}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise CbtoolError(f"--warmup-steps must be 0 or more, not {self.warmup_steps}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise CbtoolError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
-        if self.scale is not None and not 0.0 < self.scale <= 1.0:
-            raise CbtoolError(f"--scale must be in (0, 1], not {self.scale}")
-        if self.workers is not None and self.workers < 0:
-            raise CbtoolError(f"--workers must be 0 or more, not {self.workers}")
+        # (value, low, high, low_open, high_open): every float option has its range, and none may be nan or inf.
+        ranges = {"lr": (self.lr, 0, None, True, False), "min_lr": (self.min_lr, 0, self.lr, False, False),
+                  "weight_decay": (self.weight_decay, 0, None, False, False),
+                  "warmup_frac": (self.warmup_frac, 0, 1, False, True), "warmup_steps": (self.warmup_steps, 0, None, False, False),
+                  "label_smoothing": (self.label_smoothing, 0, 1, False, True), "clip_grad": (self.clip_grad, 0, None, False, False),
+                  "scale": (self.scale, 0, 1, True, False), "hflip": (self.hflip, 0, 1, False, False),
+                  "color_jitter": (self.color_jitter, 0, None, False, False), "workers": (self.workers, 0, None, False, False)}  # fmt: skip
+        for name, (value, low, high, low_open, high_open) in ranges.items():
+            check_range(f"--{name.replace('_', '-')}", value, low, high, low_open=low_open, high_open=high_open)
+        for beta in self.betas:
+            check_range("betas", beta, 0, 1, high_open=True)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.train = ",".join(parse_train_parts(self.train))
 
@@ -148,11 +148,14 @@ class _Stop(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped the run at a step boundary after saving a checkpoint (``checkpoint`` may be None)."""
+    """Ctrl-C stopped the run at a step boundary after saving a checkpoint (``checkpoint`` may be None).
 
-    def __init__(self, step: int, run_dir: Path, checkpoint: Path | None):
+    ``again``: a second Ctrl-C stopped it before that checkpoint was saved (an earlier one stays whole).
+    """
+
+    def __init__(self, step: int, run_dir: Path, checkpoint: Path | None, *, again: bool = False):
         super().__init__(f"interrupted at step {step}")
-        self.step, self.run_dir, self.checkpoint = step, run_dir, checkpoint
+        self.step, self.run_dir, self.checkpoint, self.again = step, run_dir, checkpoint, again
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
                     augmentation=augmentation and {**augmentation, "scale": list(augmentation["scale"])})  # fmt: skip
     log.write("resume" if saved else "start", step=state.step, config=config.to_dict(), **settings, data=describe)
     if main and not config.quiet:
-        print(_start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config), file=sys.stderr)
+        print(_start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, describe), file=sys.stderr)
 
     history: list[dict] = []
     last: dict | None = None
@@ -324,9 +327,14 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
                         break
     except _Stop:
         progress.close()
-        path = run_dir / CHECKPOINT_NAME if just_saved else save_checkpoint()
+        try:
+            path = run_dir / CHECKPOINT_NAME if just_saved else save_checkpoint()
+        except KeyboardInterrupt:  # a second Ctrl-C while saving: atomic writes keep the previous checkpoint whole
+            raise Interrupted(state.step, run_dir, None, again=True) from None
         log.write("interrupted", step=state.step)
         raise Interrupted(state.step, run_dir, path if main else None) from None
+    except KeyboardInterrupt:  # a second Ctrl-C before the first was handled at a step boundary
+        raise Interrupted(state.step, run_dir, None, again=True) from None
     except torch.OutOfMemoryError:
         raise TrainingError(
             f"out of memory on {device} at --batch-size {config.batch_size}: use a smaller --batch-size, and "
@@ -362,9 +370,14 @@ def _train_step(runner, family, batches, optimizer, scaler, params, config, devi
     for micro in range(config.grad_accum):
         try:
             images, labels, _ = next(batches)
-        except (RuntimeError, StopIteration):
+        except (RuntimeError, StopIteration) as error:
             if stop.is_set():  # Ctrl-C also reaches loader workers; the step has not started updating
                 return float("nan"), True
+            if isinstance(error, StopIteration):  # only when whole batches were left out as undecodable
+                from cbtool.errors import DatasetError
+
+                raise DatasetError("the training images ran out mid-epoch: too many could not be decoded "
+                                   "(--skip-bad-images); check the files") from None  # fmt: skip
             raise
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -418,9 +431,10 @@ def default_lr(model: nn.Module) -> float:
     """1e-5 for pretrained weights (healing), 1e-3 for randomly initialised ones (training from scratch)."""
     from cbtool.sources import SOURCE_ATTRIBUTE
 
-    record = getattr(unwrap(model), SOURCE_ATTRIBUTE, None) or {}
-    trained = record.get("pretrained") or record.get("checkpoint") or getattr(unwrap(model), "cbtool_training", None)
-    return PRETRAINED_LR if (trained or not record) else SCRATCH_LR
+    from cbtool.fit import has_trained_weights
+
+    record = getattr(unwrap(model), SOURCE_ATTRIBUTE, None)
+    return PRETRAINED_LR if (has_trained_weights(unwrap(model)) or not record) else SCRATCH_LR
 
 
 def fit_head(model: nn.Module, num_classes: int) -> int | None:
@@ -449,8 +463,9 @@ def resolve_training_data(
     label_column: str | None = None,
     skip_bad_images: bool = False,
 ) -> tuple[Any, Any, str | None]:
-    """(train, validation, note): the train split and the validation split, else the test split, else
-    ``val_fraction`` (default 0.1) of train held out. The note says which, when it was not asked for."""
+    """(train, validation, note): the train split and its validation split, else ``val_fraction`` (default 0.1)
+    of train held out; the test split only when ``val_split`` names it, so that choosing the best
+    checkpoint never looks at the test set. The note says which, when it was not asked for."""
     from cbtool.data import resolve_dataset, split_validation
     from cbtool.data.dataset import apply_limit
     from cbtool.data.splits import canonical_split
@@ -462,7 +477,7 @@ def resolve_training_data(
     if train.streaming:
         raise DatasetError("training needs a dataset with a length; drop --streaming")
     note = None
-    others = [s for s in train.available_splits if s != train.split and canonical_split(s) in ("validation", "test")]
+    others = [s for s in train.available_splits if s != train.split and canonical_split(s) == "validation"]
     if val_split is not None and val_fraction is not None:
         raise CbtoolError("give --val-split or --val-fraction, not both")
     if val_fraction is None and (val_split is not None or others):
@@ -472,7 +487,8 @@ def resolve_training_data(
     else:
         if val_fraction is None:
             val_fraction = 0.1
-            note = f"'{name}' has no validation or test split: holding out 10% of {train.split or 'it'} (--val-fraction)"
+            note = (f"'{name}' has no validation split: holding out 10% of {train.split or 'it'} for validation "
+                    "(--val-fraction; --val-split test would select checkpoints on the test set)")  # fmt: skip
         train, val = split_validation(train, val_fraction, seed)
     if train.class_subset is not None or val.class_subset is not None:
         raise DatasetError(f"'{name}' is a subset of ImageNet's classes; give the model its own head with --num-classes")
@@ -519,8 +535,11 @@ def read_run_info(path: str | Path) -> dict:
 def find_checkpoint(path: str | Path) -> Path:
     """``checkpoint.pt`` from a run folder, a ``last`` link or pointer file, or the file itself."""
     path = Path(path).expanduser()
-    if path.is_file() and path.suffix != ".pt":  # a 'last' pointer where symlinks are unavailable
-        path = path.parent / path.read_text().strip()
+    if path.is_file() and path.name == "last":  # a 'last' pointer where symlinks are unavailable
+        path = path.parent / path.read_text(errors="replace").strip()
+    elif path.is_file() and path.suffix != ".pt":
+        raise CbtoolError(f"--resume takes a run folder (e.g. runs/last) or its {CHECKPOINT_NAME}, not {path}; "
+                          "to train a saved model further, pass it as MODEL")  # fmt: skip
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
@@ -567,7 +586,9 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises many types
-        raise CbtoolError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+        from cbtool.fit import unreadable_message
+
+        raise CbtoolError(unreadable_message(path, error)) from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise CbtoolError(f"{path} is not a cbtool training checkpoint")
     return saved
@@ -696,9 +717,13 @@ def _run_dir(config: FinetuneConfig, info, checkpoint: Path | None) -> Path:
             chosen = Path(config.run_dir).expanduser()
             if (chosen / CHECKPOINT_NAME).exists() and not config.force:
                 raise OutputError(f"{chosen} already holds a run; resume it with --resume {chosen}, or pick another --run-dir (or --force)")
-            chosen.mkdir(parents=True, exist_ok=True)
-        else:
-            chosen = _new_run_dir(Path("runs"))
+        try:
+            if chosen is not None:
+                chosen.mkdir(parents=True, exist_ok=True)
+            else:
+                chosen = _new_run_dir(Path("runs"))
+        except OSError as error:
+            raise OutputError(f"cannot create the run folder {chosen or 'runs'} ({error.strerror}); pick another with --run-dir") from None
     return Path(distributed.all_gather_objects(str(chosen) if chosen else None)[0])
 
 
@@ -828,10 +853,22 @@ def _summary(config: FinetuneConfig, settings: dict, data: dict, state: _State, 
     }
 
 
-def _start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config) -> str:
+def _validation_text(val: dict | None) -> str:
+    if val is None:
+        return "no validation"
+    holdout = val.get("holdout")
+    if holdout:
+        return (f"validation on {val['num_samples']} images held out of {holdout.get('from_split') or 'the training data'} "
+                f"(--val-fraction {holdout['fraction']:g})")  # fmt: skip
+    split = f"split {val['split']}" if val.get("split") else "the validation data"
+    return f"validation on {split} ({val['num_samples']} images)"
+
+
+def _start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data) -> str:
     verb = f"resuming at step {state.step} of" if state.step else "training for"
     processes = f" x {info.world_size} processes" if info.world_size > 1 else ""
     lr_note = "" if config.lr is not None else " (default for these weights; set --lr)"
     return (f"{verb} {total} steps ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}) on {device}{processes}: "
             f"{trainable:,} parameters ({config.train}), lr {lr:g}{lr_note}, "
-            f"batch {config.batch_size}x{config.grad_accum}{processes}; run folder {run_dir}")  # fmt: skip
+            f"batch {config.batch_size}x{config.grad_accum}{processes}; {_validation_text(data['val'])}; "
+            f"run folder {run_dir}")  # fmt: skip

@@ -291,13 +291,11 @@ def test_unwritable_outputs(tmp_path, timm_model, target, message):
 
 
 def test_failed_write_leaves_no_file(tmp_path, timm_model, monkeypatch):
-    import safetensors.torch
-
     def broken(_state, filename, metadata=None):
         Path(filename).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(checkpoint, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         save(timm_model(), tmp_path / "out.safetensors")
     assert list(tmp_path.iterdir()) == []

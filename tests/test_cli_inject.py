@@ -261,8 +261,9 @@ def test_num_classes_with_a_checkpoint_of_another_head(tmp_path, capsys, no_debu
     weights = tmp_path / "weights.pth"
     torch.save(source.state_dict(), weights)
     out = tmp_path / "cb.safetensors"
+    tiny = [item for item in TINY if not item.startswith("num_classes=")]  # --num-classes and kwargs must agree
     code, _, stderr = run_main(["inject", "vit_tiny_patch16_224", "--checkpoint", str(weights), "--num-classes", "3",
-                                "--model-kwargs", *TINY, "-o", str(out)], capsys)
+                                "--model-kwargs", *tiny, "-o", str(out)], capsys)
     assert code == 0, stderr
     model = load(out)
     assert model.head.weight.shape == (3, 32) and model.num_classes == 3
@@ -280,7 +281,7 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path, capsys, no_debug, tim
                                 *TINY, "-o", str(out)], capsys)
     assert code == 2
     assert stderr.startswith("cbtool: error: ") and "does not fit VisionTransformer" in stderr
-    assert "missing (e.g. blocks.2." in stderr
+    assert "missing from the file (e.g. blocks.2." in stderr
     assert not out.exists()
 
 
@@ -376,3 +377,18 @@ def test_info_json(tmp_path, capsys, no_debug, timm_model, spec):
     }[spec.variant if spec else None]
     assert expected_cb in text.splitlines()
     assert f"parameters:  {info['parameters']:,} in {info['tensors']} tensors" in text.splitlines()
+
+
+def test_info_shows_the_architecture_arguments(tmp_path, capsys, no_debug, hf_model):
+    """A tiny patch-4 ViT must not read as a stock ViT-Ti/16: info names what the architecture was built with."""
+    out = tmp_path / "tiny.safetensors"
+    code, _, stderr = run_main(["inject", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "28", "--model-kwargs",
+                                "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2", "-o", str(out)], capsys)
+    assert code == 0, stderr
+    code, text, _ = run_main(["info", str(out)], capsys)
+    assert code == 0
+    assert "arguments:   depth=2 embed_dim=32 img_size=28 num_classes=1000 num_heads=2 patch_size=4" in text.splitlines()
+    hf = save(hf_model(), tmp_path / "hf.safetensors")
+    code, text, _ = run_main(["info", str(hf)], capsys)
+    assert code == 0 and ("arguments:   image_size=32 patch_size=8 hidden_size=32 num_hidden_layers=3 "
+                          "num_attention_heads=2 num_labels=5") in text.splitlines()

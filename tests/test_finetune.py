@@ -162,7 +162,15 @@ def test_weight_decay_groups_spare_norms_biases_cb_scales_and_embeddings():
     [
         (dict(epochs=1, steps=5), "--epochs or --steps, not both"),
         (dict(batch_size=0), "--batch-size must be at least 1"),
-        (dict(lr=-1.0), "--lr must be positive"),
+        (dict(lr=-1.0), "--lr must be more than 0"),
+        (dict(lr=float("nan")), "--lr must be more than 0, not nan"),
+        (dict(weight_decay=-1.0), r"--weight-decay must be at least 0"),
+        (dict(clip_grad=-1.0), r"--clip-grad must be at least 0"),
+        (dict(min_lr=-1.0), r"--min-lr must be at least 0"),
+        (dict(lr=1e-3, min_lr=1e-2), r"--min-lr must be in \[0, 0.001\]"),
+        (dict(hflip=5.0), r"--hflip must be in \[0, 1\], not 5.0"),
+        (dict(color_jitter=float("inf")), "--color-jitter must be at least 0, not inf"),
+        (dict(label_smoothing=1.0), r"--label-smoothing must be in \[0, 1\)"),
         (dict(warmup_frac=1.0), "--warmup-frac"),
         (dict(scale=0.0), "--scale"),
         (dict(train="cb,everything"), "unknown part 'everything'"),
@@ -187,7 +195,8 @@ def _class_folder(root: Path, classes=("a", "b"), per_class: int = 10) -> Path:
 @pytest.mark.parametrize(
     ("kwargs", "val_split", "val_size", "noted"),
     [
-        (dict(), "test", 1000, False),  # the sample has train and test: validate on test
+        (dict(), "validation", 500, True),  # train and test only: hold out 10% of train, never select on test
+        (dict(val_split="test"), "test", 1000, False),  # asked for
         (dict(val_fraction=0.2), "validation", 1000, False),  # held out of 5,000 train images
         (dict(val_split="train"), None, None, False),  # error: the training split
     ],
@@ -199,13 +208,13 @@ def test_validation_split_choice(kwargs, val_split, val_size, noted):
         return
     train, val, note = resolve_training_data("sample", **kwargs)
     assert val.split == val_split and len(val) == val_size and (note is not None) == noted
-    assert len(train) + (len(val) if "val_fraction" in kwargs else 0) == 5000
+    assert len(train) + (len(val) if val.split == "validation" else 0) == 5000
 
 
 def test_a_folder_without_splits_holds_out_a_tenth(tmp_path):
     train, val, note = resolve_training_data(str(_class_folder(tmp_path / "data")))
     assert (len(train), len(val)) == (18, 2) and val.holdout["fraction"] == 0.1
-    assert "no validation or test split: holding out 10%" in note
+    assert "no validation split: holding out 10%" in note
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +315,9 @@ def test_output_loads_with_training_metadata(finished_run):
     training = read_metadata(output)["cbtool_training"]
     assert model.cbtool_training == training
     assert training["dataset"]["name"] == "sample" and training["dataset"]["num_samples"] == 200
-    assert training["val_dataset"]["split"] == "test" and training["val_dataset"]["num_samples"] == 100
+    # the sample has no validation split: 10% of train held out, never the test split
+    assert training["val_dataset"]["split"] == "validation" and training["val_dataset"]["num_samples"] == 100
+    assert training["val_dataset"]["holdout"]["fraction"] == 0.1
     assert training["steps"] == 20 and training["epochs"] == 2.0 and training["lr"] == 2e-3
     assert training["seed"] == 0 and training["world_size"] == 1 and training["batch_size"] == 20
     assert 0 <= training["final_top1"] <= 100 and training["best_top1"] >= training["final_top1"]
@@ -533,3 +544,18 @@ def test_torchrun_two_processes_match_one(tmp_path, env):
     # only rank 0 writes: one log, one line per event
     events = [r["event"] for r in read_log(tmp_path / "two" / "log.jsonl")]
     assert events.count("start") == 1 and events.count("end") == 1
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    ([], "validation on 20 images held out of train (--val-fraction 0.1)"),
+    (["--val-split", "test"], "validation on split test (20 images)"),
+])  # fmt: skip
+def test_the_banner_says_what_the_run_validates_on(tmp_path, capsys, extra, said):
+    model = tiny_file(tmp_path / "tiny.safetensors")
+    code = cli("finetune", model, "--dataset", "sample", "--limit", "40", "--val-limit", "20", "--batch-size", "20",
+               "--workers", "0", "--steps", "1", *extra, "--run-dir", tmp_path / "run", "-o", tmp_path / "out.safetensors")
+    err = capsys.readouterr().err
+    assert code == 0, err
+    banner = next(line for line in err.splitlines() if line.startswith("training for"))
+    assert said in banner, banner
+    assert ("note: 'sample' has no validation split: holding out 10%" in err) == (not extra)

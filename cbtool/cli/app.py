@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import typer
 
@@ -18,16 +23,71 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("inject")(inject.inject_command)
-app.command("info")(info.info_command)
-app.command("eval")(eval_cmd.eval_command)
-app.command("finetune")(finetune.finetune_command)
-app.command("check")(check.check_command)
-app.command("compare")(compare.compare_command)
-app.command("bench")(bench.bench_command)
-app.command("families")(families.families_command)
-app.command("viz")(viz.viz_command)
-app.command("report")(report_page.report_command)
+
+
+# Where a KeyboardInterrupt would do harm: the import machinery, and the code that forks workers.
+_UNSAFE = ("<frozen importlib", "popen_fork.py", "popen_forkserver.py", "popen_spawn_posix.py")
+
+
+@contextmanager
+def sigint_outside_imports() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` as usual, except while a module is being imported or a worker forked:
+    numpy, torch and timm are not safe to stop half-way (a half-imported numpy, or a C++ abort), and CPython
+    drops an exception raised in a fork hook. Then the signal is sent again every 50 ms until that is done.
+    Commands keep their lazy imports (and their fast errors)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        while frame is not None and os.getpid() == owner:  # forked workers stop at once (torch expects that)
+            if frame.f_code.co_filename.startswith(_UNSAFE[0]) or frame.f_code.co_filename.endswith(_UNSAFE[1:]):
+                threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+                return
+            frame = frame.f_back
+        # Stopping now: workers and their helper threads end mid-handshake, and their noise must not bury the one line.
+        threading.excepthook = sys.unraisablehook = lambda _: None
+        sys.excepthook = lambda *_: None  # multiprocessing's fd-sharing thread reports through this one
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interruptible(command: Callable) -> Callable:
+    """Ctrl-C in ``command`` becomes an ``Interrupted`` error (exit 130) that says which files were written.
+
+    Typer would turn it into a silent exit 130; the command itself may raise a more precise ``Interrupted``.
+    """
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        from cbtool import files
+        from cbtool.errors import Interrupted
+
+        files.written.clear()
+        try:
+            with sigint_outside_imports():
+                return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            done = ", ".join(str(path) for path in files.written)
+            raise Interrupted(f"interrupted; wrote {done} before stopping" if done else "interrupted; nothing was written") from None
+
+    return run
+
+
+for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
+                        ("finetune", finetune.finetune_command), ("check", check.check_command),
+                        ("compare", compare.compare_command), ("bench", bench.bench_command),
+                        ("families", families.families_command), ("viz", viz.viz_command),
+                        ("report", report_page.report_command)):  # fmt: skip
+    app.command(_name)(interruptible(_command))
 
 
 def _version_callback(value: bool) -> None:
@@ -77,10 +137,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="cbtool")  # standalone: Typer reports usage errors itself (exit 2)
     except CbtoolError as error:
+        if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if os.environ.get("CBTOOL_DEBUG"):
             raise
-        print(f"cbtool: error: {error}", file=sys.stderr)
+        print(f"cbtool: {error.prefix}{error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        print("cbtool: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # between commands, or in Typer itself
+        print("cbtool: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -56,7 +56,10 @@ def bench_command(
     from cbtool.report import check_output_folder
     from cbtool.spec import CBSpec
 
+    from cbtool.files import check_outputs
+
     spec = CBSpec(variant=variant, position=position, layers=layers)
+    check_outputs({"--json": json_out}, [model, checkpoint])
     if json_out is not None:
         json_out = check_output_folder(json_out)  # fail before building the model
 
@@ -75,6 +78,11 @@ def bench_command(
         img_size=img_size,
         model_kwargs=model_kwargs,
     )
+    from cbtool.fit import check_input_size
+
+    size = (getattr(model_obj, "cbtool_data_config", None) or {}).get("input_size")
+    if size:  # before the first forward
+        check_input_size(model_obj, size, model, option="the input size")
     existing = spec_of(model_obj)
     if existing is not None:
         origin = (getattr(model_obj, "cbtool_source", None) or {}).get("origin") or "the plain model"

@@ -65,7 +65,10 @@ def check_command(
     from cbtool.check import check_results, load_results, parse_rules
     from cbtool.report import check_output_folder, write_json_atomic, write_text_atomic
 
+    from cbtool.files import check_outputs
+
     rules = parse_rules(max_drop or [], max_rise or [])
+    check_outputs({"--json": json_out, "--markdown": markdown}, [results, baseline])
     for path in (json_out, markdown):
         if path is not None:
             check_output_folder(path)

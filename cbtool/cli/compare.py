@@ -53,6 +53,9 @@ def compare_command(
         write_text_atomic,
     )
 
+    from cbtool.files import check_outputs
+
+    check_outputs({"--json": json_out, "--plot": plot, "--markdown": markdown}, files)
     for path in (json_out, plot, markdown):
         if path is not None:
             check_output_folder(path)

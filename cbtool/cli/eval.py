@@ -22,7 +22,7 @@ def eval_command(
     skip_bad_images: Annotated[bool, typer.Option("--skip-bad-images", help="Count and skip images that cannot be decoded instead of failing.")] = False,
     batch_size: opt.BatchSize = 64,
     workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="DataLoader worker processes.")] = 2,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Override the input resolution of the preprocessing.")] = None,
+    img_size: opt.ImgSize = None,
     crop_pct: Annotated[Optional[float], typer.Option("--crop-pct", help="Override the center-crop fraction.")] = None,
     interpolation: Annotated[Optional[str], typer.Option("--interpolation", help="Override the resize interpolation (bilinear, bicubic, ...).")] = None,
     no_pretrained: opt.NoPretrained = False,
@@ -38,8 +38,10 @@ def eval_command(
     quiet: opt.Quiet = False,
 ) -> None:
     """Evaluate MODELS on the same batches: top-1/top-5, loss, throughput and (with --density) attention density."""
+    from cbtool.files import check_outputs
     from cbtool.report import check_output_folder
 
+    check_outputs({"--json": json_out, "--plot": plot}, [*models, checkpoint], dataset=dataset)
     for path in (json_out, plot):
         if path is not None:
             check_output_folder(path)
@@ -47,16 +49,18 @@ def eval_command(
     from cbtool import data, distributed, report, results, sources
     from cbtool.evaluation import evaluate
     from cbtool.families import detect
+    from cbtool.fit import check_input_size
 
     dist_info, torch_device = distributed.setup(device)
     try:
         loaded = [
             sources.resolve(
                 name, pretrained=not no_pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                model_kwargs=model_kwargs,
+                img_size=img_size, model_kwargs=model_kwargs,
             )
             for name in models
         ]
+        _refuse_fresh_heads(models, loaded, num_classes)
         data_config = _shared_data_config(models, loaded)
         head = detect(loaded[0]).num_classes(loaded[0])
         ds = data.resolve_dataset(
@@ -70,7 +74,9 @@ def eval_command(
 
                 raise UnsupportedModelError(f"{name} has no classification head; give it one with --num-classes at inject, then finetune")
             data.check_num_classes(ds, model_classes)
-        preprocessing = data.resolve_preprocessing(data_config, img_size=img_size, crop_pct=crop_pct, interpolation=interpolation)
+        preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
+        for name, model in zip(models, loaded):  # before the first forward
+            check_input_size(model, preprocessing["input_size"], name, option="the input size")
         transform = data.build_transform(preprocessing)
         loader = data.build_loader(
             ds.with_transform(transform), batch_size=batch_size, workers=workers,
@@ -86,6 +92,11 @@ def eval_command(
         # describe() counts this rank's bad images only; under torchrun both counts need every rank's.
         dataset_record["bad_images"] = distributed.sum_over_ranks(ds.bad_images)
         dataset_record["num_samples"] = found[0].metrics["num_samples"]
+        if not dataset_record["num_samples"]:
+            from cbtool.errors import DatasetError
+
+            raise DatasetError(f"no image of '{dataset}' could be evaluated: all {dataset_record['bad_images']} "
+                               "could not be decoded; check the files (e.g. open one with PIL)")  # fmt: skip
         if not dist_info.is_main:
             return
         document = results.results_document(
@@ -105,6 +116,19 @@ def eval_command(
             report.plot_density(document["models"], plot)
     finally:
         distributed.teardown()
+
+
+def _refuse_fresh_heads(names: list[str], models: list, num_classes: int | None) -> None:
+    """--num-classes must not put an untrained head on trained weights: that measures chance, not the model."""
+    from cbtool.errors import CbtoolError
+
+    for name, model in zip(names, models):
+        if getattr(model, "cbtool_fresh_head", False):
+            raise CbtoolError(
+                f"--num-classes {num_classes} would put a new, untrained head on the trained weights of {name} and "
+                f"report chance accuracy; give it a {num_classes}-class head with cbtool finetune (or evaluate it "
+                "with the head it was trained with)"
+            )
 
 
 def _shared_data_config(names: list[str], models: list) -> dict:

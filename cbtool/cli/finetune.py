@@ -24,8 +24,8 @@ def finetune_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the fine-tuned .safetensors file.", dir_okay=False)] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="sample, imagenet-1k, a local folder, or a Hub dataset id.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Training split (default: train).")] = None,
-    val_split: Annotated[Optional[str], typer.Option("--val-split", help="Validation split (default: validation, else test).")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Hold out this fraction of the training split for validation (default 0.1 when there is no validation or test split).")] = None,
+    val_split: Annotated[Optional[str], typer.Option("--val-split", help="Validation split (default: validation, else --val-fraction of the training split).")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Hold out this fraction of the training split for validation (default 0.1 when there is no validation split; the test split is used only with --val-split test).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Train on at most this many images (class-balanced, deterministic).")] = None,
     val_limit: Annotated[Optional[int], typer.Option("--val-limit", min=1, help="Validate on at most this many images.")] = None,
     image_column: Annotated[Optional[str], typer.Option("--image-column", help="Image column of a Hub or save_to_disk dataset.")] = None,
@@ -99,6 +99,8 @@ def _run(o: dict[str, Any]) -> None:
     from cbtool import distributed, sources, train
     from cbtool.checkpoint import check_output_path
     from cbtool.errors import CbtoolError
+    from cbtool.files import check_outputs, check_writable_folder
+    from cbtool.ranges import check_range
     from cbtool.families import detect
     from cbtool.spec import CBSpec
 
@@ -116,10 +118,15 @@ def _run(o: dict[str, Any]) -> None:
         save_best=_str(o["save_best"]), force=o["force"], density=o["density"], quiet=o["quiet"],
         resume=_str(o["resume"]), run_info=_recordable(o),
     )  # fmt: skip
+    check_range("--val-fraction", o["val_fraction"], 0, 1, low_open=True, high_open=True)
     if info.is_main:  # fail before a long download or a long run
+        check_outputs({"--output": o["output"], "--save-best": o["save_best"], "--log": o["log"]},
+                      [o["model"], o["checkpoint"]], dataset=o["dataset"])  # fmt: skip
         check_output_path(o["output"], force=o["force"])
         if o["save_best"] is not None and o["resume"] is None:
             check_output_path(o["save_best"], force=o["force"])
+        run_dir = o["run_dir"] or (train.find_checkpoint(o["resume"]).parent if o["resume"] else "runs")
+        check_writable_folder(run_dir, "run folder", "pick another with --run-dir, or run from a writable folder")
 
     if o["resume"] is not None:
         model, _ = train.load_run(o["resume"])
@@ -150,14 +157,27 @@ def _run(o: dict[str, Any]) -> None:
         result = train.finetune(model, train_ds, val_ds, config)
     except train.Interrupted as stop:
         if info.is_main:
-            saved = f"saved {stop.checkpoint}; " if stop.checkpoint else ""
-            print(f"cbtool: interrupted at step {stop.step}; {saved}resume with: cbtool finetune --resume {stop.run_dir}",
-                  file=sys.stderr)  # fmt: skip
+            from cbtool.errors import Interrupted
+
+            raise Interrupted(_interrupted_message(stop)) from None
         raise typer.Exit(130) from None
     if info.is_main:
         final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
         best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
         typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
+
+
+def _interrupted_message(stop) -> str:
+    """What a Ctrl-C left: the checkpoint just saved, else the last complete one, else nothing to resume."""
+    from cbtool.train import CHECKPOINT_NAME
+
+    resume = f"resume with: cbtool finetune --resume {stop.run_dir}"
+    if stop.checkpoint:
+        return f"interrupted at step {stop.step}; saved {stop.checkpoint}; {resume}"
+    checkpoint = stop.run_dir / CHECKPOINT_NAME
+    if checkpoint.exists():  # written atomically: whole, whenever the second Ctrl-C came
+        return f"interrupted at step {stop.step} before saving; the last complete checkpoint is {checkpoint}; {resume}"
+    return f"interrupted at step {stop.step} before any checkpoint was saved; nothing was saved ({stop.run_dir} holds only its log)"
 
 
 def _str(path) -> str | None:

@@ -30,6 +30,9 @@ def info_command(
     source = info["source"]
     name = source.get("model_name") or source.get("architecture")
     typer.echo(f"source:      {source.get('origin', name)} ({source['library']}: {name})")
+    arguments = _architecture_arguments(source)
+    if arguments:
+        typer.echo(f"arguments:   {arguments}")
     spec = info["cb_spec"]
     if spec:
         typer.echo(f"cb:          {spec['variant']} at {spec['position']}, layers {spec['layers']}"
@@ -45,3 +48,19 @@ def info_command(
     if info.get("training"):
         typer.echo(f"training:    {json.dumps(info['training'], sort_keys=True)}")
     typer.echo(f"written by:  cbtool {info.get('cbtool_version')}")
+
+
+# The transformers config fields that say what a ViT-like model is (the rest are defaults of its class).
+_HF_FIELDS = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_labels")
+
+
+def _architecture_arguments(source: dict) -> str:
+    """What the architecture was built with (timm create_model kwargs; key transformers config fields)."""
+    if source.get("library") == "timm":
+        kwargs = source.get("model_kwargs") or {}
+    else:
+        config = source.get("config") or {}
+        kwargs = {key: config[key] for key in _HF_FIELDS if key in config}
+        if "num_labels" not in kwargs and isinstance(config.get("id2label"), dict):
+            kwargs["num_labels"] = len(config["id2label"])
+    return " ".join(f"{key}={value}" for key, value in kwargs.items())

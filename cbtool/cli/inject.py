@@ -28,7 +28,10 @@ def inject_command(
     from cbtool.checkpoint import check_output_path, save
     from cbtool.spec import CBSpec
 
+    from cbtool.files import check_outputs
+
     spec = CBSpec(variant=variant, position=position, layers=layers)
+    check_outputs({"--output": output}, [model, checkpoint])
     output = check_output_path(output, force=force)  # fail before a long download
 
     from cbtool import sources

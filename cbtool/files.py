@@ -1,0 +1,184 @@
+"""Output files: cbtool's own temporary names, atomic replacement, stale temporaries, and outputs vs. inputs.
+
+Every file cbtool writes goes to ``.<name>.cbtool-<host>-<pid>-<random>.tmp`` in the target folder and is
+renamed into place. Nothing else creates a second file on the way (safetensors files are streamed by
+``write_safetensors`` rather than by the safetensors writer, which makes its own temporary file), so a
+process killed mid-write leaves at most that one temporary; the next write to the folder removes the
+temporaries of processes on this machine that no longer run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+import sys
+import zlib
+from collections import deque
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from cbtool.errors import OutputError
+
+_SUFFIX = ".tmp"
+# The files this process renamed into place, newest last (the CLI clears it per command and names them on Ctrl-C).
+written: deque[Path] = deque(maxlen=64)
+_TEMPORARY = re.compile(r"^\..+\.cbtool-([0-9a-f]{8})-(\d+)-[0-9a-z]{8}\.tmp$")
+# safetensors dtype names of torch dtypes (by their str()).
+_SAFETENSORS_DTYPES = {
+    "torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8", "torch.uint8": "U8",
+    "torch.bool": "BOOL", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
+    "torch.uint16": "U16", "torch.uint32": "U32", "torch.uint64": "U64",
+}  # fmt: skip
+
+
+def _host_tag() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh cbtool temporary name beside ``path``, naming this machine and process."""
+    token = "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+    return path.parent / f".{path.name}.cbtool-{_host_tag()}-{os.getpid()}-{token}{_SUFFIX}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str], *, quiet: bool = False) -> list[Path]:
+    """Delete the cbtool temporaries in ``folder`` whose process (on this machine) has ended; returns them."""
+    folder, host, removed = Path(folder), _host_tag(), []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMPORARY.match(name)
+        if match is None or match.group(1) != host or _alive(int(match.group(2))):
+            continue
+        try:
+            os.unlink(folder / name)
+            removed.append(folder / name)
+        except OSError:
+            continue
+    if removed and not quiet:
+        print(f"note: removed {len(removed)} temporary file(s) in {folder} left by an interrupted cbtool run",
+              file=sys.stderr)  # fmt: skip
+    return removed
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a cbtool temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    The result keeps an existing file's permissions, else gets what the umask allows. Stale temporaries
+    of earlier, killed runs in the same folder are removed first.
+    """
+    path = Path(path)
+    remove_stale_temporaries(path.parent)
+    mode = _file_mode(path)
+    temporary = temporary_name(path)
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        yield temporary
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+        written.append(path)
+    finally:
+        if os.path.lexists(temporary):
+            os.unlink(temporary)
+
+
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_safetensors(state: Mapping[str, Any], path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> None:
+    """Stream contiguous CPU tensors to ``path`` in the safetensors format (what ``safetensors.torch.load_file`` reads)."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    names = sorted(state)
+    for name in names:
+        tensor = state[name]
+        dtype = _SAFETENSORS_DTYPES.get(str(tensor.dtype))
+        if dtype is None:
+            raise OutputError(f"cannot save tensor {name!r} of dtype {tensor.dtype} as safetensors")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as the safetensors writer does
+    with open(path, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name in names:
+            tensor = state[name]
+            if tensor.numel():
+                handle.write(memoryview(tensor.reshape(-1).view(_byte_dtype()).numpy()))
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+# --- outputs vs. inputs -------------------------------------------------------------------------
+
+
+def check_outputs(outputs: Mapping[str, Any], inputs: Iterable[Any], dataset: str | None = None) -> None:
+    """Refuse, before any work, an output that is an input, lies in the dataset's folder, or is another output.
+
+    ``outputs`` maps an option name (``--json``) to a path or None; ``inputs`` are the paths (or model
+    names) the command reads: only those that exist on disk count.
+    """
+    existing = [(str(item), Path(str(item)).expanduser().resolve()) for item in inputs
+                if item is not None and Path(str(item)).expanduser().exists()]  # fmt: skip
+    folder = Path(dataset).expanduser().resolve() if dataset and Path(dataset).expanduser().is_dir() else None
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        target = Path(path).expanduser().resolve()
+        for shown, source in existing + ([(dataset, folder)] if folder else []):
+            if target == source:
+                same = "" if shown == str(path) else f" ({shown})"
+                raise OutputError(f"{flag} {path} is an input of this command{same}; write to another file")
+        if folder is not None and folder in target.parents:
+            raise OutputError(f"{flag} {path} lies inside the dataset folder {dataset}; write it somewhere else")
+        if target in seen:
+            raise OutputError(f"{flag} and {seen[target]} name the same file {path}; give each its own name")
+        seen[target] = flag
+
+
+def check_writable_folder(folder: str | os.PathLike[str], what: str, hint: str) -> Path:
+    """Fail before any work unless files can be created in ``folder`` (or where it will be created)."""
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what} {folder} cannot be created: {existing} is a file; {hint}")
+    probe = temporary_name(existing / "probe")
+    try:  # os.access says yes to root on a read-only file system: try it
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputError(f"cannot write the {what} {folder}: {existing} is not writable ({error.strerror}); {hint}") from None
+    return folder

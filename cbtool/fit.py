@@ -1,0 +1,133 @@
+"""Whether a model fits what it is given: the options that build it, its input size, and a weights file
+(readable plain tensors of the right shapes), with messages that name the option that would make it fit.
+
+Asks the model itself (timm's ``patch_embed``, a transformers ``config``), so it works for any family
+that exposes those; models that expose neither are not size-checked.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+from cbtool.errors import ModelSourceError, first_line
+
+
+def check_option_conflicts(img_size: int | None, num_classes: int | None, model_kwargs: dict[str, Any]) -> None:
+    """An option given twice (``--img-size`` and ``--model-kwargs img_size=``) must not say two things."""
+    for flag, value, key in (("--img-size", img_size, "img_size"), ("--num-classes", num_classes, "num_classes")):
+        if value is not None and key in model_kwargs and model_kwargs[key] != value:
+            raise ModelSourceError(f"{flag} {value} and --model-kwargs {key}={model_kwargs[key]} disagree; give one of them")
+
+
+def has_trained_weights(model: Any) -> bool:
+    """Whether ``model``'s weights were trained (pretrained, a checkpoint, a cbtool fine-tune), as its record says."""
+    record = getattr(model, "cbtool_source", None) or {}
+    return bool(record.get("pretrained") or record.get("checkpoint") or getattr(model, "cbtool_training", None))
+
+
+def is_head_key(model: Any, key: str) -> bool:
+    """Whether ``key`` belongs to the classifier timm's pretrained config names (``head`` by default)."""
+    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    heads = head if isinstance(head, (list, tuple)) else [head]
+    return any(key.startswith(h + ".") for h in heads)
+
+
+def input_geometry(model: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """``(fixed input size or None, patch size or None)``; a None size means any multiple of the patch."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "patch_size", None) is not None:
+        patch = _pair(patch_embed.patch_size)
+        flexible = getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True)
+        size = getattr(patch_embed, "img_size", None)
+        padded = getattr(patch_embed, "dynamic_img_pad", False)  # pads any size up to a multiple of the patch
+        return (None if flexible or size is None else _pair(size)), (None if padded else patch)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "patch_size", None) is not None:
+        patch = _pair(config.patch_size)
+        if getattr(config, "model_type", None) == "dinov2":  # interpolates its position embeddings
+            return None, patch
+        return _pair(getattr(config, "image_size", 224)), patch
+    return None, None
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _px(size: tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def check_input_size(model: Any, size: int | Sequence[int], name: str, *, option: str = "--img-size") -> None:
+    """Raise ``ModelSourceError`` unless ``model`` (called ``name``) takes ``size`` px inputs."""
+    size = _pair(size[-2:] if not isinstance(size, int) else size)
+    fixed, patch = input_geometry(model)
+    if fixed is not None and size != fixed:
+        fix = (f"leave {option} out, or build a model of that size from its timm name with --img-size {_px(size)} "
+               "(then finetune it)") if option.startswith("--") else f"pass --img-size {_px(fixed)}"  # fmt: skip
+        raise ModelSourceError(f"{name} takes {_px(fixed)} px inputs, not {_px(size)} ({option}); {fix}")
+    if patch is not None and (size[0] % patch[0] or size[1] % patch[1] or min(size) < min(patch)):
+        lower = max(size[0] // patch[0], 1) * patch[0]
+        raise ModelSourceError(
+            f"{option} {_px(size)} is not a multiple of {name}'s patch size {_px(patch)}; "
+            f"use {lower} or {lower + patch[0]}"
+        )
+
+
+def mismatch_message(model: Any, file: str, mismatched: Sequence[tuple[str, tuple, tuple]],
+                     missing: Sequence[str], unexpected: Sequence[str]) -> str:
+    """Say which tensors differ (shape in the file against shape in the model) and which option would match."""
+    parts = [f"{key} is {_shape(theirs)} in the file but {_shape(ours)} in the model" for key, theirs, ours in mismatched[:3]]
+    if len(mismatched) > 3:
+        parts.append(f"{len(mismatched) - 3} more tensors differ in shape")
+    for label, keys in (("missing from the file", missing), ("not in the model", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} tensors {label} (e.g. {keys[0]})")
+    hints = _hints(model, {key: theirs for key, theirs, _ in mismatched})
+    advice = f"build the model to match with {' '.join(hints)}" if hints else (
+        "check the model name and --model-kwargs (or --num-classes for another head)")
+    return f"{file} does not fit {type(model).__name__}: {'; '.join(parts)}; {advice}"
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ")"
+
+
+def _hints(model: Any, theirs: dict[str, Sequence[int]]) -> list[str]:
+    """The options that would build the file's shapes, where the patch embedding and position embedding say them."""
+    _, patch = input_geometry(model)
+    kwargs, size = [], None
+    proj = next((shape for key, shape in theirs.items() if key.endswith("patch_embed.proj.weight") and len(shape) == 4), None)
+    pos = next((shape for key, shape in theirs.items() if key.endswith("pos_embed") and len(shape) == 3), None)
+    dim = (proj[0] if proj else pos[-1] if pos else None)
+    if dim is not None and dim != _dim(model):
+        kwargs.append(f"embed_dim={dim}")
+    if proj is not None:
+        patch = (int(proj[-2]), int(proj[-1]))
+        kwargs.append(f"patch_size={proj[-1]}")
+    if pos is not None and patch is not None:
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+        grid = math.isqrt(max(pos[1] - prefix, 0))
+        if grid and grid * grid == pos[1] - prefix:
+            size = grid * patch[0]
+    return ([f"--model-kwargs {' '.join(kwargs)}"] if kwargs else []) + ([f"--img-size {size}"] if size else [])
+
+
+def _dim(model: Any) -> int | None:
+    return getattr(model, "embed_dim", None)
+
+
+def unreadable_message(path: Path, error: BaseException) -> str:
+    """Why a weights file cannot be read; a pickle of Python objects is refused without advice to unpickle it."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if refused or "Weights only load failed" in str(error):
+        needs = f" (it needs {refused.group(1)})" if refused else ""
+        return (f"{path} holds Python objects besides tensors{needs}; cbtool reads plain tensors only and never "
+                "runs pickled code; if you trust the file, save its state_dict with "
+                "safetensors.torch.save_file(state_dict, 'weights.safetensors') where it was made, and pass that file")
+    if path.stat().st_size == 0:
+        return f"cannot read checkpoint {path}: the file is empty"
+    return f"cannot read checkpoint {path} (truncated, or not a safetensors or PyTorch weights file): {first_line(error)}"

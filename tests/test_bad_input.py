@@ -1,0 +1,355 @@
+"""The bad-input battery: every command (all eight), fed what a new user might type, answers with one line and exit 2
+(1 for a real regression), never a traceback, never a file left behind, and never touches an input.
+
+Each row of ``CASES`` is ``id: (argv, exit code, phrase the message must contain)``. ``{in}`` is the folder of
+shared inputs (checked byte for byte after each case), ``{out}`` an empty folder that must stay empty. A
+phrase starting with ``usage:`` is one of Typer's own usage errors, which may keep their short box.
+Everything runs in this process through ``cbtool.cli.app.main`` on tiny models, so the battery is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from cbtool.checkpoint import save
+from cbtool.cli.app import main
+from cbtool.sources import resolve
+from cbtool.spec import CBSpec
+from cbtool.surgery import inject
+
+# A 28 px, patch-4 ViT with a 10-class head (the sample's shape), tiny enough for milliseconds per batch.
+ARCH = ["patch_size=4", "embed_dim=32", "depth=2", "num_heads=2"]
+KW = ["--model-kwargs", *ARCH, "img_size=28", "num_classes=10"]
+VIT = ["vit_tiny_patch16_224", "--no-pretrained"]
+EVAL = ["--dataset", "sample", "--limit", "20", "--batch-size", "10", "--workers", "0", "--quiet"]
+TUNE = ["--dataset", "sample", "--limit", "40", "--val-limit", "20", "--batch-size", "10", "--workers", "0",
+        "--steps", "1", "--quiet"]  # fmt: skip
+CB = "{in}/cb.safetensors"
+TRAINED = "{in}/trained.safetensors"
+PLAIN = "{in}/plain.safetensors"
+OUT = "{out}/m.safetensors"
+JSON = "{out}/r.json"
+BENCH = ["--repeats", "3", "--warmup", "0", "--number", "1", "--batch-size", "2", "--quiet"]
+
+CASES: dict[str, tuple[list[str], int, str]] = {
+    # --- inject ------------------------------------------------------------------------------------
+    "inject-output-is-the-model": (["inject", CB, "-o", CB, "--force"], 2, "is an input of this command"),
+    "inject-output-is-the-checkpoint": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/weights.safetensors", *KW,
+                                         "-o", "{in}/weights.safetensors", "--force"], 2, "is an input of this command"),
+    "inject-heads-do-not-divide": (["inject", *VIT, "--model-kwargs", "embed_dim=96", "num_heads=5", "-o", OUT], 2,
+                                   "cannot build timm model vit_tiny_patch16_224 with embed_dim=96 num_heads=5"),
+    "inject-patch-size-0": (["inject", *VIT, "--model-kwargs", "patch_size=0", "-o", OUT], 2,
+                            "cannot build timm model vit_tiny_patch16_224 with patch_size=0"),
+    "inject-img-size-conflict": (["inject", *VIT, "--img-size", "32", "--model-kwargs", "img_size=64", "-o", OUT], 2,
+                                 "--img-size 32 and --model-kwargs img_size=64 disagree"),
+    "inject-num-classes-conflict": (["inject", *VIT, "--num-classes", "3", *KW, "-o", OUT], 2,
+                                    "--num-classes 3 and --model-kwargs num_classes=10 disagree"),
+    "inject-empty-pth": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/empty.pth", *KW, "-o", OUT], 2,
+                         "empty.pth: the file is empty"),
+    "inject-empty-bin": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/empty.bin", *KW, "-o", OUT], 2,
+                         "empty.bin: the file is empty"),
+    "inject-pickled-objects": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/objects.pth", *KW, "-o", OUT], 2,
+                               "cbtool reads plain tensors only"),
+    "inject-malicious-pickle": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/evil.pth", *KW, "-o", OUT], 2,
+                                "holds Python objects besides tensors"),
+    "inject-truncated-pth": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/truncated.pth", *KW, "-o", OUT], 2,
+                             "cannot read checkpoint"),
+    "inject-pos-embed-of-32px": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/pos32.safetensors", *KW,
+                                  "-o", OUT], 2, "pos_embed is (1, 65, 32) in the file but (1, 50, 32) in the model; "
+                                                 "build the model to match with --img-size 32"),
+    "inject-patch-of-8": (["inject", "vit_tiny_patch16_224", "--checkpoint", "{in}/patch8.safetensors", *KW, "-o", OUT],
+                          2, "with --model-kwargs patch_size=8"),
+    "inject-img-size-not-a-multiple": (["inject", *VIT, "--img-size", "30", "--model-kwargs", *ARCH, "-o", OUT], 2,
+                                       "--img-size 30 is not a multiple of vit_tiny_patch16_224's patch size 4; use 28 or 32"),
+    "inject-img-size-below-patch": (["inject", *VIT, "--img-size", "2", "--model-kwargs", *ARCH, "-o", OUT], 2,
+                                    "is not a multiple of"),
+    "inject-img-size-of-a-file": (["inject", PLAIN, "--img-size", "32", "-o", OUT], 2, "takes 28 px inputs, not 32"),
+    "inject-kwargs-of-a-file": (["inject", PLAIN, "--model-kwargs", "depth=3", "-o", OUT], 2,
+                                "cannot change a saved model's architecture"),
+    "inject-output-folder-missing": (["inject", *VIT, *KW, "-o", "{out}/no/m.safetensors"], 2, "does not exist; create it first"),
+    "inject-output-exists": (["inject", PLAIN, "-o", CB], 2, "already exists; pass --force"),
+    "inject-output-is-a-folder": (["inject", *VIT, *KW, "-o", "{out}"], 2, "usage: is a directory"),
+    "inject-bad-variant": (["inject", *VIT, "--variant", "cbx", "-o", OUT], 2, "unknown variant 'cbx'"),
+    "inject-bad-position": (["inject", *VIT, "--position", "head", "-o", OUT], 2, "unknown position 'head'"),
+    "inject-bad-layers": (["inject", *VIT, "--layers", "1-", "-o", OUT], 2, "bad --layers term '1-'"),
+    "inject-layers-out-of-range": (["inject", *VIT, *KW, "--layers", "5", "-o", OUT], 2, "out of range"),
+    "inject-unknown-name": (["inject", "vit_tinny_patch16_224", "--no-pretrained", "-o", OUT], 2, "did you mean"),
+    "inject-not-a-transformer": (["inject", "resnet18", "--no-pretrained", "-o", OUT], 2, "is not a model class cbtool supports"),
+    "inject-missing-file": (["inject", "{in}/nope.safetensors", "-o", OUT], 2, "does not exist"),
+    "inject-random-bytes": (["inject", "{in}/random.safetensors", "-o", OUT], 2, "is not a safetensors file"),
+    "inject-checkpoint-with-a-file": (["inject", PLAIN, "--checkpoint", "{in}/weights.safetensors", "-o", OUT], 2,
+                                      "--checkpoint goes with a timm model name"),
+    "inject-bad-kwargs-entry": (["inject", *VIT, "--model-kwargs", "patch_size", "-o", OUT], 2, "bad --model-kwargs entry"),
+    "inject-unknown-kwarg": (["inject", *VIT, "--model-kwargs", "bogus=1", "-o", OUT], 2, "bad architecture argument"),
+    "inject-twice": (["inject", CB, "-o", OUT], 2, "already has Context Broadcasting"),
+    "inject-folder-without-config": (["inject", "{in}/images", "-o", OUT], 2, "is a folder without config.json"),
+    "inject-num-classes-0": (["inject", *VIT, "--num-classes", "0", "-o", OUT], 2, "usage: Invalid value for '--num-classes'"),
+    "inject-no-output": (["inject", *VIT], 2, "usage: Missing option '--output'"),
+    # --- info --------------------------------------------------------------------------------------
+    "info-missing": (["info", "{in}/nope.safetensors"], 2, "does not exist"),
+    "info-folder": (["info", "{in}/images"], 2, "usage: is a directory"),
+    "info-empty": (["info", "{in}/empty.pth"], 2, "is not a safetensors file (too short)"),
+    "info-pth": (["info", "{in}/objects.pth"], 2, "is not a safetensors file"),
+    "info-random-bytes": (["info", "{in}/random.safetensors"], 2, "is not a safetensors file"),
+    # --- eval --------------------------------------------------------------------------------------
+    "eval-json-is-the-model": (["eval", CB, *EVAL, "--json", CB], 2, "--json {in}/cb.safetensors is an input"),
+    "eval-plot-is-the-model": (["eval", CB, *EVAL, "--plot", CB], 2, "--plot {in}/cb.safetensors is an input"),
+    "eval-json-is-the-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/weights.safetensors", *KW, *EVAL,
+                                     "--json", "{in}/weights.safetensors"], 2, "is an input of this command"),
+    "eval-json-in-the-dataset": (["eval", CB, "--dataset", "{in}/images", "--json", "{in}/images/r.json"], 2,
+                                 "lies inside the dataset folder"),
+    "eval-json-and-plot-same": (["eval", CB, *EVAL, "--json", JSON, "--plot", JSON], 2, "name the same file"),
+    "eval-all-images-bad": (["eval", CB, "--dataset", "{in}/corrupt", "--skip-bad-images", "--workers", "0", "--quiet"], 2,
+                            "no image of '{in}/corrupt' could be evaluated: all 10 could not be decoded"),
+    "eval-bad-image": (["eval", CB, "--dataset", "{in}/corrupt", "--workers", "0", "--quiet"], 2, "cannot decode image"),
+    "eval-fresh-head-on-trained-file": (["eval", TRAINED, *EVAL, "--num-classes", "3"], 2,
+                                        "would put a new, untrained head on the trained weights"),
+    "eval-fresh-head-on-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/weights.safetensors",
+                                       "--model-kwargs", *ARCH, "img_size=28", "--num-classes", "3", *EVAL], 2,
+                                      "would put a new, untrained head"),
+    "eval-img-size-30": (["eval", CB, *EVAL, "--img-size", "30"], 2, "takes 28 px inputs, not 30"),
+    "eval-img-size-56": (["eval", CB, *EVAL, "--img-size", "56"], 2, "takes 28 px inputs, not 56"),
+    "eval-dynamic-size-not-a-multiple": (["eval", "{in}/dynamic.safetensors", *EVAL, "--img-size", "30"], 2,
+                                         "--img-size 30 is not a multiple of {in}/dynamic.safetensors's patch size 4"),
+    "eval-img-size-conflict": (["eval", *VIT, "--img-size", "28", "--model-kwargs", *ARCH, "img_size=32", *EVAL], 2,
+                               "disagree"),
+    "eval-pos-embed": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/pos32.safetensors", *KW, *EVAL], 2,
+                       "pos_embed is (1, 65, 32) in the file but (1, 50, 32) in the model"),
+    "eval-empty-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/empty.pth", *KW, *EVAL], 2,
+                              "the file is empty"),
+    "eval-pickled-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/objects.pth", *KW, *EVAL], 2,
+                                "plain tensors only"),
+    "eval-no-dataset-folder": (["eval", CB, "--dataset", "{in}/nowhere"], 2, "no dataset '{in}/nowhere'"),
+    "eval-dataset-is-a-file": (["eval", CB, "--dataset", "{in}/empty.pth"], 2, "is a file"),
+    "eval-unknown-split": (["eval", CB, *EVAL, "--split", "nope"], 2, "has no split 'nope'"),
+    "eval-crop-pct-2": (["eval", CB, *EVAL, "--crop-pct", "2"], 2, "--crop-pct must be in (0, 1]"),
+    "eval-crop-pct-nan": (["eval", CB, *EVAL, "--crop-pct", "nan"], 2, "--crop-pct must be in (0, 1]"),
+    "eval-interpolation": (["eval", CB, *EVAL, "--interpolation", "cubic"], 2, "--interpolation must be one of"),
+    "eval-limit-0": (["eval", CB, "--dataset", "sample", "--limit", "0"], 2, "usage: Invalid value for '--limit'"),
+    "eval-batch-size-0": (["eval", CB, "--dataset", "sample", "--batch-size", "0"], 2, "usage: Invalid value for '--batch-size'"),
+    "eval-workers-negative": (["eval", CB, "--dataset", "sample", "--workers", "-1"], 2, "usage: Invalid value for '--workers'"),
+    "eval-different-preprocessing": (["eval", CB, "{in}/cb32.safetensors", *EVAL], 2, "preprocess images differently"),
+    "eval-head-does-not-fit": (["eval", "{in}/two.safetensors", *EVAL], 2, "has 10 classes but the model's head has 2"),
+    "eval-hub-option-on-sample": (["eval", CB, *EVAL, "--image-column", "img"], 2, "only apply to Hub"),
+    "eval-json-folder-missing": (["eval", CB, *EVAL, "--json", "{out}/no/r.json"], 2, "does not exist; create it first"),
+    "eval-kwargs-of-a-file": (["eval", CB, *EVAL, "--model-kwargs", "depth=1"], 2, "cannot change a saved model's architecture"),
+    "eval-unknown-device": (["eval", CB, *EVAL, "--device", "tpu9"], 2, "unknown device 'tpu9'"),
+    "eval-no-dataset": (["eval", CB], 2, "usage: Missing option '--dataset'"),
+    # --- finetune ----------------------------------------------------------------------------------
+    "tune-weight-decay": (["finetune", CB, *TUNE, "--weight-decay", "-1", "-o", OUT], 2, "--weight-decay must be at least 0"),
+    "tune-clip-grad": (["finetune", CB, *TUNE, "--clip-grad", "-1", "-o", OUT], 2, "--clip-grad must be at least 0"),
+    "tune-min-lr": (["finetune", CB, *TUNE, "--min-lr", "-1", "-o", OUT], 2, "--min-lr must be at least 0"),
+    "tune-min-lr-above-lr": (["finetune", CB, *TUNE, "--lr", "1e-3", "--min-lr", "1e-2", "-o", OUT], 2,
+                             "--min-lr must be in [0, 0.001]"),
+    "tune-hflip": (["finetune", CB, *TUNE, "--hflip", "5", "-o", OUT], 2, "--hflip must be in [0, 1], not 5.0"),
+    "tune-lr-0": (["finetune", CB, *TUNE, "--lr", "0", "-o", OUT], 2, "--lr must be more than 0"),
+    "tune-lr-nan": (["finetune", CB, *TUNE, "--lr", "nan", "-o", OUT], 2, "--lr must be more than 0, not nan"),
+    "tune-lr-inf": (["finetune", CB, *TUNE, "--lr", "inf", "-o", OUT], 2, "--lr must be more than 0, not inf"),
+    "tune-label-smoothing": (["finetune", CB, *TUNE, "--label-smoothing", "1", "-o", OUT], 2, "--label-smoothing must be in [0, 1)"),
+    "tune-warmup-frac": (["finetune", CB, *TUNE, "--warmup-frac", "1", "-o", OUT], 2, "--warmup-frac must be in [0, 1)"),
+    "tune-scale": (["finetune", CB, *TUNE, "--scale", "0", "-o", OUT], 2, "--scale must be in (0, 1]"),
+    "tune-color-jitter": (["finetune", CB, *TUNE, "--color-jitter", "-1", "-o", OUT], 2, "--color-jitter must be at least 0"),
+    "tune-val-fraction": (["finetune", CB, *TUNE, "--val-fraction", "1.5", "-o", OUT], 2, "--val-fraction must be in (0, 1)"),
+    "tune-resume-a-model-file": (["finetune", "--resume", CB, "-o", OUT], 2,
+                                 "--resume takes a run folder (e.g. runs/last) or its checkpoint.pt"),
+    "tune-resume-nothing": (["finetune", "--resume", "{in}/images", "-o", OUT], 2, "no checkpoint at"),
+    "tune-output-is-the-model": (["finetune", CB, *TUNE, "-o", CB, "--force"], 2, "--output {in}/cb.safetensors is an input"),
+    "tune-best-is-the-output": (["finetune", CB, *TUNE, "-o", OUT, "--save-best", OUT], 2, "name the same file"),
+    "tune-log-is-the-model": (["finetune", CB, *TUNE, "-o", OUT, "--log", CB], 2, "--log {in}/cb.safetensors is an input"),
+    "tune-output-in-the-dataset": (["finetune", CB, "--dataset", "{in}/images", "-o", "{in}/images/m.safetensors"], 2,
+                                   "lies inside the dataset folder"),
+    "tune-run-folder-not-writable": (["finetune", CB, *TUNE, "--run-dir", "/proc/cbtool-run", "-o", OUT], 2,
+                                     "cannot write the run folder /proc/cbtool-run"),
+    "tune-epochs-and-steps": (["finetune", CB, *TUNE, "--epochs", "1", "-o", OUT], 2, "--epochs or --steps, not both"),
+    "tune-no-output": (["finetune", CB, *TUNE], 2, "give the output file with -o/--output"),
+    "tune-no-dataset": (["finetune", CB, "-o", OUT], 2, "give a MODEL and --dataset"),
+    "tune-val-split-is-train": (["finetune", CB, *TUNE, "--val-split", "train", "-o", OUT], 2, "is the training split"),
+    "tune-val-split-and-fraction": (["finetune", CB, *TUNE, "--val-split", "test", "--val-fraction", "0.1", "-o", OUT], 2,
+                                    "--val-split or --val-fraction, not both"),
+    "tune-train-part": (["finetune", CB, *TUNE, "--train", "everything", "-o", OUT], 2, "unknown part 'everything'"),
+    "tune-output-exists": (["finetune", CB, *TUNE, "-o", PLAIN], 2, "already exists; pass --force"),
+    "tune-checkpoint-with-a-file": (["finetune", CB, *TUNE, "--checkpoint", "{in}/weights.safetensors", "-o", OUT], 2,
+                                    "--checkpoint goes with a timm model name"),
+    "tune-grad-accum-0": (["finetune", CB, *TUNE, "--grad-accum", "0", "-o", OUT], 2, "usage: Invalid value for '--grad-accum'"),
+    # --- check -------------------------------------------------------------------------------------
+    "check-nan-top1": (["check", "{in}/nan.json", "--baseline", "{in}/results.json"], 2,
+                       "metrics.top1 is nan, not a finite number"),
+    "check-nan-baseline": (["check", "{in}/results.json", "--baseline", "{in}/nan.json"], 2, "not a finite number"),
+    "check-json-is-the-results": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--json",
+                                   "{in}/results.json"], 2, "is an input of this command"),
+    "check-markdown-is-the-baseline": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--markdown",
+                                        "{in}/baseline.json"], 2, "is an input of this command"),
+    "check-missing": (["check", "{in}/nope.json", "--baseline", "{in}/results.json"], 2, "no such file"),
+    "check-not-json": (["check", "{in}/empty.pth", "--baseline", "{in}/results.json"], 2, "is not valid JSON"),
+    "check-no-schema": (["check", "{in}/other.json", "--baseline", "{in}/results.json"], 2, "no schema_version"),
+    "check-bad-rule": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--max-drop", "speed=1"], 2,
+                       "unknown metric 'speed'"),
+    "check-alpha": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--alpha", "2"], 2,
+                    "alpha must be between 0 and 1"),
+    "check-a-folder": (["check", "{in}/images", "--baseline", "{in}/results.json"], 2, "usage: is a directory"),
+    "check-other-dataset": (["check", "{in}/results.json", "--baseline", "{in}/other-dataset.json"], 2,
+                            "describe different datasets"),
+    "check-regression": (["check", "{in}/worse.json", "--baseline", "{in}/baseline.json", "--strict"], 1, "regression: top1"),
+    # --- compare -----------------------------------------------------------------------------------
+    "compare-json-is-an-input": (["compare", "{in}/results.json", "{in}/baseline.json", "--json", "{in}/baseline.json"], 2,
+                                 "is an input of this command"),
+    "compare-one-model": (["compare", "{in}/results.json"], 2, "compare needs at least two models"),
+    "compare-missing": (["compare", "{in}/results.json", "{in}/nope.json"], 2, "no such file"),
+    "compare-nan": (["compare", "{in}/results.json", "{in}/nan.json"], 2, "not a finite number"),
+    "compare-plot-without-density": (["compare", "{in}/results.json", "{in}/baseline.json", "--plot", "{out}/p.png"], 2,
+                                     "--plot needs per-layer density"),
+    # --- families ----------------------------------------------------------------------------------
+    "families-extra-argument": (["families", "vit"], 2, "usage: Got unexpected extra"),
+    "families-unknown-option": (["families", "--yaml"], 2, "usage: No such option: --yaml"),
+    # --- bench -------------------------------------------------------------------------------------
+    "bench-json-is-the-model": (["bench", PLAIN, *BENCH, "--json", PLAIN], 2, "is an input of this command"),
+    "bench-img-size-30": (["bench", *VIT, "--img-size", "30", "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=1",
+                           "num_heads=2", *BENCH], 2, "--img-size 30 is not a multiple of"),
+    "bench-img-size-of-a-file": (["bench", PLAIN, "--img-size", "56", *BENCH], 2, "takes 28 px inputs, not 56"),
+    "bench-has-cb": (["bench", CB, *BENCH], 2, "already has Context Broadcasting"),
+    "bench-clock": (["bench", PLAIN, *BENCH, "--clock", "sundial"], 2, "unknown clock 'sundial'"),
+    "bench-variant": (["bench", PLAIN, *BENCH, "--variant", "cbx"], 2, "unknown variant 'cbx'"),
+    "bench-kwargs-conflict": (["bench", *VIT, "--img-size", "28", "--model-kwargs", *ARCH, "img_size=32", *BENCH], 2,
+                              "disagree"),
+    "bench-repeats-0": (["bench", PLAIN, "--repeats", "0"], 2, "usage: Invalid value for '--repeats'"),
+    "bench-threads-0": (["bench", PLAIN, "--threads", "0"], 2, "usage: Invalid value for '--threads'"),
+    "bench-empty-checkpoint": (["bench", "vit_tiny_patch16_224", "--checkpoint", "{in}/empty.bin", *KW, *BENCH], 2,
+                               "the file is empty"),
+}
+
+
+def _tiny(seed: int = 0, **kwargs):
+    torch.manual_seed(seed)
+    arch = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28, "num_classes": 10, **kwargs}
+    return resolve("vit_tiny_patch16_224", pretrained=False, model_kwargs=arch)
+
+
+class _Evil:
+    """Unpickling this would create the marker file; cbtool must never run it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """The shared inputs: tiny cbtool files, weights files good and bad, image folders and results files."""
+    folder = tmp_path_factory.mktemp("inputs")
+    save(_tiny(), folder / "plain.safetensors")
+    save(inject(_tiny(), CBSpec()), folder / "cb.safetensors")
+    save(inject(_tiny(img_size=32), CBSpec()), folder / "cb32.safetensors")
+    save(_tiny(num_classes=2), folder / "two.safetensors")
+    save(_tiny(dynamic_img_size=True), folder / "dynamic.safetensors")
+    state = _tiny(seed=1).state_dict()
+    save_file(state, str(folder / "weights.safetensors"))
+    save(resolve("vit_tiny_patch16_224", pretrained=False, checkpoint=folder / "weights.safetensors",
+                 model_kwargs=ARCH + ["img_size=28", "num_classes=10"]), folder / "trained.safetensors")  # fmt: skip
+    save_file(_tiny(img_size=32).state_dict(), str(folder / "pos32.safetensors"))
+    save_file(_tiny(patch_size=8, img_size=32).state_dict(), str(folder / "patch8.safetensors"))
+    (folder / "empty.pth").write_bytes(b"")
+    (folder / "empty.bin").write_bytes(b"")
+    torch.save({"model": state, "args": {"cfg": Path("x")}}, folder / "objects.pth")
+    torch.save({"model": state, "hook": _Evil(str(folder.parent / "pwned"))}, folder / "evil.pth")
+    data = (folder / "objects.pth").read_bytes()
+    (folder / "truncated.pth").write_bytes(data[: len(data) // 2])
+    (folder / "random.safetensors").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for c in range(10):
+        (folder / "corrupt" / f"class{c}").mkdir(parents=True)
+        (folder / "corrupt" / f"class{c}" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for c in range(2):
+        (folder / "images" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 40 * c, np.uint8)).save(folder / "images" / f"c{c}" / "0.png")
+    _results_files(folder)
+    return folder
+
+
+def _results_files(folder: Path) -> None:
+    code = _run(["eval", str(folder / "cb.safetensors"), *EVAL, "--json", str(folder / "results.json")])
+    assert code == 0
+    results = json.loads((folder / "results.json").read_text())
+    (folder / "baseline.json").write_text(json.dumps(results))
+    worse = json.loads(json.dumps(results))
+    metrics = worse["models"][0]["metrics"]
+    metrics["correct"] = "0" * len(metrics["correct"])
+    metrics["top1"], metrics["top5"] = 0.0, 0.0
+    baseline = json.loads(json.dumps(results))
+    baseline["models"][0]["metrics"].update(top1=100.0, correct="1" * len(metrics["correct"]))
+    (folder / "baseline.json").write_text(json.dumps(baseline))
+    (folder / "worse.json").write_text(json.dumps(worse))
+    nan = json.loads(json.dumps(results))
+    nan["models"][0]["metrics"]["top1"] = math.nan
+    (folder / "nan.json").write_text(json.dumps(nan))
+    other = json.loads(json.dumps(results))
+    other["dataset"].update(name="elsewhere", samples_sha256="0" * 64)
+    (folder / "other-dataset.json").write_text(json.dumps(other))
+    (folder / "other.json").write_text(json.dumps({"hello": 1}))
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        main(argv)
+    except SystemExit as exited:
+        return exited.code if isinstance(exited.code, int) else 0
+    return 0
+
+
+def _listing(folder: Path) -> dict[str, str]:
+    """Every file under ``folder``, hidden temporaries included, with a hash of its bytes."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}  # fmt: skip
+
+
+@pytest.mark.parametrize("case_id", CASES)
+def test_bad_input(case_id, inputs, tmp_path, capsys, monkeypatch):
+    argv, code, phrase = CASES[case_id]
+    monkeypatch.delenv("CBTOOL_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)  # a default runs/ folder would show up here
+    fill = {"in": str(inputs), "out": str(out)}
+    before = _listing(inputs)
+    result = _run([arg.format(**fill) for arg in argv])
+    captured = capsys.readouterr()
+    assert result == code, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    if phrase.startswith("usage: "):
+        assert phrase[len("usage: "):] in " ".join(captured.err.replace("│", " ").split()), captured.err
+    else:
+        lines = captured.err.strip().splitlines()
+        prefix = "cbtool: error: " if code == 2 else "cbtool: error: regression"
+        assert len(lines) == 1 and lines[0].startswith(prefix), captured.err
+        assert phrase.format(**fill) in lines[0], lines[0]
+        assert "weights_only" not in lines[0]  # never advise unpickling
+    assert list(out.iterdir()) == []  # no output, no temporary, no run folder
+    assert _listing(inputs) == before  # every input untouched
+    assert not (inputs.parent / "pwned").exists()  # no pickled code ran
+
+
+def test_the_battery_covers_every_command():
+    commands = {argv[0] for argv, _, _ in CASES.values()}
+    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench", "families"}
+    assert len(CASES) >= 80
+
+
+def test_a_dynamic_size_model_takes_another_multiple_of_its_patch(inputs, tmp_path, capsys):
+    """The awkward but valid case: --img-size on a saved model that takes any multiple of its patch."""
+    out = tmp_path / "r.json"
+    assert _run(["eval", str(inputs / "dynamic.safetensors"), *EVAL, "--img-size", "32", "--json", str(out)]) == 0, (
+        capsys.readouterr().err)
+    assert json.loads(out.read_text())["preprocessing"]["input_size"] == [3, 32, 32]
