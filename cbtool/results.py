@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any, Sequence
 
+from cbtool import provenance
 from cbtool._version import __version__
 
 SCHEMA_VERSION = 1
@@ -39,13 +40,12 @@ def environment_record(device: str, *, world_size: int, batch_size: int, amp: bo
 
 def model_record(label: str, model, result) -> dict[str, Any]:
     """One entry of ``models``: provenance of ``model`` and the metrics ``evaluate`` found."""
-    from cbtool.sources import SOURCE_ATTRIBUTE
     from cbtool.surgery import spec_of
 
     spec = spec_of(model)
     return {
         "label": label,
-        "source": getattr(model, SOURCE_ATTRIBUTE, None),
+        "source": provenance.source_of(model),
         "cb_spec": spec.to_dict() if spec is not None else None,
         "metrics": result.metrics,
         "density": result.density,

@@ -45,9 +45,9 @@ class VizOptions:
 def preprocess(model: nn.Module, images: Sequence) -> tuple[torch.Tensor, list[np.ndarray]]:
     """PIL images -> the model's eval batch (``cbtool eval``'s transform) and, per image, what it sees in [0, 1]."""
     from cbtool.data import build_transform, resolve_preprocessing
-    from cbtool.sources import DATA_CONFIG_ATTRIBUTE
+    from cbtool import provenance
 
-    config = getattr(model, DATA_CONFIG_ATTRIBUTE, None)
+    config = provenance.data_config_of(model)
     if config is None:
         raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.sources.resolve or cbtool.load")
     preprocessing = resolve_preprocessing(config)
