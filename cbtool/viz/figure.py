@@ -132,7 +132,7 @@ def attention_figure(models: Sequence[nn.Module], images: Sequence, path: str | 
 
 def load_images(paths: Sequence[str | os.PathLike[str]]) -> list:
     """RGB ``PIL.Image`` per file; a missing or undecodable file is one ``VizError`` line."""
-    from cbtool.data.dataset import BadImage, open_rgb
+    from cbtool.data.images import BadImage, open_rgb
 
     found = []
     for path in paths:
