@@ -17,7 +17,7 @@ from typing import Any
 from cbtool import provenance
 from cbtool.errors import CheckpointError, OutputError, SpecError, first_line
 from cbtool.files import atomic_path, write_safetensors  # noqa: F401  (atomic_path: public name kept here)
-from cbtool.spec import CBSpec
+from cbtool.spec import CBSpec, scale_stats
 
 SOURCE_KEY = provenance.SOURCE
 SPEC_KEY = provenance.SPEC
@@ -139,8 +139,38 @@ def describe(path: str | Path) -> dict[str, Any]:
         ),
         data_config=metadata.get(DATA_CONFIG_KEY),
         training=metadata.get(TRAINING_KEY),
+        cb_scales=_scale_stats(path, tensors),
     )
     return info
+
+
+def _scale_stats(path: str | Path, tensors: dict[str, dict]) -> list[dict] | None:
+    """Mean, min and max of each ``.cb.scale`` vector, read from the file without torch."""
+    from safetensors import safe_open
+
+    names = [name for name in tensors if name.endswith(".cb.scale")]
+    if not names:
+        return None
+    rows = []
+    with safe_open(str(path), framework="numpy") as handle:
+        for name in names:
+            try:
+                values = handle.get_tensor(name).astype("float64").tolist()
+            except (TypeError, ValueError):  # bfloat16 has no numpy dtype
+                values = _bf16_values(path, tensors[name])
+            rows.append(scale_stats(name[: -len(".scale")], values))
+    return rows
+
+
+def _bf16_values(path: str | Path, entry: dict) -> list[float]:
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        header_size = struct.unpack("<Q", handle.read(8))[0]
+        start, end = entry["data_offsets"]
+        handle.seek(8 + header_size + start)
+        raw = np.frombuffer(handle.read(end - start), dtype="<u2").astype("<u4") << 16
+    return raw.view("<f4").astype("float64").tolist()
 
 
 # --- save and load ------------------------------------------------------------------------------

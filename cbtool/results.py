@@ -40,13 +40,14 @@ def environment_record(device: str, *, world_size: int, batch_size: int, amp: bo
 
 def model_record(label: str, model, result) -> dict[str, Any]:
     """One entry of ``models``: provenance of ``model`` and the metrics ``evaluate`` found."""
-    from cbtool.surgery import spec_of
+    from cbtool.surgery import scale_summary, spec_of
 
     spec = spec_of(model)
     return {
         "label": label,
         "source": provenance.source_of(model),
         "cb_spec": spec.to_dict() if spec is not None else None,
+        "cb_scales": scale_summary(model),
         "metrics": result.metrics,
         "density": result.density,
     }

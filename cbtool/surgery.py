@@ -16,7 +16,7 @@ from cbtool.broadcast import CHILD_NAME, BranchEnd, is_broadcast, make_broadcast
 from cbtool import provenance
 from cbtool.errors import SpecError, UnsupportedModelError
 from cbtool.families import Family, detect
-from cbtool.spec import CBSpec
+from cbtool.spec import CBSpec, scale_stats
 
 SPEC_ATTRIBUTE = provenance.SPEC
 
@@ -117,6 +117,14 @@ def spec_of(model: nn.Module) -> CBSpec | None:
 def broadcast_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned CB parameters (the ``cbs`` scales); empty for ``cb``."""
     return [p for _, module in find_broadcasts(model) for p in module.parameters()]
+
+
+def scale_summary(model: nn.Module) -> list[dict] | None:
+    """The learned ``cbs`` scales per rewritten block (mean, min, max): how much uniform attention each layer
+    wants. None for a model without ``cbs``."""
+    rows = [scale_stats(name, module.scale.detach().float().cpu().tolist())
+            for name, module in find_broadcasts(model) if hasattr(module, "scale")]
+    return rows or None
 
 
 def legacy_scale_keys(model: nn.Module) -> dict[str, str]:
