@@ -1,4 +1,4 @@
-"""Tables, markdown, plots and atomic file writes shared by ``eval``, ``compare`` and ``check``.
+"""Tables, markdown and plots shared by ``eval``, ``compare``, ``check`` and ``report``: how results read.
 
 Everything here works on the ``models`` entries of the results schema (docs/results-schema.md) and
 imports nothing heavy: matplotlib is imported only inside :func:`plot_density`.
@@ -6,15 +6,15 @@ imports nothing heavy: matplotlib is imported only inside :func:`plot_density`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cbtool.checkpoint import atomic_path
-from cbtool.errors import CbtoolError, OutputError
+from cbtool.errors import CbtoolError
+# The atomic writers live in files.py; they stay importable from here, where eval, compare and check found them.
+from cbtool.files import atomic_path, check_output_folder, check_parent_folder, write_json_atomic, write_text_atomic  # noqa: F401
 
 __all__ = [
     "density_table",
@@ -27,6 +27,7 @@ __all__ = [
     "markdown_table",
     "metrics_table",
     "plot_density",
+    "check_output_folder",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -204,12 +205,6 @@ def _delta(current: Any, reference: Any) -> float | None:
     return current - reference
 
 
-def _ratio(current: Any, reference: Any) -> str:
-    if current is None or not reference:
-        return "-"
-    return f"{current / reference:.2f}x"
-
-
 def difference_rows(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Differences of ``models[1:]`` from ``models[0]`` (current minus reference; throughput as a ratio)."""
     if not models:
@@ -272,7 +267,7 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
-    _check_folder(path)
+    check_parent_folder(path)
     fig, (ax_entropy, ax_distance) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     try:
         for model in with_density:
@@ -291,38 +286,4 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
             fig.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(fig)
-    return path
-
-
-def _check_folder(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist; create it first")
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically; with ``append``, after the file's current content."""
-    path = Path(path)
-    _check_folder(path)
-    if append and path.is_file():
-        previous = path.read_text(encoding="utf-8")
-        if previous and not previous.endswith("\n"):
-            previous += "\n"
-        text = previous + text
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically."""
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True) + "\n"
-    return write_text_atomic(path, text)
-
-
-def check_output_folder(path: str | os.PathLike[str]) -> Path:
-    """Fail before any work when a report's folder is missing (reports are overwritten; models are not)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise OutputError(f"output {path} is a folder; give a file name")
-    _check_folder(path)
     return path
