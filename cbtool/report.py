@@ -1,7 +1,7 @@
 """Tables, markdown and plots shared by ``eval``, ``compare``, ``check`` and ``report``: how results read.
 
-Everything here works on the ``models`` entries of the results schema (docs/results-schema.md) and
-imports nothing heavy: matplotlib is imported only inside :func:`plot_density`.
+Everything here works on the ``models`` entries of the results schema (docs/results-schema.md), or on
+what ``cbtool.check`` makes of them, and imports nothing heavy: matplotlib only inside :func:`plot_density`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from cbtool.errors import CbtoolError
 from cbtool.files import atomic_path, check_output_folder, check_parent_folder, write_json_atomic, write_text_atomic  # noqa: F401
 
 __all__ = [
+    "check_markdown",
+    "check_summary",
+    "check_text",
     "density_table",
     "difference_rows",
     "difference_table",
@@ -251,6 +254,65 @@ def difference_table(
             row.append(format_p(p_values[index]))
         rows.append(row)
     return _table(headers, rows, markdown)
+
+
+def _check_rows(report: Any) -> tuple[list[str], list[list[str]]]:
+    several = len({(c.model, c.baseline_model) for c in report.checks}) > 1
+    headers = ["metric", "baseline", "current", "diff", report.confidence_label, "p", "allowed", "verdict"]
+    rows = []
+    for c in report.checks:
+        diff = format_value(c.difference, c.kind, signed=True)
+        if c.allowed_text.endswith("%") and c.difference is not None and c.baseline:
+            diff += f" ({100 * c.difference / abs(c.baseline):+.1f}%)"
+        interval = "-"
+        if c.interval is not None:
+            low, high = (format_value(v, c.kind, signed=True) for v in c.interval)
+            interval = f"[{low}, {high}]"
+        current, baseline = format_value(c.current, c.kind), format_value(c.baseline, c.kind)
+        row = [c.metric, baseline, current, diff, interval, format_p(c.p_value), c.allowed_text, c.verdict]
+        rows.append([c.model, *row] if several else row)
+    return (["model", *headers] if several else headers), rows
+
+
+def check_summary(report: Any) -> str:
+    """One line for a ``check.CheckReport``: passed or failed, and the count of each verdict."""
+    counts = ", ".join(f"{count} {verdict}" for verdict, count in report.counts.items())
+    state = "passed" if report.passed else "FAILED"
+    return f"check {state}: {len(report.checks)} checks ({counts})"
+
+
+def check_text(report: Any) -> str:
+    """A ``check.CheckReport`` as plain text: which files, the table, notes and the summary line."""
+    pairs = sorted({(c.model, c.baseline_model) for c in report.checks})
+    lines = [f"{report.results_name} vs baseline {report.baseline_name}"]
+    if len(pairs) == 1:
+        model, base = pairs[0]
+        lines[0] += f" (model {model!r}" + (f" vs {base!r})" if base != model else ")")
+    headers, rows = _check_rows(report)
+    lines += ["", format_table(headers, rows), ""]
+    lines += [f"note: {note}" for note in report.notes]
+    lines.append(check_summary(report))
+    return "\n".join(lines)
+
+
+def check_markdown(report: Any) -> str:
+    """A ``check.CheckReport`` as a section for a CI job page (e.g. ``$GITHUB_STEP_SUMMARY``)."""
+    headers, rows = _check_rows(report)
+    rows = [[f"**{cell}**" if cell == "regression" else cell for cell in row] for row in rows]
+    state = "passed" if report.passed else "failed: regression"
+    lines = [
+        f"### cbtool check {state}",
+        "",
+        f"`{report.results_name}` vs baseline `{report.baseline_name}`, "
+        f"alpha {report.alpha:g}{', strict' if report.strict else ''}.",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
+    lines += [f"- {note}" for note in report.notes]
+    if report.notes:
+        lines.append("")
+    return "\n".join(lines) + "\n"  # a blank line before whatever the next step appends
 
 
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
