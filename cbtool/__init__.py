@@ -1,7 +1,7 @@
 """cbtool: Context Broadcasting (uniform attention) for Vision Transformers.
 
 The public API is imported lazily so that ``import cbtool`` (and ``cbtool --help``) stays fast:
-``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``finetune``, ``attention_maps``, ``CBSpec``.
+``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``finetune``, ``attention_maps``, ``compare``, ``CBSpec``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _LAZY = {
     "evaluate": "cbtool.evaluation",
     "finetune": "cbtool.train",
     "attention_maps": "cbtool.viz.maps",
+    "compare": "cbtool.check",
     "CbtoolError": "cbtool.errors",
 }
 

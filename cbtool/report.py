@@ -20,6 +20,8 @@ __all__ = [
     "check_markdown",
     "check_summary",
     "check_text",
+    "comparison_markdown",
+    "comparison_text",
     "density_table",
     "difference_rows",
     "difference_table",
@@ -313,6 +315,33 @@ def check_markdown(report: Any) -> str:
     if report.notes:
         lines.append("")
     return "\n".join(lines) + "\n"  # a blank line before whatever the next step appends
+
+
+def _comparison_sections(comparison: Any, markdown: bool) -> list[str]:
+    reference = comparison.models[0]
+    sections = [
+        ("Metrics", metrics_table, {}),
+        ("Attention density per layer", density_table, {}),
+        (f"Differences from {reference['label']}", difference_table, {"p_values": comparison.p_values}),
+    ]
+    parts = []
+    for title, table, kwargs in sections:
+        body = table(comparison.models, markdown=markdown, **kwargs)
+        if body:
+            parts.append(f"#### {title}\n\n{body}" if markdown else f"{title}\n{body}")
+    return parts
+
+
+def comparison_text(comparison: Any) -> str:
+    """A ``check.Comparison`` as plain text: metrics, per-layer density, differences from the first, notes."""
+    return "\n".join(["\n\n".join(_comparison_sections(comparison, False)), *(f"note: {n}" for n in comparison.notes)])
+
+
+def comparison_markdown(comparison: Any) -> str:
+    """A ``check.Comparison`` as a markdown section to append to a CI job page."""
+    body = "\n\n".join(["### cbtool compare", *_comparison_sections(comparison, True),
+                         *(f"- {note}" for note in comparison.notes)])  # fmt: skip
+    return body + "\n\n"
 
 
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:

@@ -1,12 +1,13 @@
-"""Regression verdicts of results files (``cbtool check``).
+"""Regression verdicts (``cbtool check``) and side-by-side comparisons (``cbtool compare``) of results files.
 
 ``stats``: McNemar's test, two-proportion tests and intervals; ``rules``: the checkable metrics and the
-``--max-drop top1=0.5`` grammar; ``verdicts``: a results file against a baseline. Reading results files
-is ``cbtool.results``'s, rendering ``cbtool.report``'s. No torch.
+``--max-drop top1=0.5`` grammar; ``verdicts``: a results file against a baseline; ``comparison``: several
+results side by side. Reading results files is ``cbtool.results``'s, rendering ``cbtool.report``'s. No torch.
 """
 
 from __future__ import annotations
 
+from cbtool.check.comparison import Comparison, compare, compare_results
 from cbtool.check.rules import ALIASES, DEFAULT_RULES, DROP, METRICS, RISE, MetricInfo, Rule, parse_rules
 from cbtool.check.stats import (
     TestResult,
@@ -25,8 +26,8 @@ from cbtool.results import SCHEMA_VERSION, dataset_mismatches, load_results, val
 
 __all__ = [
     "ALIASES", "DEFAULT_RULES", "DROP", "METRICS", "RISE", "SCHEMA_VERSION", "VERDICTS",
-    "CheckReport", "Interval", "MetricCheck", "MetricInfo", "Rule", "TestResult",
-    "binomial_two_sided_p", "check_results", "chi2_1df_sf", "dataset_mismatches",
+    "CheckReport", "Comparison", "Interval", "MetricCheck", "MetricInfo", "Rule", "TestResult",
+    "binomial_two_sided_p", "check_results", "chi2_1df_sf", "compare", "compare_results", "dataset_mismatches",
     "discordant_counts", "load_results", "mcnemar_test", "paired_proportion_interval", "paired_top1_test",
     "pair_models", "parse_rules", "two_proportion_interval", "two_proportion_test", "validate_results",
     "wilson_interval",
