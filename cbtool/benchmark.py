@@ -29,7 +29,7 @@ from cbtool.distributed import amp_dtype, pick_device, synchronize
 from cbtool.errors import CbtoolError
 from cbtool.spec import CBSpec
 
-SCHEMA_VERSION = 1
+from cbtool.results import SCHEMA_VERSION  # noqa: E402  (one version for every JSON document cbtool writes)
 # Without --number, each timed repeat runs enough forwards to last about this long (GPU kernels are short).
 MIN_REPEAT_S = 0.05
 # A time budget never cuts a run below this many repeats: fewer give no meaningful spread.

@@ -20,8 +20,8 @@ def report_command(
     """Write one self-contained HTML page: metrics, per-layer density, robustness, pictures and provenance."""
     import sys
 
-    from cbtool.check import load_results
-    from cbtool.report import check_output_folder
+    from cbtool.files import check_output_folder
+    from cbtool.results import load_results
     from cbtool.viz.page import write_report_page
 
     check_output_folder(output)

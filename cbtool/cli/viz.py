@@ -53,7 +53,7 @@ def viz_command(
     import sys
 
     from cbtool.errors import VizError
-    from cbtool.report import check_output_folder
+    from cbtool.files import check_output_folder
 
     check_output_folder(output)
     if bool(images) == bool(dataset):

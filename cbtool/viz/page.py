@@ -17,7 +17,8 @@ from typing import Any
 
 from cbtool._version import __version__
 from cbtool.errors import CbtoolError
-from cbtool.report import METRIC_HEADERS, difference_rows, format_value, label_models, metrics_row, write_text_atomic
+from cbtool.files import write_text_atomic
+from cbtool.report import METRIC_HEADERS, difference_rows, format_value, label_models, metrics_row
 from cbtool.viz.svg import line_chart
 
 _METRIC_KEYS = [("metrics", "top1"), ("metrics", "top5"), ("metrics", "loss"), ("metrics", "num_samples"),
