@@ -93,8 +93,6 @@ def finetune_command(
 
 def _run(o: dict[str, Any]) -> None:
     from cbtool import distributed, train
-    from cbtool.checkpoint import check_output_path
-    from cbtool.files import check_outputs, check_writable_folder
     from cbtool.ranges import check_range
     from cbtool.families import detect
     from cbtool.spec import CBSpec
@@ -115,13 +113,9 @@ def _run(o: dict[str, Any]) -> None:
     )  # fmt: skip
     check_range("--val-fraction", o["val_fraction"], 0, 1, low_open=True, high_open=True)
     if info.is_main:  # fail before a long download or a long run
-        check_outputs({"--output": o["output"], "--save-best": o["save_best"], "--log": o["log"]},
-                      [o["model"], o["checkpoint"]], dataset=o["dataset"])  # fmt: skip
-        check_output_path(o["output"], force=o["force"])
-        if o["save_best"] is not None and o["resume"] is None:
-            check_output_path(o["save_best"], force=o["force"])
-        run_dir = o["run_dir"] or (train.find_checkpoint(o["resume"]).parent if o["resume"] else "runs")
-        check_writable_folder(run_dir, "run folder", "pick another with --run-dir, or run from a writable folder")
+        train.check_run_outputs(o["output"], save_best=o["save_best"], log=o["log"], run_dir=o["run_dir"],
+                                resume=o["resume"], inputs=[o["model"], o["checkpoint"]], dataset=o["dataset"],
+                                force=o["force"])  # fmt: skip
 
     if o["resume"] is not None:
         model, _ = train.load_run(o["resume"])

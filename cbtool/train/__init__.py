@@ -19,14 +19,14 @@ from cbtool.train.config import (
 )
 from cbtool.train.data import resolve_training_data
 from cbtool.train.loop import finetune
-from cbtool.train.prepare import check_new_head, default_lr, fit_head, new_model
+from cbtool.train.prepare import check_new_head, check_run_outputs, default_lr, fit_head, new_model
 from cbtool.train.record import training_record
 from cbtool.train.resume import find_checkpoint, load_run, read_run_info, recordable, resume_options
 from cbtool.train.run import Run
 
 __all__ = [
     "CHECKPOINT_INFO_NAME", "CHECKPOINT_NAME", "LOG_NAME", "PRETRAINED_LR", "SCRATCH_LR", "FinetuneConfig",
-    "FinetuneResult", "Interrupted", "Run", "check_new_head", "default_lr", "finetune", "find_checkpoint", "fit_head",
-    "load_run", "new_model", "read_run_info", "recordable", "resolve_training_data", "resume_options",
-    "training_record",
+    "FinetuneResult", "Interrupted", "Run", "check_new_head", "check_run_outputs", "default_lr", "finetune",
+    "find_checkpoint", "fit_head", "load_run", "new_model", "read_run_info", "recordable",
+    "resolve_training_data", "resume_options", "training_record",
 ]  # fmt: skip

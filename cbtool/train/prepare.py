@@ -160,6 +160,20 @@ def output_paths(model: nn.Module, config: FinetuneConfig, info, *, resuming: bo
     return output, best
 
 
+def check_run_outputs(output, *, save_best=None, log=None, run_dir=None, resume=None, inputs=(), dataset=None,
+                      force: bool = False) -> None:
+    """Before a long download or run: the output files may be written, name no input, and the run folder is writable."""
+    from cbtool.files import check_outputs, check_writable_folder
+    from cbtool.train.resume import find_checkpoint
+
+    check_outputs({"--output": output, "--save-best": save_best, "--log": log}, list(inputs), dataset=dataset)
+    check_output_path(output, force=force)
+    if save_best is not None and resume is None:
+        check_output_path(save_best, force=force)
+    folder = run_dir or (find_checkpoint(resume).parent if resume else "runs")
+    check_writable_folder(folder, "run folder", "pick another with --run-dir, or run from a writable folder")
+
+
 def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, force: bool, *, resuming: bool) -> None:
     from cbtool.sources import SOURCE_ATTRIBUTE
 
