@@ -17,6 +17,9 @@ from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from
 # CB goes on the drop path modules that receive the normalised branch output.
 PRE_NORM, POST_NORM = "pre-norm", "post-norm"
 
+# Embeddings that timm keeps free of weight decay (``no_weight_decay()``), wherever they sit in the model.
+_NO_DECAY_LEAVES = {"pos_embed", "cls_token", "dist_token", "reg_token", "mask_token"}
+
 
 def timm_branch(block: nn.Module, position: str, kind: str, attn_token_dims: tuple[int, ...] = (1,),
                 mlp_token_dims: tuple[int, ...] = (1,), block_token_dims: tuple[int, ...] = (1,)) -> Branch:
@@ -74,6 +77,11 @@ class TimmFamily(Family):
         head = model.get_classifier()
         heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled models have two
         return [h for h in heads if isinstance(h, nn.Module)]
+
+    def no_weight_decay_names(self, model: nn.Module) -> set[str]:
+        # timm's own list names top-level parameters; nested ones (a hybrid's stem) are found by their leaf.
+        names = super().no_weight_decay_names(model)
+        return names | {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in _NO_DECAY_LEAVES}
 
     def block_dim(self, block: nn.Module) -> int:
         norm = getattr(block, "norm1", None)
