@@ -38,11 +38,10 @@ def new_model(name: str, *, seed: int, spec=None, **source_options: Any) -> nn.M
 
 def default_lr(model: nn.Module) -> float:
     """1e-5 for pretrained weights (healing), 1e-3 for randomly initialised ones (training from scratch)."""
-    from cbtool.sources import SOURCE_ATTRIBUTE
-
+    from cbtool import provenance
     from cbtool.fit import has_trained_weights
 
-    record = getattr(unwrap(model), SOURCE_ATTRIBUTE, None)
+    record = provenance.source_of(unwrap(model))
     return PRETRAINED_LR if (has_trained_weights(unwrap(model)) or not record) else SCRATCH_LR
 
 
@@ -136,7 +135,7 @@ def optimizer_for(model: nn.Module, config: FinetuneConfig, device: torch.device
     """(AdamW over the trainable parameters, a GradScaler for float16 AMP or None, the AMP dtype or None)."""
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr, betas=config.betas,
                                   fused=device.type == "cuda")  # fmt: skip
-    amp_dtype = _amp_dtype(device, config.amp, quiet=quiet)
+    amp_dtype = _amp_dtype(device, config.amp)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     return optimizer, scaler, amp_dtype
 
@@ -175,7 +174,7 @@ def check_run_outputs(output, *, save_best=None, log=None, run_dir=None, resume=
 
 
 def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, force: bool, *, resuming: bool) -> None:
-    from cbtool.sources import SOURCE_ATTRIBUTE
+    from cbtool import provenance
 
     for path in (output, best):
         if path is not None:
@@ -183,15 +182,16 @@ def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, for
             check_output_path(path, force=force or (resuming and path is best))
     if output is not None and best is not None and output.resolve() == best.resolve():
         raise OutputError("--save-best and --output name the same file; give the best model its own name")
-    if (output or best) and getattr(unwrap(model), SOURCE_ATTRIBUTE, None) is None:
+    if (output or best) and provenance.source_of(unwrap(model)) is None:
         raise CbtoolError("this model has no cbtool source record, so it cannot be saved; build it with cbtool.sources.resolve() or cbtool.load()")
 
 
 def _augmentation(model: nn.Module, config: FinetuneConfig) -> tuple[dict, dict | None]:
     """The model's data config, and timm's training-transform options (None: train on the eval transform)."""
-    from cbtool.sources import DATA_CONFIG_ATTRIBUTE, timm_data_config
+    from cbtool import provenance
+    from cbtool.sources import timm_data_config
 
-    data_config = getattr(unwrap(model), DATA_CONFIG_ATTRIBUTE, None) or timm_data_config(unwrap(model))
+    data_config = provenance.data_config_of(unwrap(model)) or timm_data_config(unwrap(model))
     size = min(int(s) for s in data_config["input_size"][1:])
     if not (config.augment if config.augment is not None else size >= SMALL_INPUT):
         return data_config, None
@@ -217,9 +217,9 @@ def _default_workers(device: torch.device, world_size: int) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // world_size))
 
 
-def _amp_dtype(device: torch.device, amp: bool, *, quiet: bool) -> torch.dtype | None:
-    if not amp:
-        return None
+def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The one mixed-precision policy of eval, bench and finetune (``distributed.amp_dtype``); fp16 gets a scaler."""
+    return distributed.amp_dtype(device) if amp else None
     if device.type in ("cuda", "cpu"):
         return distributed.amp_dtype(device)
     if not quiet:

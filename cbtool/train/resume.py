@@ -35,7 +35,8 @@ def load_run(path: str | Path) -> tuple[nn.Module, dict]:
 
     The info is ``checkpoint.json``: ``step``, ``config``, ``run_info`` and the model ``record``.
     """
-    from cbtool.sources import DATA_CONFIG_ATTRIBUTE, rebuild
+    from cbtool import provenance
+    from cbtool.architectures import rebuild
     from cbtool.spec import CBSpec
     from cbtool.surgery import inject
 
@@ -46,10 +47,7 @@ def load_run(path: str | Path) -> tuple[nn.Module, dict]:
     model = rebuild(record["source"])
     if record.get("spec"):
         inject(model, CBSpec.from_dict(record["spec"]))
-    if record.get("data_config"):
-        setattr(model, DATA_CONFIG_ATTRIBUTE, record["data_config"])
-    if record.get("training"):
-        model.cbtool_training = record["training"]
+    provenance.attach(model, data_config=record.get("data_config"), training=record.get("training"))
     return model, info
 
 

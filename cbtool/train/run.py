@@ -67,14 +67,11 @@ class Run:
         path = self.checkpoint
         if not self.info.is_main:
             return None
-        from cbtool.sources import DATA_CONFIG_ATTRIBUTE, SOURCE_ATTRIBUTE
-        from cbtool.surgery import spec_of
+        from cbtool import provenance
 
         plain = unwrap(model)
-        spec = spec_of(plain)
-        record = {"source": getattr(plain, SOURCE_ATTRIBUTE, None), "spec": spec.to_dict() if spec else None,
-                  "data_config": getattr(plain, DATA_CONFIG_ATTRIBUTE, None),
-                  "training": getattr(plain, "cbtool_training", None)}  # fmt: skip
+        kept = provenance.of(plain)
+        record = {"source": kept.source, "spec": kept.spec, "data_config": kept.data_config, "training": kept.training}
         payload = {
             "format": CHECKPOINT_FORMAT,
             "model": plain.state_dict(),
