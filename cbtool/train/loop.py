@@ -47,8 +47,7 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
     run = Run(config, info, checkpoint)
     place(model, config, device)
     run.load_weights(model)
-    optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan.schedule.peak,
-                                                 quiet=config.quiet or not info.is_main)  # fmt: skip
+    optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan.schedule.peak)
     state = run.restore(optimizer, scaler)
     t = _Training(model, wrap(model, config, info, device), optimizer, scaler, amp_dtype, config, device,
                   info, run, plan, state, best_path, plan.settings(config, info, device), plan.data())  # fmt: skip

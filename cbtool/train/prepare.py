@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,11 +130,11 @@ def place(model: nn.Module, config: FinetuneConfig, device: torch.device) -> Non
         model.to(memory_format=torch.channels_last)
 
 
-def optimizer_for(model: nn.Module, config: FinetuneConfig, device: torch.device, lr: float, *, quiet: bool):
+def optimizer_for(model: nn.Module, config: FinetuneConfig, device: torch.device, lr: float):
     """(AdamW over the trainable parameters, a GradScaler for float16 AMP or None, the AMP dtype or None)."""
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr, betas=config.betas,
                                   fused=device.type == "cuda")  # fmt: skip
-    amp_dtype = _amp_dtype(device, config.amp)
+    amp_dtype = distributed.amp_dtype(device) if config.amp else None  # the policy eval and bench use too
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     return optimizer, scaler, amp_dtype
 
@@ -217,11 +216,3 @@ def _default_workers(device: torch.device, world_size: int) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // world_size))
 
 
-def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """The one mixed-precision policy of eval, bench and finetune (``distributed.amp_dtype``); fp16 gets a scaler."""
-    return distributed.amp_dtype(device) if amp else None
-    if device.type in ("cuda", "cpu"):
-        return distributed.amp_dtype(device)
-    if not quiet:
-        print(f"note: --amp is not supported on {device.type}; training in float32", file=sys.stderr)
-    return None
