@@ -120,6 +120,11 @@ def attn_drop_probe(attention: nn.Module, where: str) -> AttentionProbe:
     return AttentionProbe(attention, attention.attn_drop, reads_qk=plain)
 
 
+def _mask_argument(args: tuple, kwargs: dict, name: str) -> Optional[torch.Tensor]:
+    """The attention mask an attention module was called with: keyword ``name``, or its second positional argument."""
+    return kwargs.get(name, args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+
+
 _CHUNK_ELEMENTS = 1 << 20  # query rows per chunk: about 4 MB of float32 maps at a time
 
 
@@ -134,8 +139,7 @@ def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCal
     state: dict[str, Optional[torch.Tensor]] = {"q": None, "mask": None}
 
     def remember(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
-        state["mask"] = mask
+        state["mask"] = _mask_argument(args, kwargs, probe.mask_arg)
 
     def keep_q(_module: nn.Module, _args: tuple, q: torch.Tensor) -> None:
         state["q"] = q
@@ -186,7 +190,7 @@ def _explicit_attention(probe: AttentionProbe, index: int, callback: AttentionCa
     mask: list[Optional[torch.Tensor]] = [None]
 
     def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask[0] = kwargs.get(probe.mask_arg, args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+        mask[0] = _mask_argument(args, kwargs, probe.mask_arg)
 
     def report(_module: nn.Module, args: tuple) -> None:
         probs = probe.to_probs(args[0])
