@@ -255,9 +255,11 @@ def validate_results(results: Any, name: str = "results") -> dict[str, Any]:
     version = results.get("schema_version")
     if version is None:
         raise CbtoolError(f"{name} is not a cbtool results file: no schema_version (write one with cbtool eval --json)")
-    if version != SCHEMA_VERSION:
+    from cbtool.results import READABLE_SCHEMA_VERSIONS
+
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise CbtoolError(
-            f"{name} has schema_version {version!r}, this cbtool reads {SCHEMA_VERSION}; "
+            f"{name} has schema_version {version!r}, this cbtool reads {' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}; "
             "use the cbtool version that wrote it, or re-run cbtool eval"
         )
     if not isinstance(results.get("dataset"), dict):

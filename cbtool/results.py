@@ -10,7 +10,8 @@ from typing import Any, Sequence
 from cbtool import provenance
 from cbtool._version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the per-model ``robustness`` record (cbtool eval --corruptions)
+READABLE_SCHEMA_VERSIONS = (1, 2)  # what readers (check, compare, report) accept: 1 is 2 without robustness
 
 
 def package_versions() -> dict[str, str | None]:
