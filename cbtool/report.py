@@ -258,17 +258,24 @@ def difference_table(
     return _table(headers, rows, markdown)
 
 
-def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write a PNG with per-layer entropy and attention distance, one line per model; returns the path."""
-    with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
-    if not with_density:
-        raise CbtoolError("no model has per-layer density to plot; evaluate with --density")
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra to install."""
     try:
         import matplotlib
     except ImportError as error:
         raise CbtoolError("plots need matplotlib: pip install 'cbtool[plot]'") from error
     matplotlib.use("Agg")  # no display on CI machines; must precede pyplot
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write a PNG with per-layer entropy and attention distance, one line per model; returns the path."""
+    with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
+    if not with_density:
+        raise CbtoolError("no model has per-layer density to plot; evaluate with --density")
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
@@ -370,12 +377,7 @@ def plot_robustness(models: Sequence[Mapping[str, Any]], path: str | os.PathLike
     robust = [m for m in models if m.get("robustness")]
     if not robust:
         raise CbtoolError("no model has robustness figures to plot; evaluate with --corruptions")
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise CbtoolError("plots need matplotlib: pip install 'cbtool[plot]'") from error
-    matplotlib.use("Agg")  # no display on CI machines; must precede pyplot
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     path = Path(path)
     _check_folder(path)
