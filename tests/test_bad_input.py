@@ -156,6 +156,8 @@ CASES: dict[str, tuple[list[str], int, str]] = {
                                           "give them with --corruptions"),
     "eval-examples-folder-missing": (["eval", CB, *EVAL, "--corruptions", "fog", "--save-examples", "{out}/no"], 2,
                                      "no such folder; create it first"),
+    "eval-examples-in-the-dataset": (["eval", CB, "--dataset", "{in}/images", "--corruptions", "fog", "--save-examples",
+                                      "{in}/images/c0"], 2, "lies inside the dataset folder"),
     "eval-corruptions-and-density": (["eval", CB, *EVAL, "--corruptions", "fog", "--density"], 2,
                                      "--density measures clean images"),
     "eval-corruptions-under-32-px": (["eval", CB, *EVAL, "--corruptions", "fog"], 2,

@@ -43,7 +43,7 @@ def eval_command(
 ) -> None:
     """Evaluate MODELS on the same batches: top-1/top-5, loss, throughput, (with --density) attention density and
     (with --corruptions) top-1 error, CE and mCE under common corruptions."""
-    from cbtool.files import check_outputs
+    from cbtool.files import check_outputs, check_writable_folder
     from cbtool.pipeline import check_corruption_options
     from cbtool.report import check_output_folder
 
@@ -51,8 +51,11 @@ def eval_command(
                              save_examples=str(save_examples) if save_examples is not None else None)
     if save_examples is not None and not save_examples.is_dir():
         raise OutputError(f"--save-examples {save_examples}: no such folder; create it first")
+    if save_examples is not None:
+        check_writable_folder(save_examples, "--save-examples folder", "pass a folder you can write to")
 
-    check_outputs({"--json": json_out, "--plot": plot}, [*models, checkpoint], dataset=dataset)
+    check_outputs({"--json": json_out, "--plot": plot, "--save-examples": save_examples}, [*models, checkpoint],
+                  dataset=dataset)  # pictures inside an image folder would become samples of it
     for path in (json_out, plot):
         if path is not None:
             check_output_folder(path)
