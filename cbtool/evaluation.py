@@ -53,11 +53,20 @@ def evaluate(
     class_subset: Sequence[int] | None = None,
     progress: bool = True,
     total_batches: int | None = None,
+    corruptions: Sequence[str] = (),
+    severities: Sequence[int] = (),
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    corruption_seed: int = 0,
 ) -> list[ModelResult]:
     """Evaluate ``models`` on the batches of ``loader`` (``(images, labels[, indices])``), all on the same batches.
 
     ``class_subset`` restricts the logits to those classes (ImageNet-A/R style 200-class sets), and labels index
     into the subset. With ``density`` each model's attention probabilities are measured on the fly.
+
+    With ``corruptions`` every batch is also corrupted at each of ``severities`` (``corrupt_normalized`` with the
+    loader's ``mean`` and ``std``, keyed by the batch's dataset indices, so the pixels do not depend on the batch
+    size or rank) and each model's accuracy per cell lands in ``extra["corruptions"][name][severity]``.
     """
     device = torch.device(device)
     families = [detect(model) for model in models]
@@ -69,6 +78,15 @@ def evaluate(
     densities: list[DensityAccumulator | None] = [None] * len(models)
     subset = torch.as_tensor(list(class_subset), device=device) if class_subset is not None else None
     model_seconds = [0.0] * len(models)
+    cells = [(name, severity) for name in corruptions for severity in severities]
+    cell_accuracy = [{cell: AccuracyAccumulator(num_classes) for cell in cells} for _ in models]
+    if cells:
+        from cbtool.robustness import corrupt_normalized
+
+        if mean is None or std is None:
+            raise ValueError("corruptions need the loader's normalisation mean and std")
+        if density:
+            raise ValueError("density is measured on clean images; evaluate corruptions in a separate run")
 
     progress_bar = None
     if progress:
@@ -84,6 +102,7 @@ def evaluate(
             indices = batch[2] if len(batch) > 2 else None
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            clean = images
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             if density and densities[0] is None:
@@ -101,6 +120,20 @@ def evaluate(
                 if subset is not None:
                     logits = logits.index_select(1, subset)
                 accuracy[i].update(logits, targets, indices)
+            if cells:
+                if indices is None:
+                    raise ValueError("corruptions need batches of (images, labels, dataset indices)")
+                keys = indices.tolist()  # the dataset index: the same pixels on every rank and batch size
+                for cell in cells:
+                    corrupted = corrupt_normalized(clean, cell[0], cell[1], keys, mean, std, seed=corruption_seed)
+                    if channels_last:
+                        corrupted = corrupted.contiguous(memory_format=torch.channels_last)
+                    for i, (runner, family) in enumerate(zip(runners, families)):
+                        with autocast_context(device, amp):
+                            logits = family.logits(runner(corrupted))
+                        if subset is not None:
+                            logits = logits.index_select(1, subset)
+                        cell_accuracy[i][cell].update(logits, targets, indices)
             if progress_bar is not None:
                 progress_bar.update(1)
         elapsed = time.perf_counter() - started
@@ -119,7 +152,11 @@ def evaluate(
             "model_images_per_s": count / mean_model if mean_model > 0 else None,
             "end_to_end_images_per_s": count / mean_elapsed if mean_elapsed > 0 else None,
         }
-        results.append(ModelResult(label, metrics, densities[i].result() if densities[i] is not None else None))
+        extra = {}
+        if cells:
+            by_cell = {cell: acc.result() for cell, acc in cell_accuracy[i].items()}
+            extra["corruptions"] = {name: {s: by_cell[(name, s)] for s in severities} for name in corruptions}
+        results.append(ModelResult(label, metrics, densities[i].result() if densities[i] is not None else None, extra))
     return results
 
 

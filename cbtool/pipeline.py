@@ -38,11 +38,16 @@ def evaluate_dataset(
     channels_last: bool = False,
     compile: bool = False,
     progress: bool = True,
+    corruptions: Sequence[str] | str | None = None,
+    severities: Sequence[int] | str = (1, 2, 3, 4, 5),
+    save_examples: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (cbtool files, timm names, HF ids or folders) on ``dataset``, all on the same batches.
 
     Returns the results document on every rank (metrics are reduced over ranks under torchrun). Options mean
-    what the ``cbtool eval`` options of the same names mean.
+    what the ``cbtool eval`` options of the same names mean. With ``corruptions`` (names, or a string such as
+    ``"all"`` or ``"fog,noise"``) each model also gets a ``robustness`` record (cbtool.robustness.record), and
+    ``save_examples`` names a folder for one picture per corruption (main rank only).
     """
     from cbtool import data, distributed, results, sources
     from cbtool.evaluation import evaluate
@@ -50,6 +55,8 @@ def evaluate_dataset(
     from cbtool.fit import check_input_size
 
     models = list(models)
+    corruptions, severities = check_corruption_options(corruptions, severities, density=density,
+                                                       save_examples=save_examples)
     dist_info, torch_device = distributed.setup(device)
     try:
         loaded = [sources.resolve(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
@@ -66,6 +73,15 @@ def evaluate_dataset(
         preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
         for name, model in zip(models, loaded):  # before the first forward
             check_input_size(model, preprocessing["input_size"], name, option="the input size")
+        if corruptions:
+            _check_corruptible_size(preprocessing["input_size"])
+            if save_examples is not None and dist_info.is_main:
+                from cbtool.robustness.examples import save_examples as write_examples
+
+                first = next(iter(data.build_loader(ds.with_transform(data.build_transform(preprocessing)),
+                                                    batch_size=4, workers=0, rank=0, world_size=1)))
+                write_examples(save_examples, first[0], first[2].tolist(), corruptions,
+                               preprocessing["mean"], preprocessing["std"])
         loader = data.build_loader(
             ds.with_transform(data.build_transform(preprocessing)), batch_size=batch_size, workers=workers,
             rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=torch_device.type == "cuda",
@@ -76,6 +92,7 @@ def evaluate_dataset(
             loaded, loader, device=torch_device, num_classes=len(ds.class_subset) if ds.class_subset else ds.num_classes,
             labels=models, amp=amp, channels_last=channels_last, compile=compile, density=density,
             class_subset=ds.class_subset, progress=progress and dist_info.is_main, total_batches=total,
+            corruptions=corruptions, severities=severities, mean=preprocessing["mean"], std=preprocessing["std"],
         )
         dataset_record = ds.describe()
         # describe() counts this rank's bad images only; under torchrun both counts need every rank's.
@@ -84,6 +101,14 @@ def evaluate_dataset(
         if not dataset_record["num_samples"]:
             raise DatasetError(f"no image of '{dataset}' could be evaluated: all {dataset_record['bad_images']} "
                                "could not be decoded; check the files (e.g. open one with PIL)")  # fmt: skip
+        records = [results.model_record(name, model, result) for name, model, result in zip(models, loaded, found)]
+        if corruptions:
+            from cbtool.robustness.record import add_relative_to_first, robustness_record
+
+            for record, result in zip(records, found):
+                record["robustness"] = robustness_record(result.extra["corruptions"], result.metrics["top1"],
+                                                         corruptions, severities)
+            add_relative_to_first([record["robustness"] for record in records], models)
         return results.results_document(
             dataset=dataset_record,
             preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
@@ -91,11 +116,36 @@ def evaluate_dataset(
                 str(torch_device), world_size=dist_info.world_size, batch_size=batch_size, amp=amp,
                 channels_last=channels_last, compile=compile,
             ),
-            models=[results.model_record(name, model, result) for name, model, result in zip(models, loaded, found)],
+            models=records,
             class_names=ds.class_names,
         )
     finally:
         distributed.teardown()
+
+
+def check_corruption_options(corruptions: Sequence[str] | str | None, severities: Sequence[int] | str, *,
+                             density: bool = False, save_examples: str | None = None) -> tuple[list[str], list[int]]:
+    """The corruption names and severities to evaluate (empty without ``corruptions``); one-line errors for the
+    combinations that cannot work, before any model or image is loaded."""
+    from cbtool.robustness import check_corruption, check_severity, parse_corruptions, parse_severities
+
+    if not corruptions:
+        if save_examples is not None:
+            raise CbtoolError("--save-examples shows what corruptions do; give them with --corruptions (e.g. all)")
+        return [], []
+    names = list(parse_corruptions(corruptions)) if isinstance(corruptions, str) else [
+        check_corruption(name) for name in corruptions]
+    levels = list(parse_severities(severities)) if isinstance(severities, str) else [
+        check_severity(level) for level in severities]
+    if density:
+        raise CbtoolError("--density measures clean images; evaluate --corruptions in a separate run")
+    return names, levels
+
+
+def _check_corruptible_size(input_size: Sequence[int]) -> None:
+    if min(input_size[-2:]) < 32:
+        raise CbtoolError(f"corruptions need inputs of at least 32 x 32 px; these models take "
+                          f"{input_size[-2]} x {input_size[-1]} (pass --img-size 32 or more to a model that allows it)")
 
 
 def shared_data_config(names: Sequence[str], models: Sequence[Any]) -> dict:

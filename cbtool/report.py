@@ -1,7 +1,7 @@
 """Tables, markdown and plots shared by ``eval``, ``compare``, ``check`` and ``report``: how results read.
 
 Everything here works on the ``models`` entries of the results schema (docs/results-schema.md), or on
-what ``cbtool.check`` makes of them, and imports nothing heavy: matplotlib only inside :func:`plot_density`.
+what ``cbtool.check`` makes of them, and imports nothing heavy: matplotlib only inside :func:`pyplot`.
 """
 
 from __future__ import annotations
@@ -344,17 +344,24 @@ def comparison_markdown(comparison: Any) -> str:
     return body + "\n\n"
 
 
-def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write a PNG with per-layer entropy and attention distance, one line per model; returns the path."""
-    with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
-    if not with_density:
-        raise CbtoolError("no model has per-layer density to plot; evaluate with --density")
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra to install."""
     try:
         import matplotlib
     except ImportError as error:
         raise CbtoolError("plots need matplotlib: pip install 'cbtool[plot]'") from error
     matplotlib.use("Agg")  # no display on CI machines; must precede pyplot
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write a PNG with per-layer entropy and attention distance, one line per model; returns the path."""
+    with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
+    if not with_density:
+        raise CbtoolError("no model has per-layer density to plot; evaluate with --density")
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)

@@ -21,7 +21,9 @@ from cbtool._version import __version__
 from cbtool.errors import CbtoolError
 
 # The layout version of every JSON document cbtool writes: eval results, check verdicts, compare and bench records.
-SCHEMA_VERSION = 1
+# 2 added the per-model ``robustness`` record (cbtool eval --corruptions); readers accept 1, which is 2 without it.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -85,9 +87,9 @@ def validate_results(results: Any, name: str = "results") -> dict[str, Any]:
     version = results.get("schema_version")
     if version is None:
         raise CbtoolError(f"{name} is not a cbtool results file: no schema_version (write one with cbtool eval --json)")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise CbtoolError(
-            f"{name} has schema_version {version!r}, this cbtool reads {SCHEMA_VERSION}; "
+            f"{name} has schema_version {version!r}, this cbtool reads {' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}; "
             "use the cbtool version that wrote it, or re-run cbtool eval"
         )
     if not isinstance(results.get("dataset"), dict):

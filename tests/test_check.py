@@ -327,7 +327,7 @@ def test_boundary_change_is_within_bounds():
     [
         (lambda r: r["models"][0].update(density=None), "no attention density for entropy_mean; evaluate with --density"),
         (lambda r: r["models"][0]["metrics"].update(throughput=None), "no model_images_per_s"),
-        (lambda r: r.update(schema_version=2), "schema_version 2"),
+        (lambda r: r.update(schema_version=3), "schema_version 3"),
         (lambda r: r.pop("models"), "'models' is missing"),
         (lambda r: r["models"][0]["metrics"].update(correct="01x"), "string of 0s and 1s"),
     ],

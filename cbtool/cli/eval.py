@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.errors import OutputError
 
 
 def eval_command(
@@ -32,15 +34,28 @@ def eval_command(
     amp: opt.Amp = False,
     channels_last: opt.ChannelsLast = False,
     compile: opt.Compile = False,
+    corruptions: Annotated[Optional[str], typer.Option("--corruptions", help="Also evaluate on corrupted images (ImageNet-C): all, common, a group (noise, blur, weather, digital, extra) or names, comma-separated.")] = None,
+    severities: Annotated[str, typer.Option("--severities", help="Corruption severities: 1-5, 3, or 1,3,5.")] = "1-5",
+    save_examples: Annotated[Optional[Path], typer.Option("--save-examples", help="Write one picture per corruption (clean, then each severity across; the first images down) to this folder.")] = None,
     json_out: opt.JsonOut = None,
     plot: opt.Plot = None,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Evaluate MODELS on the same batches: top-1/top-5, loss, throughput and (with --density) attention density."""
-    from cbtool.files import check_outputs
+    """Evaluate MODELS on the same batches: top-1/top-5, loss, throughput, (with --density) attention density and
+    (with --corruptions) top-1 error, CE and mCE under common corruptions."""
+    from cbtool.files import check_outputs, check_writable_folder
+    from cbtool.pipeline import check_corruption_options
     from cbtool.report import check_output_folder
 
-    check_outputs({"--json": json_out, "--plot": plot}, [*models, checkpoint], dataset=dataset)
+    check_corruption_options(corruptions, severities, density=density,
+                             save_examples=str(save_examples) if save_examples is not None else None)
+    if save_examples is not None and not save_examples.is_dir():
+        raise OutputError(f"--save-examples {save_examples}: no such folder; create it first")
+    if save_examples is not None:
+        check_writable_folder(save_examples, "--save-examples folder", "pass a folder you can write to")
+
+    check_outputs({"--json": json_out, "--plot": plot, "--save-examples": save_examples}, [*models, checkpoint],
+                  dataset=dataset)  # pictures inside an image folder would become samples of it
     for path in (json_out, plot):
         if path is not None:
             check_output_folder(path)
@@ -53,15 +68,21 @@ def eval_command(
         label_column=label_column, skip_bad_images=skip_bad_images, batch_size=batch_size, workers=workers,
         img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, pretrained=not no_pretrained,
         checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs, device=device, amp=amp,
-        channels_last=channels_last, compile=compile, progress=not quiet,
+        channels_last=channels_last, compile=compile, progress=not quiet, corruptions=corruptions,
+        severities=severities, save_examples=str(save_examples) if save_examples is not None else None,
     )
     if not distributed.is_main_process():
         return
     _print_summary(document, report, quiet)
     if json_out is not None:
         report.write_json_atomic(json_out, document)
-    if plot is not None:
-        report.plot_density(document["models"], plot)
+    if plot is not None:  # error against severity with --corruptions, else per-layer density
+        if corruptions:
+            from cbtool.robustness.render import plot_robustness
+
+            plot_robustness(document["models"], plot)
+        else:
+            report.plot_density(document["models"], plot)
 
 
 def _print_summary(document: dict, report, quiet: bool) -> None:
@@ -75,3 +96,9 @@ def _print_summary(document: dict, report, quiet: bool) -> None:
     if any(model["density"] for model in document["models"]):
         typer.echo("")
         typer.echo(report.density_table(document["models"]))
+    if any(model.get("robustness") for model in document["models"]):
+        from cbtool.robustness.render import robustness_table
+
+        typer.echo("")
+        typer.echo("Top-1 error (%) under corruptions; CE and mCE in % of AlexNet's")
+        typer.echo(robustness_table(document["models"]))

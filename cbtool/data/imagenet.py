@@ -5,6 +5,8 @@ A dataset whose classes are all ImageNet-1k synsets is mapped into the model's 1
 space; when it has exactly 200 classes (ImageNet-A and ImageNet-R) it keeps its own
 200-class labels and carries the ImageNet indices of those classes as a ``class_subset``,
 so the evaluator restricts the logits to them, as timm's ``validate.py --valid-labels`` does.
+Folders named by class index (ImageNet-V2: ``0`` .. ``999``) map to those indices for a 1000-class
+model: folder ``10`` is class 10, whatever its place in the sorted folder list.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ _SYNSET = re.compile(r"n\d{8}")
 def is_synset(name: str) -> bool:
     """True for a WordNet id like ``n01440764``."""
     return _SYNSET.fullmatch(name) is not None
+
+
+def is_index_folders(classes: list[str]) -> bool:
+    """True when every class name is a class index 0..999 written plainly (ImageNet-V2's folders)."""
+    return bool(classes) and all(c.isdigit() and str(int(c)) == c and int(c) < IMAGENET_NUM_CLASSES for c in classes)
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,6 +68,8 @@ def label_space(classes: list[str], *, num_model_classes: int | None, purpose: s
     1000 classes (or, for evaluation, when the model's class count is not given).
     """
     identity = LabelSpace(len(classes), list(classes), list(range(len(classes))))
+    if num_model_classes == IMAGENET_NUM_CLASSES and is_index_folders(classes):
+        return LabelSpace(IMAGENET_NUM_CLASSES, imagenet_class_names(), [int(c) for c in classes])
     if not classes or not all(is_synset(c) for c in classes):
         return identity
     wants_imagenet = num_model_classes == IMAGENET_NUM_CLASSES or (num_model_classes is None and purpose == "eval")

@@ -1,0 +1,199 @@
+"""``cbtool eval --corruptions``: every cell equals an independent corrupt-and-count loop, does not depend on the
+batch size, CE/mCE agree with ``summarize``, and the plot, the example pictures and the label spaces of the
+distribution-shift sets (ImageNet-A/R, Sketch, V2) are right.
+
+Real images (scikit-learn digits as PNG folders) and a tiny timm ViT trained here for a few steps, at 32 px (the
+corruptions need 32 px or more).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cbtool import data
+from cbtool.checkpoint import save
+from cbtool.cli.app import app
+from cbtool.robustness import corrupt, summarize
+from cbtool.sources import resolve
+from test_eval import DIGIT_CLASSES, digit_picks, tiny_vit, train, write_folder
+
+CORRUPTIONS = ["gaussian_noise", "fog"]
+IMAGES = 24
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("digits"), digit_picks(0, IMAGES), DIGIT_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    import cbtool
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    trained = train(tiny_vit(), steps=60)
+    with_cb = cbtool.inject(copy.deepcopy(trained), cbtool.CBSpec(variant="cb", position="mlp", layers="all"))
+    return {"plain": save(trained, root / "plain.safetensors"), "cb": save(with_cb, root / "cb.safetensors")}
+
+
+def run_eval(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["eval", *map(str, args), "--workers", "0", "-q"])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def document(models, folder, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("out")
+    code, output = run_eval(models["plain"], models["cb"], "--dataset", folder, "--corruptions", ",".join(CORRUPTIONS),
+                            "--severities", "1-5", "--batch-size", "7", "--json", out / "r.json",
+                            "--plot", out / "robust.png")  # fmt: skip
+    assert code == 0, output
+    assert "gaussian_noise" in output and "mCE" in output and "CE vs first" in output
+    assert (out / "robust.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / "r.json").read_text())
+
+
+def independent_cells(model_path: Path, folder: Path, config: dict, corruption: str, severities) -> dict[int, str]:
+    """Corrupt un-normalised images with ``corrupt`` (keys: dataset indices), normalise, run the model, count hits.
+
+    ``config``: the preprocessing record of the document, handed to timm's own ``create_transform``."""
+    from timm.data import create_transform
+
+    model = resolve(str(model_path)).eval()
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    steps = create_transform(**config, is_training=False).transforms
+    to_unit = [t for t in steps if type(t).__name__ != "Normalize"]  # resize, crop, ToTensor
+    ds = data.resolve_dataset(str(folder), None, purpose="eval", num_model_classes=10)
+    pictures, labels = zip(*(ds[i] for i in range(len(ds))))
+    unit = torch.stack([_compose(to_unit, p) for p in pictures])
+    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+    found = {}
+    with torch.no_grad():
+        for severity in severities:
+            images = (corrupt(unit, corruption, severity, list(range(len(ds)))) - mean) / std
+            hits = model(images).argmax(1).eq(torch.tensor(labels))
+            found[severity] = "".join("1" if h else "0" for h in hits.tolist())
+    return found
+
+
+def _compose(steps, picture):
+    for step in steps:
+        picture = step(picture)
+    return picture
+
+
+def test_cells_equal_an_independent_computation(document, models, folder):
+    assert document["schema_version"] == 2
+    for model, path in zip(document["models"], [models["plain"], models["cb"]]):
+        record = model["robustness"]
+        assert record["corruptions"] == CORRUPTIONS and record["severities"] == [1, 2, 3, 4, 5]
+        for corruption in CORRUPTIONS:
+            expected = independent_cells(path, folder, document["preprocessing"], corruption, [1, 3, 5])
+            for severity, correct in expected.items():
+                assert record["correct"][corruption][str(severity)] == correct, (corruption, severity)
+                error = 100.0 * correct.count("0") / len(correct)
+                assert record["error"][corruption][str(severity)] == pytest.approx(error)
+        assert record["clean_error"] == pytest.approx(100.0 - model["metrics"]["top1"])
+
+
+def test_mce_fields_agree_with_summarize(document):
+    for model in document["models"]:
+        record = model["robustness"]
+        table = {c: {int(s): e / 100 for s, e in record["error"][c].items()} for c in CORRUPTIONS}
+        summary = summarize(table, clean_error=record["clean_error"] / 100)
+        assert record["mce"] == pytest.approx(100 * summary.mce)
+        assert record["relative_mce"] == pytest.approx(100 * summary.relative_mce)
+        assert record["ce"] == pytest.approx({c: 100 * v for c, v in summary.ce.items()})
+        assert record["mean_error"] == pytest.approx({c: 100 * v for c, v in summary.mean_error.items()})
+        assert record["complete"] is False  # 2 of the 15 ImageNet-C corruptions
+
+
+def test_ce_relative_to_the_first_model(document):
+    first, second = (m["robustness"] for m in document["models"])
+    assert first["relative_to_first"]["ce"] == {c: pytest.approx(100.0) for c in CORRUPTIONS}
+    assert second["relative_to_first"]["reference"] == document["models"][0]["label"]
+    for c in CORRUPTIONS:
+        ratio = sum(second["error"][c].values()) / sum(first["error"][c].values())
+        assert second["relative_to_first"]["ce"][c] == pytest.approx(100 * ratio)
+    assert second["relative_to_first"]["mce"] == pytest.approx(np.mean(list(second["relative_to_first"]["ce"].values())))
+
+
+def test_cells_do_not_depend_on_the_batch_size(document, models, folder, tmp_path):
+    code, output = run_eval(models["plain"], "--dataset", folder, "--corruptions", ",".join(CORRUPTIONS),
+                            "--severities", "1-5", "--batch-size", "24", "--json", tmp_path / "r.json")
+    assert code == 0, output
+    assert json.loads((tmp_path / "r.json").read_text())["models"][0]["robustness"]["correct"] == (
+        document["models"][0]["robustness"]["correct"])
+
+
+def test_fewer_severities_give_errors_but_no_ce_and_examples_are_written(models, folder, tmp_path):
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    code, output = run_eval(models["cb"], "--dataset", folder, "--corruptions", "fog", "--severities", "3",
+                            "--batch-size", "8", "--json", tmp_path / "r.json", "--save-examples", examples)
+    assert code == 0, output
+    record = json.loads((tmp_path / "r.json").read_text())["models"][0]["robustness"]
+    assert set(record["error"]["fog"]) == {"3"} and record["ce"] == {} and record["mce"] is None
+    assert "CE and mCE need severities 1-5" in output
+    picture = Image.open(examples / "fog.png")
+    assert picture.size == (6 * 32 + 5 * 2, 4 * 32 + 3 * 2)  # clean + 5 severities across, 4 images down
+    assert [p.name for p in examples.iterdir()] == ["fog.png"]  # no temporary left
+
+
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (["--corruptions", "fogg"], "unknown corruption 'fogg'"),
+        (["--corruptions", "fog", "--severities", "6"], "severit"),
+        (["--save-examples", "."], "--save-examples shows what corruptions do"),
+        (["--corruptions", "fog", "--density"], "--density measures clean images"),
+    ],
+)
+def test_bad_corruption_options_fail_before_any_work(models, folder, args, phrase, main_cli):
+    code, err = main_cli("eval", models["cb"], "--dataset", folder, "--workers", "0", *args)
+    assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1, err
+
+
+# ----- label spaces of the distribution-shift sets -------------------------------------------------------
+def _label_of_each_class(root: Path, num_model_classes: int) -> dict[str, int]:
+    ds = data.resolve_dataset(str(root), None, purpose="eval", num_model_classes=num_model_classes)
+    return {ds.sample_ids[i].split("/")[0]: int(ds.labels[i]) for i in range(len(ds))}, ds
+
+
+def test_imagenet_v2_folders_are_class_indices(tmp_path):
+    names = ["0", "1", "2", "10"]
+    root = write_folder(tmp_path / "v2", [(i, i % 4) for i in range(8)], names)
+    labels, ds = _label_of_each_class(root, 1000)
+    assert labels == {"0": 0, "1": 1, "2": 2, "10": 10} and ds.num_classes == 1000
+    labels, _ = _label_of_each_class(root, 4)  # a 4-class model: the folders are its own classes, in order
+    assert labels == {"0": 0, "1": 1, "2": 2, "10": 3}
+
+
+def test_imagenet_sketch_synsets_map_to_imagenet_indices(tmp_path):
+    from cbtool.data.imagenet import synset_to_index
+
+    synsets = ["n01440764", "n01443537", "n15075141"]  # the first, second and last ImageNet class
+    root = write_folder(tmp_path / "sketch", [(i, i % 3) for i in range(6)], synsets)
+    labels, ds = _label_of_each_class(root, 1000)
+    assert labels == {s: synset_to_index()[s] for s in synsets} and labels["n15075141"] == 999
+    assert ds.num_classes == 1000 and ds.class_subset is None
+
+
+def test_imagenet_a_and_r_keep_their_200_classes(tmp_path):
+    from cbtool.data.imagenet import synset_to_index
+
+    synsets = sorted(synset_to_index())[:200]
+    root = write_folder(tmp_path / "r", [(i, i) for i in range(200)], synsets)
+    labels, ds = _label_of_each_class(root, 1000)
+    assert labels == {s: i for i, s in enumerate(synsets)}
+    assert ds.class_subset == [synset_to_index()[s] for s in synsets]
