@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbtool.cli.app import app, main
+from cbtool.results import SCHEMA_VERSION
 
 TINY = ["vit_tiny_patch16_224", "--no-pretrained", "--img-size", "32",
         "--model-kwargs", "patch_size=8", "--model-kwargs", "depth=2"]
@@ -19,7 +20,7 @@ TIMING_KEYS = {"median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "images_per_s"
 
 
 def check_record(record: dict, *, repeats: int = 3, batch_size: int = 2, input_size=(3, 32, 32), variant="cb") -> None:
-    assert record["kind"] == "cbtool-bench" and record["schema_version"] == 1
+    assert record["kind"] == "cbtool-bench" and record["schema_version"] == SCHEMA_VERSION  # one version for every cbtool JSON document
     assert record["cb_spec"]["variant"] == variant
     assert record["device"] == "cpu" and record["device_name"]
     assert record["torch_version"] and record["threads"] >= 1
