@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from cbtool import sources
     from cbtool.benchmark import measure_overhead
-    from cbtool.report import format_table, write_json_atomic
+    from cbtool.files import write_json_atomic
+    from cbtool.report import format_table
     from cbtool.spec import CBSpec
 
     spec = CBSpec(variant=args.variant, position=args.position, layers=args.layers)

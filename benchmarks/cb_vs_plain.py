@@ -11,7 +11,6 @@ the real CLI (``cbtool finetune`` then ``cbtool eval --density``). Needs the Deb
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import subprocess
 import sys
@@ -19,20 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+
+from cbtool.data.idx import read_idx
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 MODEL_ARGS = ["vit_tiny_patch16_224", "--no-pretrained", "--num-classes", "10", "--img-size", "28",
               "--model-kwargs", "patch_size=4", "embed_dim=96", "depth=4", "num_heads=3"]
-
-
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
 def write_folder(root: Path) -> Path:

@@ -18,10 +18,8 @@ density cost into the unfused attention path and the entropy/distance math, on o
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -51,22 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----- the image folder ----------------------------------------------------------------------------------------
-def read_idx(path: Path):
-    import numpy as np
-
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_mnist(count: int):
     """The first ``count`` test images (uint8, 28x28) and labels."""
+    from cbtool.data.idx import read_idx
+
     images_file = FASHION_MNIST / "t10k-images-idx3-ubyte.gz"
     if images_file.is_file():
         return read_idx(images_file)[:count], read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")[:count]
-    from cbtool.data.sample import read_sample
+    from cbtool.data.embedded import read_sample
 
     source, _ = read_sample("test")
     return source.images[:count], source.labels[:count]

@@ -1,7 +1,8 @@
 """cbtool: Context Broadcasting (uniform attention) for Vision Transformers.
 
 The public API is imported lazily so that ``import cbtool`` (and ``cbtool --help``) stays fast:
-``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``finetune``, ``CBSpec``.
+``inject``, ``remove``, ``load``, ``save``, ``evaluate``, ``evaluate_dataset``, ``finetune``, ``attention_maps``,
+``compare``, ``CBSpec``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ _LAZY = {
     "load": "cbtool.checkpoint",
     "save": "cbtool.checkpoint",
     "evaluate": "cbtool.evaluation",
+    "evaluate_dataset": "cbtool.pipeline",
     "finetune": "cbtool.train",
+    "attention_maps": "cbtool.viz.maps",
+    "compare": "cbtool.check",
     "CbtoolError": "cbtool.errors",
 }
 

@@ -23,12 +23,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from cbtool import provenance
 from cbtool._version import __version__
 from cbtool.distributed import amp_dtype, pick_device, synchronize
-from cbtool.errors import CbtoolError, UnsupportedModelError
+from cbtool.errors import CbtoolError
 from cbtool.spec import CBSpec
 
-SCHEMA_VERSION = 1
+from cbtool.results import SCHEMA_VERSION  # noqa: E402  (one version for every JSON document cbtool writes)
 # Without --number, each timed repeat runs enough forwards to last about this long (GPU kernels are short).
 MIN_REPEAT_S = 0.05
 # A time budget never cuts a run below this many repeats: fewer give no meaningful spread.
@@ -178,7 +179,8 @@ def measure_overhead(
 
     ``model`` is moved to ``device`` (and to ``channels_last``) in place and otherwise left as it was.
     """
-    from cbtool.surgery import find_broadcasts, inject, spec_of
+    from cbtool.fit import check_input_size
+    from cbtool.surgery import inject, require_plain, spec_of
 
     spec = spec or CBSpec()
     for name, value, least in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0),
@@ -189,13 +191,14 @@ def measure_overhead(
         raise CbtoolError(f"max_seconds must be positive, got {max_seconds}")
     if clock not in CLOCKS:
         raise CbtoolError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
-    existing = find_broadcasts(model)
-    if existing or spec_of(model) is not None:
-        where = existing[0][0] if existing else "the model"
-        raise UnsupportedModelError(
-            f"the model already has Context Broadcasting (at {where}); benchmark the plain model it came from"
-        )
+    existing = spec_of(model)
+    origin = (provenance.source_of(model) or {}).get("origin") or "the plain model"
+    hint = "" if existing is None else (
+        f", e.g. cbtool bench {origin} --variant {existing.variant} --position {existing.position} "
+        f"--layers {existing.layers}")
+    require_plain(model, f"bench injects CB itself: pass the plain source instead{hint}")
     input_size = _input_size(model, input_size)
+    check_input_size(model, input_size, label or type(model).__name__, option="the input size")  # before any forward
     device = pick_device(str(device) if device is not None else None)
     if clock == "cpu" and device.type != "cpu":
         raise CbtoolError(f"the cpu clock measures CPU time and needs device cpu, not {device}; use the wall clock")
@@ -309,7 +312,7 @@ def _time(module: nn.Module, images: torch.Tensor, device: torch.device, number:
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
     if input_size is None:
-        config = getattr(model, "cbtool_data_config", None) or {}
+        config = provenance.data_config_of(model) or {}
         input_size = config.get("input_size")
         if input_size is None:
             raise CbtoolError(
@@ -334,7 +337,7 @@ def _autocast_dtype(device: torch.device, amp: bool, requested: str | None) -> t
 
 
 def _label(model: nn.Module) -> str:
-    source = getattr(model, "cbtool_source", None) or {}
+    source = provenance.source_of(model) or {}
     return str(source.get("origin") or source.get("model_name") or type(model).__name__)
 
 

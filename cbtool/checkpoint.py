@@ -14,17 +14,17 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from cbtool._version import __version__
+from cbtool import provenance
 from cbtool.errors import CheckpointError, OutputError, SpecError, first_line
 from cbtool.files import atomic_path, write_safetensors  # noqa: F401  (atomic_path: public name kept here)
-from cbtool.spec import CBSpec
+from cbtool.spec import CBSpec, scale_stats
 
-SOURCE_KEY = "cbtool_source"
-SPEC_KEY = "cbtool_spec"
-DATA_CONFIG_KEY = "cbtool_data_config"
-TRAINING_KEY = "cbtool_training"
-VERSION_KEY = "cbtool_version"
-_JSON_KEYS = (SOURCE_KEY, SPEC_KEY, DATA_CONFIG_KEY, TRAINING_KEY)
+SOURCE_KEY = provenance.SOURCE
+SPEC_KEY = provenance.SPEC
+DATA_CONFIG_KEY = provenance.DATA_CONFIG
+TRAINING_KEY = provenance.TRAINING
+VERSION_KEY = provenance.VERSION
+_JSON_KEYS = provenance.JSON_KEYS
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -139,8 +139,38 @@ def describe(path: str | Path) -> dict[str, Any]:
         ),
         data_config=metadata.get(DATA_CONFIG_KEY),
         training=metadata.get(TRAINING_KEY),
+        cb_scales=_scale_stats(path, tensors),
     )
     return info
+
+
+def _scale_stats(path: str | Path, tensors: dict[str, dict]) -> list[dict] | None:
+    """Mean, min and max of each ``.cb.scale`` vector, read from the file without torch."""
+    from safetensors import safe_open
+
+    names = [name for name in tensors if name.endswith(".cb.scale")]
+    if not names:
+        return None
+    rows = []
+    with safe_open(str(path), framework="numpy") as handle:
+        for name in names:
+            try:
+                values = handle.get_tensor(name).astype("float64").tolist()
+            except (TypeError, ValueError):  # bfloat16 has no numpy dtype
+                values = _bf16_values(path, tensors[name])
+            rows.append(scale_stats(name[: -len(".scale")], values))
+    return rows
+
+
+def _bf16_values(path: str | Path, entry: dict) -> list[float]:
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        header_size = struct.unpack("<Q", handle.read(8))[0]
+        start, end = entry["data_offsets"]
+        handle.seek(8 + header_size + start)
+        raw = np.frombuffer(handle.read(end - start), dtype="<u2").astype("<u4") << 16
+    return raw.view("<f4").astype("float64").tolist()
 
 
 # --- save and load ------------------------------------------------------------------------------
@@ -148,25 +178,14 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 def save(model, path: str | Path, *, force: bool = False, training: dict | None = None) -> Path:
     """Write ``model`` (built by cbtool, with or without CB) to ``path`` atomically, with its metadata."""
-    from cbtool.sources import DATA_CONFIG_ATTRIBUTE, SOURCE_ATTRIBUTE
-    from cbtool.surgery import spec_of
-
     model = unwrap(model)
-    source = getattr(model, SOURCE_ATTRIBUTE, None)
-    if source is None:
+    record = provenance.of(model)
+    if record.source is None:
         raise CheckpointError(
             "this model has no cbtool source record; build it with cbtool.sources.resolve() or cbtool.load()"
         )
     path = check_output_path(path, force=force)
-    metadata = {"format": "pt", VERSION_KEY: __version__, SOURCE_KEY: json.dumps(source, sort_keys=True)}
-    spec = spec_of(model)
-    if spec is not None:
-        metadata[SPEC_KEY] = spec.to_json()
-    data_config = getattr(model, DATA_CONFIG_ATTRIBUTE, None)
-    if data_config is not None:
-        metadata[DATA_CONFIG_KEY] = json.dumps(data_config, sort_keys=True)
-    if training is not None:
-        metadata[TRAINING_KEY] = json.dumps(training, sort_keys=True)
+    metadata = provenance.to_metadata(record, training)
     with atomic_path(path) as temporary:
         write_safetensors(_plain_state_dict(model), temporary, metadata=metadata)
     return path
@@ -176,8 +195,7 @@ def load(path: str | Path, device: str = "cpu"):
     """Rebuild architecture, CB and weights from a cbtool file alone (offline); returns the model in eval mode."""
     from safetensors.torch import load_file
 
-    from cbtool.sources import DATA_CONFIG_ATTRIBUTE, rebuild
-    from cbtool.spec import CBSpec
+    from cbtool.architectures import rebuild
     from cbtool.surgery import inject, legacy_scale_keys
 
     metadata = read_metadata(path)
@@ -200,9 +218,8 @@ def load(path: str | Path, device: str = "cpu"):
         keys = result.missing_keys or result.unexpected_keys
         kind = "missing" if result.missing_keys else "unexpected"
         raise CheckpointError(f"{path}: weights do not match the recorded architecture ({len(keys)} {kind}, e.g. {keys[0]})")
-    if metadata.get(DATA_CONFIG_KEY) is not None:
-        setattr(model, DATA_CONFIG_ATTRIBUTE, metadata[DATA_CONFIG_KEY])
-    model.cbtool_training = metadata.get(TRAINING_KEY)
+    provenance.attach(model, data_config=metadata.get(DATA_CONFIG_KEY))
+    setattr(model, provenance.TRAINING, metadata.get(TRAINING_KEY))  # None for a file never fine-tuned
     return model.to(device).eval()
 
 

@@ -80,6 +80,11 @@ def setup(device_request: str | None = None) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of a torchrun job (or runs alone)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -48,6 +48,10 @@ class RegressionError(CbtoolError):
     exit_code = 1
 
 
+class VizError(CbtoolError):
+    """An attention picture that cannot be drawn as asked (a query outside the grid, a layer kind without it)."""
+
+
 class Interrupted(CbtoolError):
     """Ctrl-C stopped a command; the message (starting with "interrupted") says what was saved, if anything."""
 

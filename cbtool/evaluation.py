@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cbtool.distributed import all_reduce_sum, amp_dtype, synchronize
-from cbtool.families import detect
+from cbtool.families import detect, require_head
 from cbtool.metrics import AccuracyAccumulator, DensityAccumulator
 
 
@@ -63,11 +63,7 @@ def evaluate(
     families = [detect(model) for model in models]
     labels = list(labels) if labels is not None else [f"model{i}" for i in range(len(models))]
     if num_classes is None:
-        num_classes = len(class_subset) if class_subset is not None else families[0].num_classes(models[0])
-    if num_classes is None:
-        from cbtool.errors import UnsupportedModelError
-
-        raise UnsupportedModelError("the model has no classification head; inject with --num-classes or finetune it")
+        num_classes = len(class_subset) if class_subset is not None else require_head(models[0], labels[0])
     runners = [prepare_model(m, device, channels_last=channels_last, compile=compile) for m in models]
     accuracy = [AccuracyAccumulator(num_classes) for _ in models]
     densities: list[DensityAccumulator | None] = [None] * len(models)

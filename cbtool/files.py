@@ -182,3 +182,38 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str, hint: str) 
     except OSError as error:
         raise OutputError(f"cannot write the {what} {folder}: {existing} is not writable ({error.strerror}); {hint}") from None
     return folder
+
+
+def check_parent_folder(path: Path) -> None:
+    """Fail when the folder ``path`` would be written in does not exist (cbtool creates no report folders)."""
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically; with ``append``, after the file's current content."""
+    path = Path(path)
+    check_parent_folder(path)
+    if append and path.is_file():
+        previous = path.read_text(encoding="utf-8")
+        if previous and not previous.endswith("\n"):
+            previous += "\n"
+        text = previous + text
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically."""
+    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True) + "\n"
+    return write_text_atomic(path, text)
+
+
+def check_output_folder(path: str | os.PathLike[str]) -> Path:
+    """Fail before any work when a report's folder is missing (reports are overwritten; models are not)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name")
+    check_parent_folder(path)
+    return path

@@ -10,11 +10,6 @@ from torch import nn
 from cbtool.errors import CbtoolError
 
 TRAIN_PARTS = ("all", "cb", "head", "norm")
-# Embeddings that timm (``no_weight_decay()``) and transformers keep free of weight decay.
-_NO_DECAY_LEAVES = {
-    "pos_embed", "cls_token", "dist_token", "reg_token", "mask_token",
-    "position_embeddings", "distillation_token", "register_tokens",
-}  # fmt: skip
 
 
 def parse_train_parts(text: str) -> tuple[str, ...]:
@@ -83,15 +78,16 @@ def select_trainable(model: nn.Module, parts: tuple[str, ...] | str) -> int:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups over the trainable parameters, as timm's ``param_groups_weight_decay`` builds them.
 
-    No decay for 1-d parameters (norms, biases, CB scales) and position/class/register embeddings.
+    No decay for 1-d parameters (norms, biases, CB scales) and the embeddings the model's family names.
     """
-    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    from cbtool.families import detect
+
+    skip = detect(model).no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip or leaf in _NO_DECAY_LEAVES:
+        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
             no_decay.append(param)
         else:
             decay.append(param)

@@ -1,31 +1,38 @@
-"""Tables, markdown, plots and atomic file writes shared by ``eval``, ``compare`` and ``check``.
+"""Tables, markdown and plots shared by ``eval``, ``compare``, ``check`` and ``report``: how results read.
 
-Everything here works on the ``models`` entries of the results schema (docs/results-schema.md) and
-imports nothing heavy: matplotlib is imported only inside :func:`plot_density`.
+Everything here works on the ``models`` entries of the results schema (docs/results-schema.md), or on
+what ``cbtool.check`` makes of them, and imports nothing heavy: matplotlib only inside :func:`plot_density`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cbtool.checkpoint import atomic_path
-from cbtool.errors import CbtoolError, OutputError
+from cbtool.errors import CbtoolError
+# The atomic writers live in files.py; they stay importable from here, where eval, compare and check found them.
+from cbtool.files import atomic_path, check_output_folder, check_parent_folder, write_json_atomic, write_text_atomic  # noqa: F401
 
 __all__ = [
+    "check_markdown",
+    "check_summary",
+    "check_text",
+    "comparison_markdown",
+    "comparison_text",
     "density_table",
     "difference_rows",
     "difference_table",
     "format_p",
     "format_table",
     "format_value",
+    "label_models",
     "markdown_table",
     "metrics_table",
     "plot_density",
+    "check_output_folder",
     "write_json_atomic",
     "write_text_atomic",
 ]
@@ -128,6 +135,19 @@ def _throughput(model: Mapping[str, Any], key: str) -> Any:
     return (_metrics(model).get("throughput") or {}).get(key)
 
 
+def label_models(loaded: Sequence[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every model of every ``(file name, results)``, relabelled ``file:label`` when labels would be ambiguous."""
+    entries = [(name, results, model) for name, results in loaded for model in results["models"]]
+    labels = [str(model["label"]) for _, _, model in entries]
+    if len(set(labels)) < len(labels):
+        short = [f"{Path(name).name}:{model['label']}" for name, _, model in entries]
+        labels = short if len(set(short)) == len(short) else [f"{name}:{model['label']}" for name, _, model in entries]
+    return [
+        {**model, "label": label, "file": name, "dataset": results["dataset"]}
+        for (name, results, model), label in zip(entries, labels)
+    ]
+
+
 METRIC_HEADERS = ["model", "top1", "top5", "loss", "samples", "img/s model", "img/s e2e", "entropy", "distance"]
 
 
@@ -190,12 +210,6 @@ def _delta(current: Any, reference: Any) -> float | None:
     return current - reference
 
 
-def _ratio(current: Any, reference: Any) -> str:
-    if current is None or not reference:
-        return "-"
-    return f"{current / reference:.2f}x"
-
-
 def difference_rows(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Differences of ``models[1:]`` from ``models[0]`` (current minus reference; throughput as a ratio)."""
     if not models:
@@ -244,6 +258,92 @@ def difference_table(
     return _table(headers, rows, markdown)
 
 
+def _check_rows(report: Any) -> tuple[list[str], list[list[str]]]:
+    several = len({(c.model, c.baseline_model) for c in report.checks}) > 1
+    headers = ["metric", "baseline", "current", "diff", report.confidence_label, "p", "allowed", "verdict"]
+    rows = []
+    for c in report.checks:
+        diff = format_value(c.difference, c.kind, signed=True)
+        if c.allowed_text.endswith("%") and c.difference is not None and c.baseline:
+            diff += f" ({100 * c.difference / abs(c.baseline):+.1f}%)"
+        interval = "-"
+        if c.interval is not None:
+            low, high = (format_value(v, c.kind, signed=True) for v in c.interval)
+            interval = f"[{low}, {high}]"
+        current, baseline = format_value(c.current, c.kind), format_value(c.baseline, c.kind)
+        row = [c.metric, baseline, current, diff, interval, format_p(c.p_value), c.allowed_text, c.verdict]
+        rows.append([c.model, *row] if several else row)
+    return (["model", *headers] if several else headers), rows
+
+
+def check_summary(report: Any) -> str:
+    """One line for a ``check.CheckReport``: passed or failed, and the count of each verdict."""
+    counts = ", ".join(f"{count} {verdict}" for verdict, count in report.counts.items())
+    state = "passed" if report.passed else "FAILED"
+    return f"check {state}: {len(report.checks)} checks ({counts})"
+
+
+def check_text(report: Any) -> str:
+    """A ``check.CheckReport`` as plain text: which files, the table, notes and the summary line."""
+    pairs = sorted({(c.model, c.baseline_model) for c in report.checks})
+    lines = [f"{report.results_name} vs baseline {report.baseline_name}"]
+    if len(pairs) == 1:
+        model, base = pairs[0]
+        lines[0] += f" (model {model!r}" + (f" vs {base!r})" if base != model else ")")
+    headers, rows = _check_rows(report)
+    lines += ["", format_table(headers, rows), ""]
+    lines += [f"note: {note}" for note in report.notes]
+    lines.append(check_summary(report))
+    return "\n".join(lines)
+
+
+def check_markdown(report: Any) -> str:
+    """A ``check.CheckReport`` as a section for a CI job page (e.g. ``$GITHUB_STEP_SUMMARY``)."""
+    headers, rows = _check_rows(report)
+    rows = [[f"**{cell}**" if cell == "regression" else cell for cell in row] for row in rows]
+    state = "passed" if report.passed else "failed: regression"
+    lines = [
+        f"### cbtool check {state}",
+        "",
+        f"`{report.results_name}` vs baseline `{report.baseline_name}`, "
+        f"alpha {report.alpha:g}{', strict' if report.strict else ''}.",
+        "",
+        markdown_table(headers, rows),
+        "",
+    ]
+    lines += [f"- {note}" for note in report.notes]
+    if report.notes:
+        lines.append("")
+    return "\n".join(lines) + "\n"  # a blank line before whatever the next step appends
+
+
+def _comparison_sections(comparison: Any, markdown: bool) -> list[str]:
+    reference = comparison.models[0]
+    sections = [
+        ("Metrics", metrics_table, {}),
+        ("Attention density per layer", density_table, {}),
+        (f"Differences from {reference['label']}", difference_table, {"p_values": comparison.p_values}),
+    ]
+    parts = []
+    for title, table, kwargs in sections:
+        body = table(comparison.models, markdown=markdown, **kwargs)
+        if body:
+            parts.append(f"#### {title}\n\n{body}" if markdown else f"{title}\n{body}")
+    return parts
+
+
+def comparison_text(comparison: Any) -> str:
+    """A ``check.Comparison`` as plain text: metrics, per-layer density, differences from the first, notes."""
+    return "\n".join(["\n\n".join(_comparison_sections(comparison, False)), *(f"note: {n}" for n in comparison.notes)])
+
+
+def comparison_markdown(comparison: Any) -> str:
+    """A ``check.Comparison`` as a markdown section to append to a CI job page."""
+    body = "\n\n".join(["### cbtool compare", *_comparison_sections(comparison, True),
+                         *(f"- {note}" for note in comparison.notes)])  # fmt: skip
+    return body + "\n\n"
+
+
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write a PNG with per-layer entropy and attention distance, one line per model; returns the path."""
     with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
@@ -258,7 +358,7 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
-    _check_folder(path)
+    check_parent_folder(path)
     fig, (ax_entropy, ax_distance) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     try:
         for model in with_density:
@@ -277,38 +377,4 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
             fig.savefig(temporary, format="png", dpi=120)
     finally:
         plt.close(fig)
-    return path
-
-
-def _check_folder(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise OutputError(f"output folder {path.parent} does not exist; create it first")
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically; with ``append``, after the file's current content."""
-    path = Path(path)
-    _check_folder(path)
-    if append and path.is_file():
-        previous = path.read_text(encoding="utf-8")
-        if previous and not previous.endswith("\n"):
-            previous += "\n"
-        text = previous + text
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically."""
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True) + "\n"
-    return write_text_atomic(path, text)
-
-
-def check_output_folder(path: str | os.PathLike[str]) -> Path:
-    """Fail before any work when a report's folder is missing (reports are overwritten; models are not)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise OutputError(f"output {path} is a folder; give a file name")
-    _check_folder(path)
     return path

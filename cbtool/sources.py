@@ -15,25 +15,18 @@ from typing import Any
 
 from torch import nn
 
-from cbtool.errors import CbtoolError, ModelSourceError, UnsupportedModelError, first_line
+from cbtool.errors import CbtoolError, ModelSourceError, first_line
 from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_weights, is_head_key, mismatch_message,
                         unreadable_message)
-from cbtool.families import hf_architectures
+from cbtool import provenance
+from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
 from cbtool.hub import hub_access
 
-SOURCE_ATTRIBUTE = "cbtool_source"
-DATA_CONFIG_ATTRIBUTE = "cbtool_data_config"
+# The record's attribute names, kept here for code written against cbtool 0.1.0; cbtool.provenance owns them.
+SOURCE_ATTRIBUTE = provenance.SOURCE
+DATA_CONFIG_ATTRIBUTE = provenance.DATA_CONFIG
 OFFLINE_HINT = "pass --no-pretrained for random weights or --checkpoint FILE for local weights"
 HF_OFFLINE_HINT = "download it once with network access, or pass a local folder with config.json and model.safetensors"
-# transformers classes cbtool builds: exactly those the family registry supports; anything else is refused.
-HF_ARCHITECTURES = hf_architectures()
-# model_type -> the class to build when a config names no architecture.
-_DEFAULT_ARCHITECTURE = {
-    "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "dinov2": "Dinov2Model",
-    "dinov2_with_registers": "Dinov2WithRegistersModel", "beit": "BeitForImageClassification",
-    "swin": "SwinForImageClassification", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
-    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
-}
 
 
 def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
@@ -81,11 +74,11 @@ def resolve(
 
             if detect(loaded).num_classes(loaded) != num_classes:
                 set_num_classes(loaded, num_classes)
-                loaded.cbtool_fresh_head = has_trained_weights(loaded)
+                provenance.mark_fresh_head(loaded, has_trained_weights(loaded))
         if img_size is not None:  # the size it was built for, or any size a dynamic-size model takes
             check_input_size(loaded, img_size, str(model))
-            config = getattr(loaded, DATA_CONFIG_ATTRIBUTE, None) or {"input_size": [3, img_size, img_size]}
-            setattr(loaded, DATA_CONFIG_ATTRIBUTE, {**config, "input_size": [config["input_size"][0], img_size, img_size]})
+            config = provenance.data_config_of(loaded) or {"input_size": [3, img_size, img_size]}
+            provenance.attach(loaded, data_config={**config, "input_size": [config["input_size"][0], img_size, img_size]})
         return loaded
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -108,24 +101,6 @@ def resolve(
     if "/" in model or path.suffix:
         raise ModelSourceError(f"{model} does not exist")
     raise ModelSourceError(_unknown_name_message(model))
-
-
-def rebuild(record: dict[str, Any]) -> nn.Module:
-    """Rebuild the architecture of a source record with random weights, offline."""
-    library = record.get("library")
-    if library == "timm":
-        import timm
-
-        try:
-            model = timm.create_model(record["model_name"], pretrained=False, **record.get("model_kwargs", {}))
-        except Exception as error:  # whatever the architecture code raises for these arguments
-            raise ModelSourceError(f"cannot rebuild timm model {record.get('model_name')!r}: {first_line(error)}") from None
-    elif library == "transformers":
-        model = _build_transformers(record["architecture"], record["config"])
-    else:
-        raise ModelSourceError(f"unknown model library {library!r} in the source record")
-    setattr(model, SOURCE_ATTRIBUTE, record)
-    return model
 
 
 # --- timm ---------------------------------------------------------------------------------------
@@ -174,9 +149,9 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
         check_input_size(model, img_size, name)
     # cbtool_fresh_head: trained weights under a new, untrained head (timm leaves it at its initialisation).
     if checkpoint is not None:
-        model.cbtool_fresh_head = load_weights(model, checkpoint, allow_new_head=num_classes is not None)
+        provenance.mark_fresh_head(model, load_weights(model, checkpoint, allow_new_head=num_classes is not None))
     else:
-        model.cbtool_fresh_head = bool(use_hub and num_classes is not None and model.pretrained_cfg.get("num_classes") != num_classes)
+        provenance.mark_fresh_head(model, use_hub and num_classes is not None and model.pretrained_cfg.get("num_classes") != num_classes)
     # The name as typed (with its tag, if any) rebuilds the same architecture and data config offline;
     # an hf-hub: id needs the network, so it is recorded as its architecture plus the Hub's arguments.
     rebuild_name = model.pretrained_cfg.get("architecture") if name.startswith("hf-hub:") else name
@@ -189,8 +164,7 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
         "pretrained": bool(use_hub),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
     }
-    setattr(model, SOURCE_ATTRIBUTE, record)
-    setattr(model, DATA_CONFIG_ATTRIBUTE, timm_data_config(model, img_size))
+    provenance.attach(model, source=record, data_config=timm_data_config(model, img_size))
     return model
 
 
@@ -258,37 +232,27 @@ def set_num_classes(model: nn.Module, num_classes: int) -> None:
     from cbtool.families import detect
 
     detect(model).reset_classifier(model, num_classes)
-    if getattr(model, SOURCE_ATTRIBUTE, None) is not None:
+    if provenance.source_of(model) is not None:
         _update_num_classes(model, num_classes)
 
 
 def _update_num_classes(model: nn.Module, num_classes: int) -> None:
-    record = dict(getattr(model, SOURCE_ATTRIBUTE))
+    record = dict(provenance.source_of(model))
     if record["library"] == "timm":
         record["model_kwargs"] = {**record.get("model_kwargs", {}), "num_classes": num_classes}
     else:
         record["config"] = json.loads(model.config.to_json_string())
-    setattr(model, SOURCE_ATTRIBUTE, record)
+    provenance.attach(model, source=record)
 
 
 # --- transformers -------------------------------------------------------------------------------
-
-
-def _import_transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise ModelSourceError(
-            "Hugging Face models need the transformers package: pip install 'cbtool[hf]'"
-        ) from None
-    return transformers
 
 
 def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_classes, img_size, model_kwargs,
                           checkpoint) -> nn.Module:
     from cbtool.families.hf_heads import HEADED, add_head
 
-    transformers = _import_transformers()
+    transformers = import_transformers()
     if img_size is not None:
         raise ModelSourceError("--img-size is not supported for transformers models; it needs new position embeddings")
     if checkpoint is not None:
@@ -300,7 +264,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     try:
         with hub_access(what, HF_OFFLINE_HINT if not local else "check the folder"):
             config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **overrides)
-            architecture = _architecture(config, name)
+            architecture = choose_architecture(config, name)
             cls = getattr(transformers, architecture)
             if pretrained:
                 model = cls.from_pretrained(name, config=config, trust_remote_code=False,
@@ -323,32 +287,8 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         "pretrained": bool(pretrained),
         "checkpoint": None,
     }
-    setattr(model, SOURCE_ATTRIBUTE, record)
-    setattr(model, DATA_CONFIG_ATTRIBUTE, hf_data_config(model.config, processor))
+    provenance.attach(model, source=record, data_config=hf_data_config(model.config, processor))
     return model
-
-
-def _architecture(config, name: str) -> str:
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not architectures:
-        default = _DEFAULT_ARCHITECTURE.get(config.model_type)
-        architectures = [default] if default else []
-    for architecture in architectures:
-        if architecture in HF_ARCHITECTURES:
-            return architecture
-    raise UnsupportedModelError(
-        f"{name} is a {architectures or config.model_type} model; cbtool supports {', '.join(HF_ARCHITECTURES)}"
-    )
-
-
-def _build_transformers(architecture: str, config: dict) -> nn.Module:
-    transformers = _import_transformers()
-    if architecture not in HF_ARCHITECTURES:
-        raise UnsupportedModelError(f"unsupported transformers architecture {architecture!r}")
-    config = dict(config)
-    model_type = config.pop("model_type")
-    hf_config = transformers.AutoConfig.for_model(model_type, **config)
-    return getattr(transformers, architecture)(hf_config)
 
 
 def _image_processor_config(name: str) -> dict | None:

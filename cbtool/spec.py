@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from cbtool.errors import SpecError
 
 VARIANTS = ("cb", "cbs")
+DEFAULT_SCALE_INIT = 0.5
 POSITIONS = ("mlp", "attn", "block")
 
 
@@ -25,7 +26,7 @@ class CBSpec:
     variant: str = "cb"
     position: str = "mlp"
     layers: str = "all"
-    scale_init: float = 0.5
+    scale_init: float = DEFAULT_SCALE_INIT
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -40,7 +41,16 @@ class CBSpec:
             raise SpecError(f"scale_init must be a number in [0, 1], got {self.scale_init!r}") from None
         if not 0.0 <= scale_init <= 1.0:
             raise SpecError(f"scale_init must lie in [0, 1], got {self.scale_init}")
+        if self.variant == "cb" and scale_init != DEFAULT_SCALE_INIT:
+            raise SpecError(f"scale_init sets the learned scales of cbs; cb mixes with a fixed 0.5 (got {scale_init})")
         object.__setattr__(self, "scale_init", scale_init)
+
+    @classmethod
+    def from_options(cls, variant: str, position: str, layers: str, scale_init: float | None) -> "CBSpec":
+        """The spec of the command-line options; ``--scale-init`` only goes with ``--variant cbs``."""
+        if scale_init is not None and variant != "cbs":
+            raise SpecError(f"--scale-init sets the learned scales of cbs; --variant {variant} has none (use --variant cbs)")
+        return cls(variant, position, layers, DEFAULT_SCALE_INIT if scale_init is None else scale_init)
 
     def resolve_layers(self, depth: int) -> tuple[int, ...]:
         """The sorted block indices this spec selects in a model with ``depth`` blocks."""
@@ -113,3 +123,8 @@ def _parse_layer_terms(layers: str) -> list[tuple[int, int]]:
                 f"bad --layers term {term!r} in {layers!r}: use 'all' or indices and ranges like '0,2,5-7' or '-2--1'"
             ) from None
     return terms
+
+
+def scale_stats(module: str, values: list[float]) -> dict:
+    """``{"module", "mean", "min", "max"}`` of one learned ``cbs`` scale vector."""
+    return {"module": module, "mean": sum(values) / len(values), "min": min(values), "max": max(values)}

@@ -13,11 +13,12 @@ from functools import partial
 from torch import nn
 
 from cbtool.broadcast import CHILD_NAME, BranchEnd, is_broadcast, make_broadcast, tensor_output_hook, tuple_output_hook
+from cbtool import provenance
 from cbtool.errors import SpecError, UnsupportedModelError
 from cbtool.families import Family, detect
-from cbtool.spec import CBSpec
+from cbtool.spec import CBSpec, scale_stats
 
-SPEC_ATTRIBUTE = "cbtool_spec"
+SPEC_ATTRIBUTE = provenance.SPEC
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,7 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
     if not isinstance(spec, CBSpec):
         raise SpecError(f"spec must be a CBSpec, got {type(spec).__name__}")
     family = detect(model)
-    existing = find_broadcasts(model)
-    if existing or getattr(model, SPEC_ATTRIBUTE, None) is not None:
-        where = existing[0][0] if existing else "the model"
-        raise UnsupportedModelError(f"this model already has Context Broadcasting (at {where}); inject it only once")
+    require_plain(model, "inject it only once")
     blocks = family.blocks(model)
     targets = []
     for index in spec.resolve_layers(len(blocks)):
@@ -97,6 +95,15 @@ def remove(model: nn.Module) -> nn.Module:
     return model
 
 
+def require_plain(model: nn.Module, instead: str) -> None:
+    """Refuse a model that already has CB, in one line that ends with ``instead`` (what to do instead)."""
+    existing = find_broadcasts(model)
+    spec = spec_of(model)
+    if existing or spec is not None:
+        where = f"{spec.variant} at {spec.position}, layers {spec.layers}" if spec else f"at {existing[0][0]}"
+        raise UnsupportedModelError(f"this model already has Context Broadcasting ({where}); {instead}")
+
+
 def find_broadcasts(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The CB operations in ``model``, with their qualified names."""
     return [(name, module) for name, module in model.named_modules() if is_broadcast(module)]
@@ -110,6 +117,14 @@ def spec_of(model: nn.Module) -> CBSpec | None:
 def broadcast_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned CB parameters (the ``cbs`` scales); empty for ``cb``."""
     return [p for _, module in find_broadcasts(model) for p in module.parameters()]
+
+
+def scale_summary(model: nn.Module) -> list[dict] | None:
+    """The learned ``cbs`` scales per rewritten block (mean, min, max): how much uniform attention each layer
+    wants. None for a model without ``cbs``."""
+    rows = [scale_stats(name, module.scale.detach().float().cpu().tolist())
+            for name, module in find_broadcasts(model) if hasattr(module, "scale")]
+    return rows or None
 
 
 def legacy_scale_keys(model: nn.Module) -> dict[str, str]:

@@ -12,31 +12,19 @@ their order in the source file.
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from cbtool.data.idx import read_idx
+
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 OUTPUT = Path(__file__).resolve().parents[1] / "cbtool" / "data" / "sample" / "fashion_mnist_sample.npz"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 SEED = 0
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped idx file (unsigned bytes) into an array of its declared shape."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    return array.reshape(shape)
 
 
 def pick_balanced(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

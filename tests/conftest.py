@@ -167,3 +167,37 @@ def run_cli(tmp_path, cli_env):
         )
 
     return run
+
+
+@pytest.fixture
+def main_cli(capsys):
+    """Factory ``main_cli(*args)``: ``cbtool ARGS`` in this process, through the console entry point (errors as one
+    line, exit codes); returns ``(exit code, stderr)``. Faster than ``run_cli`` where a fresh process is not the point."""
+    from cbtool.cli.app import main
+
+    def run(*args) -> tuple[int, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as stop:
+            code = stop.code or 0
+        return code, capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def plain_and_cb_files(tmp_path_factory) -> Path:
+    """A folder with ``plain.safetensors`` (a tiny 10-class ViT for 32 px images) and ``cb.safetensors``, its CB twin."""
+    import torch
+
+    import cbtool
+    from cbtool.sources import resolve
+
+    folder = tmp_path_factory.mktemp("plain_and_cb")
+    torch.manual_seed(SEED)
+    model = resolve("vit_tiny_patch16_224", pretrained=False, model_kwargs={**_TINY_VIT, "num_classes": 10})
+    cbtool.save(model, folder / "plain.safetensors")
+    cbtool.inject(model, cbtool.CBSpec())
+    cbtool.save(model, folder / "cb.safetensors")
+    return folder

@@ -372,6 +372,7 @@ def test_hub_probe(monkeypatch, behaviour, token, error, message):
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)  # the shared TCP probe; dataset_info is mocked above
     if error is None:
         hub.probe_hub("ILSVRC/imagenet-1k")
         return

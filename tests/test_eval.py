@@ -486,3 +486,23 @@ def test_grayscale_images_become_rgb(models, tmp_path):
     from_gray = cli_eval(models["plain"], "--dataset", gray, json_path=tmp_path / "gray.json")
     from_rgb = cli_eval(models["plain"], "--dataset", rgb, json_path=tmp_path / "rgb.json")
     assert_same_metrics(metrics(from_gray), metrics(from_rgb), loss_rel=1e-12)
+
+
+def test_library_evaluate_dataset_returns_what_the_command_writes(models, folder, tmp_path):
+    import cbtool
+
+    written = cli_eval(models["plain"], models["cb"], "--dataset", folder, "--density", "--limit", "40",
+                       json_path=tmp_path / "out.json")  # fmt: skip
+    returned = cbtool.evaluate_dataset([str(models["plain"]), str(models["cb"])], str(folder), density=True,
+                                       limit=40, workers=0, progress=False)  # fmt: skip
+    returned = json.loads(json.dumps(returned))  # as JSON holds it (tuples become lists)
+
+    def timeless(document: dict) -> dict:  # the creation time and the speeds differ from run to run
+        document = copy.deepcopy(document)
+        document.pop("created")
+        for model in document["models"]:
+            model["metrics"].pop("throughput")
+        return document
+
+    assert timeless(returned) == timeless(written)
+    assert returned["models"][1]["density"]["entropy_per_layer"] == written["models"][1]["density"]["entropy_per_layer"]

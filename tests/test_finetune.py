@@ -257,7 +257,7 @@ def test_train_cb_head_freezes_everything_else(tmp_path):
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import cbtool.train as train_module
+    import cbtool.train.loop as train_module
 
     calls = {"n": 0}
     real = train_module.F.cross_entropy

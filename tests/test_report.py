@@ -261,3 +261,25 @@ def test_compare_plot_needs_density(tmp_path):
     result = runner.invoke(app, ["compare", str(a), str(b), "--plot", str(tmp_path / "p.png")])
     assert isinstance(result.exception, CbtoolError) and "--density" in str(result.exception)
     assert not (tmp_path / "p.png").exists()
+
+
+def test_library_compare_is_what_compare_json_writes(tmp_path):
+    from cbtool import compare
+    from cbtool.check import compare_results
+
+    a = write(tmp_path, "a.json", results(model("cb.safetensors", "1100")))
+    b = write(tmp_path, "b.json", results(model("cb.safetensors", "1000"), model("plain", "1110"), sha="cd" * 32))
+    both = write(tmp_path, "both.json", results(PLAIN, CB))
+    for files in ([a, b], [both], [both, a]):
+        assert runner.invoke(app, ["compare", *map(str, files), "--json", str(tmp_path / "c.json")]).exit_code == 0
+        documents = [json.loads(path.read_text()) for path in files]
+        record = compare(documents, [str(path) for path in files])
+        assert json.loads(json.dumps(record, sort_keys=True)) == json.loads((tmp_path / "c.json").read_text())
+    assert compare(documents)["files"] == ["results1", "results2"]
+    assert compare_results([results(PLAIN, CB)]).p_values is not None  # same samples: McNemar on top1
+    with pytest.raises(CbtoolError, match="at least two models"):
+        compare([results(PLAIN)])
+    with pytest.raises(CbtoolError, match="no schema_version"):
+        compare([results(PLAIN), {"models": []}], ["a.json", "b.json"])
+    with pytest.raises(CbtoolError, match="2 documents but 1 names"):
+        compare([results(PLAIN), results(CB)], ["a.json"])

@@ -29,6 +29,7 @@ ImgSize = Annotated[Optional[int], typer.Option("--img-size", min=1, help="The m
 ModelKwargs = Annotated[Optional[list[str]], typer.Option("--model-kwargs", help="key=value architecture arguments for timm's create_model (repeatable).")]
 
 # Context Broadcasting spec options, shared by inject, finetune --inject and bench.
+ScaleInit = Annotated[Optional[float], typer.Option("--scale-init", help="cbs only: the scales' initial value in [0, 1] (default 0.5; 0 keeps the model's function).")]
 Variant = Annotated[str, typer.Option("--variant", help="cb (0.5*x + 0.5*mean) or cbs (learned per-channel scale).")]
 Position = Annotated[str, typer.Option("--position", help="mlp (end of the MLP branch, as in the paper), attn, or block.")]
 Layers = Annotated[str, typer.Option("--layers", help="all, or indices and ranges like 0,2,5-7 (negative counts from the end).")]

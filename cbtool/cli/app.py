@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import typer
 
 from cbtool import __version__
-from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject
+from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, viz
 
 app = typer.Typer(
     name="cbtool",
@@ -85,7 +85,8 @@ def interruptible(command: Callable) -> Callable:
 for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
                         ("finetune", finetune.finetune_command), ("check", check.check_command),
                         ("compare", compare.compare_command), ("bench", bench.bench_command),
-                        ("families", families.families_command)):  # fmt: skip
+                        ("families", families.families_command), ("viz", viz.viz_command),
+                        ("report", report_page.report_command)):  # fmt: skip
     app.command(_name)(interruptible(_command))
 
 
@@ -102,8 +103,10 @@ def _root(
     """Context Broadcasting for Vision Transformers."""
 
 
-# Options that, as in timm's scripts, take several space-separated values after one flag.
-MULTI_VALUE_OPTIONS = ("--model-kwargs",)
+# Options that, as in timm's scripts, take several space-separated values after one flag: key=value pairs,
+# or (PATH_OPTIONS) every following argument up to the next option.
+MULTI_VALUE_OPTIONS = ("--model-kwargs", "--images", "--pictures")
+PATH_OPTIONS = ("--images", "--pictures")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:
@@ -114,7 +117,7 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
         if arg in MULTI_VALUE_OPTIONS:
             current = arg
             continue
-        if current is not None and "=" in arg and not arg.startswith("-"):
+        if current is not None and ("=" in arg or current in PATH_OPTIONS) and not arg.startswith("-"):
             expanded += [current, arg]
             continue
         if current is not None and not expanded[-2:-1] == [current]:

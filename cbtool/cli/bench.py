@@ -66,8 +66,6 @@ def bench_command(
     from cbtool import sources
     from cbtool.benchmark import measure_overhead
     from cbtool.distributed import pick_device
-    from cbtool.errors import UnsupportedModelError
-    from cbtool.surgery import spec_of
 
     device_obj = pick_device(device)  # an unusable --device fails before a download
     model_obj = sources.resolve(
@@ -78,20 +76,6 @@ def bench_command(
         img_size=img_size,
         model_kwargs=model_kwargs,
     )
-    from cbtool.fit import check_input_size
-
-    size = (getattr(model_obj, "cbtool_data_config", None) or {}).get("input_size")
-    if size:  # before the first forward
-        check_input_size(model_obj, size, model, option="the input size")
-    existing = spec_of(model_obj)
-    if existing is not None:
-        origin = (getattr(model_obj, "cbtool_source", None) or {}).get("origin") or "the plain model"
-        raise UnsupportedModelError(
-            f"{model} already has Context Broadcasting ({existing.variant} at {existing.position}, layers "
-            f"{existing.layers}); bench injects CB itself: pass the plain source instead, e.g. cbtool bench "
-            f"{origin} --variant {existing.variant} --position {existing.position} --layers {existing.layers}"
-        )
-
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 

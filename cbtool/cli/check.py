@@ -62,10 +62,9 @@ def check_command(
     """
     import sys
 
-    from cbtool.check import check_results, load_results, parse_rules
-    from cbtool.report import check_output_folder, write_json_atomic, write_text_atomic
-
-    from cbtool.files import check_outputs
+    from cbtool.check import check_results, parse_rules
+    from cbtool.files import check_output_folder, check_outputs, write_json_atomic, write_text_atomic
+    from cbtool.results import load_results
 
     rules = parse_rules(max_drop or [], max_rise or [])
     check_outputs({"--json": json_out, "--markdown": markdown}, [results, baseline])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -46,106 +45,23 @@ def eval_command(
         if path is not None:
             check_output_folder(path)
 
-    from cbtool import data, distributed, report, results, sources
-    from cbtool.evaluation import evaluate
-    from cbtool.families import detect
-    from cbtool.fit import check_input_size
+    from cbtool import distributed, report
+    from cbtool.pipeline import evaluate_dataset
 
-    dist_info, torch_device = distributed.setup(device)
-    try:
-        loaded = [
-            sources.resolve(
-                name, pretrained=not no_pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                img_size=img_size, model_kwargs=model_kwargs,
-            )
-            for name in models
-        ]
-        _refuse_fresh_heads(models, loaded, num_classes)
-        data_config = _shared_data_config(models, loaded)
-        head = detect(loaded[0]).num_classes(loaded[0])
-        ds = data.resolve_dataset(
-            dataset, split, purpose="eval", image_column=image_column, label_column=label_column,
-            streaming=streaming, limit=limit, num_model_classes=head, skip_bad_images=skip_bad_images,
-        )
-        for name, model in zip(models, loaded):
-            model_classes = detect(model).num_classes(model)
-            if model_classes is None:
-                from cbtool.errors import UnsupportedModelError
-
-                raise UnsupportedModelError(f"{name} has no classification head; give it one with --num-classes at inject, then finetune")
-            data.check_num_classes(ds, model_classes)
-        preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
-        for name, model in zip(models, loaded):  # before the first forward
-            check_input_size(model, preprocessing["input_size"], name, option="the input size")
-        transform = data.build_transform(preprocessing)
-        loader = data.build_loader(
-            ds.with_transform(transform), batch_size=batch_size, workers=workers,
-            rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=torch_device.type == "cuda",
-        )
-        total = None if ds.streaming else data.loader.num_batches(len(ds), batch_size, rank=dist_info.rank, world_size=dist_info.world_size)
-        found = evaluate(
-            loaded, loader, device=torch_device, num_classes=len(ds.class_subset) if ds.class_subset else ds.num_classes,
-            labels=models, amp=amp, channels_last=channels_last, compile=compile, density=density,
-            class_subset=ds.class_subset, progress=not quiet and dist_info.is_main, total_batches=total,
-        )
-        dataset_record = ds.describe()
-        # describe() counts this rank's bad images only; under torchrun both counts need every rank's.
-        dataset_record["bad_images"] = distributed.sum_over_ranks(ds.bad_images)
-        dataset_record["num_samples"] = found[0].metrics["num_samples"]
-        if not dataset_record["num_samples"]:
-            from cbtool.errors import DatasetError
-
-            raise DatasetError(f"no image of '{dataset}' could be evaluated: all {dataset_record['bad_images']} "
-                               "could not be decoded; check the files (e.g. open one with PIL)")  # fmt: skip
-        if not dist_info.is_main:
-            return
-        document = results.results_document(
-            dataset=dataset_record,
-            preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in preprocessing.items()},
-            environment=results.environment_record(
-                str(torch_device), world_size=dist_info.world_size, batch_size=batch_size, amp=amp,
-                channels_last=channels_last, compile=compile,
-            ),
-            models=[results.model_record(name, model, result) for name, model, result in zip(models, loaded, found)],
-            class_names=ds.class_names,
-        )
-        _print_summary(document, report, quiet)
-        if json_out is not None:
-            report.write_json_atomic(json_out, document)
-        if plot is not None:
-            report.plot_density(document["models"], plot)
-    finally:
-        distributed.teardown()
-
-
-def _refuse_fresh_heads(names: list[str], models: list, num_classes: int | None) -> None:
-    """--num-classes must not put an untrained head on trained weights: that measures chance, not the model."""
-    from cbtool.errors import CbtoolError
-
-    for name, model in zip(names, models):
-        if getattr(model, "cbtool_fresh_head", False):
-            raise CbtoolError(
-                f"--num-classes {num_classes} would put a new, untrained head on the trained weights of {name} and "
-                f"report chance accuracy; give it a {num_classes}-class head with cbtool finetune (or evaluate it "
-                "with the head it was trained with)"
-            )
-
-
-def _shared_data_config(names: list[str], models: list) -> dict:
-    """One preprocessing for all models, since they are evaluated on the same batches."""
-    from cbtool.errors import CbtoolError
-    from cbtool.sources import DATA_CONFIG_ATTRIBUTE
-
-    configs = [getattr(model, DATA_CONFIG_ATTRIBUTE, None) for model in models]
-    if configs[0] is None:
-        raise CbtoolError(f"{names[0]} has no data config; pass a timm name, HF model or cbtool file")
-    for name, config in zip(names[1:], configs[1:]):
-        if config != configs[0]:
-            raise CbtoolError(
-                f"{names[0]} and {name} preprocess images differently (input size, crop, mean or std); "
-                "evaluate them in separate runs"
-            )
-    return configs[0]
+    document = evaluate_dataset(
+        models, dataset, split=split, limit=limit, density=density, streaming=streaming, image_column=image_column,
+        label_column=label_column, skip_bad_images=skip_bad_images, batch_size=batch_size, workers=workers,
+        img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, pretrained=not no_pretrained,
+        checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs, device=device, amp=amp,
+        channels_last=channels_last, compile=compile, progress=not quiet,
+    )
+    if not distributed.is_main_process():
+        return
+    _print_summary(document, report, quiet)
+    if json_out is not None:
+        report.write_json_atomic(json_out, document)
+    if plot is not None:
+        report.plot_density(document["models"], plot)
 
 
 def _print_summary(document: dict, report, quiet: bool) -> None:

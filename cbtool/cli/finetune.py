@@ -13,8 +13,6 @@ import typer
 
 from cbtool.cli import _options as opt
 
-# Options that may differ when a run is resumed; every other one must match how the run started.
-RUNTIME_OPTIONS = {"output", "save_best", "force", "quiet", "workers", "device", "resume", "log"}
 _FLAGS = {"model": "MODEL", "inject_cb": "--inject", "compile_model": "--compile"}
 
 
@@ -94,12 +92,7 @@ def finetune_command(
 
 
 def _run(o: dict[str, Any]) -> None:
-    import torch
-
-    from cbtool import distributed, sources, train
-    from cbtool.checkpoint import check_output_path
-    from cbtool.errors import CbtoolError
-    from cbtool.files import check_outputs, check_writable_folder
+    from cbtool import distributed, train
     from cbtool.ranges import check_range
     from cbtool.families import detect
     from cbtool.spec import CBSpec
@@ -116,30 +109,21 @@ def _run(o: dict[str, Any]) -> None:
         channels_last=o["channels_last"], compile=o["compile_model"], run_dir=_str(o["run_dir"]),
         save_every=o["save_every"], eval_every=o["eval_every"], log=_str(o["log"]), output=_str(o["output"]),
         save_best=_str(o["save_best"]), force=o["force"], density=o["density"], quiet=o["quiet"],
-        resume=_str(o["resume"]), run_info=_recordable(o),
+        resume=_str(o["resume"]), run_info=train.recordable(o),
     )  # fmt: skip
     check_range("--val-fraction", o["val_fraction"], 0, 1, low_open=True, high_open=True)
     if info.is_main:  # fail before a long download or a long run
-        check_outputs({"--output": o["output"], "--save-best": o["save_best"], "--log": o["log"]},
-                      [o["model"], o["checkpoint"]], dataset=o["dataset"])  # fmt: skip
-        check_output_path(o["output"], force=o["force"])
-        if o["save_best"] is not None and o["resume"] is None:
-            check_output_path(o["save_best"], force=o["force"])
-        run_dir = o["run_dir"] or (train.find_checkpoint(o["resume"]).parent if o["resume"] else "runs")
-        check_writable_folder(run_dir, "run folder", "pick another with --run-dir, or run from a writable folder")
+        train.check_run_outputs(o["output"], save_best=o["save_best"], log=o["log"], run_dir=o["run_dir"],
+                                resume=o["resume"], inputs=[o["model"], o["checkpoint"]], dataset=o["dataset"],
+                                force=o["force"])  # fmt: skip
 
     if o["resume"] is not None:
         model, _ = train.load_run(o["resume"])
     else:
-        torch.manual_seed(o["seed"])  # the same new head on every rank and every run
-        model = sources.resolve(
-            o["model"], pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"], num_classes=o["num_classes"],
-            img_size=o["img_size"], model_kwargs=o["model_kwargs"],
+        model = train.new_model(
+            o["model"], seed=o["seed"], spec=spec, pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"],
+            num_classes=o["num_classes"], img_size=o["img_size"], model_kwargs=o["model_kwargs"],
         )  # fmt: skip
-        if spec is not None:
-            from cbtool.surgery import inject
-
-            inject(model, spec)
     train_ds, val_ds, data_note = train.resolve_training_data(
         o["dataset"], split=o["split"], val_split=o["val_split"], val_fraction=o["val_fraction"], seed=o["seed"],
         limit=o["limit"], val_limit=o["val_limit"], num_model_classes=detect(model).num_classes(model),
@@ -151,8 +135,7 @@ def _run(o: dict[str, Any]) -> None:
     if old is not None:
         note(f"note: the model's head has {old} classes and '{o['dataset']}' has {train_ds.num_classes}: "
              f"replaced it with a new {train_ds.num_classes}-class head")  # fmt: skip
-        if "all" not in config.train and "head" not in config.train:
-            raise CbtoolError(f"the model has a new, untrained head; add it to --train (e.g. --train {config.train},head)")
+        train.check_new_head(config.train)
     try:
         result = train.finetune(model, train_ds, val_ds, config)
     except train.Interrupted as stop:
@@ -184,29 +167,12 @@ def _str(path) -> str | None:
     return str(path) if path is not None else None
 
 
-def _recordable(options: dict[str, Any]) -> dict[str, Any]:
-    """The options as JSON values, kept with each checkpoint so that --resume needs nothing else."""
-    return {name: (str(value) if isinstance(value, Path) else value) for name, value in options.items()}
-
-
 def _resume_options(ctx: typer.Context, given: dict[str, Any]) -> dict[str, Any]:
     """The options the run started with; options typed now must agree with them, except the runtime ones."""
-    from cbtool.errors import CbtoolError
-    from cbtool.train import read_run_info
+    from cbtool.train import resume_options
 
-    saved = read_run_info(given["resume"]).get("run_info") or {}
-    if not saved:
-        raise CbtoolError(f"{given['resume']} holds no command-line settings (the run was started from Python); resume it with cbtool.finetune")
-    merged = dict(saved)
-    for name, value in given.items():
+    def typed(name: str) -> bool:
         source = ctx.get_parameter_source(name)
-        typed = source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-        if name in RUNTIME_OPTIONS:
-            if typed or saved.get(name) is None:
-                merged[name] = value
-            continue
-        if typed and _recordable({name: value})[name] != saved.get(name):
-            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-            raise CbtoolError(f"this run started with {flag} {saved.get(name)!r}, not {value!r}; leave {flag} out to resume it")
-    merged["resume"] = given["resume"]
-    return merged
+        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+    return resume_options(given, typed, lambda name: _FLAGS.get(name, "--" + name.replace("_", "-")))

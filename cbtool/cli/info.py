@@ -37,6 +37,8 @@ def info_command(
     if spec:
         typer.echo(f"cb:          {spec['variant']} at {spec['position']}, layers {spec['layers']}"
                    f" ({info['cb_parameters']:,} CB parameters)")
+        for row in info.get("cb_scales") or []:
+            typer.echo(f"  scale      {row['module']}: mean {row['mean']:.4f}, min {row['min']:.4f}, max {row['max']:.4f}")
     else:
         typer.echo("cb:          none (plain model)")
     data = info["data_config"] or {}

@@ -16,6 +16,7 @@ def inject_command(
     variant: opt.Variant = "cb",
     position: opt.Position = "mlp",
     layers: opt.Layers = "all",
+    scale_init: opt.ScaleInit = None,
     no_pretrained: opt.NoPretrained = False,
     checkpoint: opt.Checkpoint = None,
     num_classes: opt.NumClasses = None,
@@ -30,7 +31,7 @@ def inject_command(
 
     from cbtool.files import check_outputs
 
-    spec = CBSpec(variant=variant, position=position, layers=layers)
+    spec = CBSpec.from_options(variant, position, layers, scale_init)
     check_outputs({"--output": output}, [model, checkpoint])
     output = check_output_path(output, force=force)  # fail before a long download
 

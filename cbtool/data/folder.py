@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cbtool.data.dataset import open_rgb
+from cbtool.data.images import open_rgb
 from cbtool.data.splits import canonical_split, choose_split
 from cbtool.errors import DatasetError
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cbtool.data.dataset import BadImage, open_rgb
-from cbtool.errors import CbtoolError, DatasetError, NetworkError
+from cbtool.data.images import BadImage, open_rgb
+from cbtool.errors import CbtoolError, DatasetError, NetworkError, first_line
+from cbtool.hub import hub_reachable
 
 IMAGENET_1K_REPO = "ILSVRC/imagenet-1k"
 HUB_ALIASES = {"imagenet-1k": IMAGENET_1K_REPO}
@@ -40,11 +41,6 @@ def offline_message(repo: str, reason: str) -> str:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 def hub_error(repo: str, error: Exception) -> CbtoolError:
     """The one-line cbtool error for an exception raised while loading ``repo`` from the Hub."""
     from datasets.exceptions import DatasetNotFoundError
@@ -61,8 +57,8 @@ def hub_error(repo: str, error: Exception) -> CbtoolError:
     if isinstance(error, OfflineModeIsEnabled) or "offline" in text.lower():
         return NetworkError(f"'{repo}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set; unset it to download, or pass a local folder")
     if isinstance(error, (ConnectionError, TimeoutError)):
-        return NetworkError(offline_message(repo, _first_line(error)))
-    return DatasetError(f"cannot load '{repo}' from the Hugging Face Hub: {_first_line(error)}")
+        return NetworkError(offline_message(repo, first_line(error)))
+    return DatasetError(f"cannot load '{repo}' from the Hugging Face Hub: {first_line(error)}")
 
 
 def probe_hub(repo: str) -> None:
@@ -72,12 +68,14 @@ def probe_hub(repo: str) -> None:
 
     if constants.HF_HUB_OFFLINE:
         return  # load_dataset reads the cache; hub_error explains a miss
+    if not hub_reachable():  # the same probe as for models: one TCP connection, once per process
+        raise NetworkError(offline_message(repo, "no connection"))
     try:
         info = HfApi().dataset_info(repo, timeout=PROBE_TIMEOUT_S)
     except RepositoryNotFoundError as error:
         raise hub_error(repo, error) from error
     except HfHubHTTPError as error:
-        raise NetworkError(f"the Hugging Face Hub answered '{_first_line(error)}' for dataset '{repo}'; try again later, or pass a local folder") from error
+        raise NetworkError(f"the Hugging Face Hub answered '{first_line(error)}' for dataset '{repo}'; try again later, or pass a local folder") from error
     except Exception as error:  # connection refused, DNS failure, timeout, proxy errors: all "offline"
         raise NetworkError(offline_message(repo, type(error).__name__)) from error
     if getattr(info, "gated", False) and get_token() is None:
@@ -128,7 +126,7 @@ def load_saved(path: Path) -> tuple[dict, str]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as error:
-        raise DatasetError(f"cannot read the saved dataset at '{path}': {_first_line(error)}") from error
+        raise DatasetError(f"cannot read the saved dataset at '{path}': {first_line(error)}") from error
     if isinstance(loaded, datasets.DatasetDict):
         return dict(loaded), _fingerprint(path / "dataset_dict.json", path)
     if isinstance(loaded, datasets.Dataset):

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from cbtool.data.dataset import BadImage, ResolvedDataset
+from cbtool.data.images import BadImage
 from cbtool.errors import DatasetError
 
 
@@ -35,7 +35,7 @@ class _Bad:
 class TransformedDataset(Dataset):
     """``(tensor, label, index)`` for each sample of a ``ResolvedDataset``."""
 
-    def __init__(self, resolved: ResolvedDataset, transform):
+    def __init__(self, resolved, transform):  # a cbtool.data.dataset.ResolvedDataset
         self.resolved = resolved
         self.transform = transform
 
@@ -61,7 +61,7 @@ class TransformedStream(IterableDataset):
     ``(k // W) % num_workers``; every worker reads the stream but decodes only its own images.
     """
 
-    def __init__(self, resolved: ResolvedDataset, transform):
+    def __init__(self, resolved, transform):  # a cbtool.data.dataset.ResolvedDataset
         self.resolved = resolved
         self.transform = transform
         self.rank, self.world_size = 0, 1

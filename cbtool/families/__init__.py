@@ -36,6 +36,15 @@ def detect(model: nn.Module) -> Family:
     return family
 
 
+def require_head(model: nn.Module, name: str = "the model") -> int:
+    """The class count of ``model``'s head; a headless model is refused in one line saying how to add one."""
+    classes = detect(model).num_classes(model)
+    if classes is None:
+        raise UnsupportedModelError(
+            f"{name} has no classification head; give it one with --num-classes at inject, then finetune")
+    return classes
+
+
 def support_matrix() -> list[Support]:
     """One row per family: library, classes, what CB means and what density means."""
     return [family.support() for family in FAMILIES]
@@ -47,5 +56,5 @@ def hf_architectures() -> tuple[str, ...]:
                  for name in family.classes)
 
 
-__all__ = ["FAMILIES", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures",
+__all__ = ["FAMILIES", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures", "require_head",
            "support_matrix", "SUPPORTED"]

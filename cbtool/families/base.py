@@ -116,6 +116,10 @@ class Family:
         """The classifier module(s) (``--train head``)."""
         raise NotImplementedError
 
+    def no_weight_decay_names(self, model: nn.Module) -> set[str]:
+        """Names of the parameters kept free of weight decay besides 1-d ones (position/class/register embeddings)."""
+        return set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+
     def logits(self, output: object) -> torch.Tensor:
         """The classification logits from whatever the model's forward returned."""
         return output  # type: ignore[return-value]

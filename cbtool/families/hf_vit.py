@@ -41,6 +41,10 @@ HEADED = {
     "SiglipModel": "SiglipForImageClassification",
 }
 
+# The embeddings transformers keeps free of weight decay.
+_NO_DECAY_LEAVES = {"cls_token", "position_embeddings", "register_tokens", "mask_token", "class_embedding",
+                    "distillation_token"}  # fmt: skip
+
 
 def _classes(*pairs: tuple[str, str]) -> tuple[str, ...]:
     return tuple(f"{_MODELS}.{module}.{name}" for module, names in pairs for name in names.split())
@@ -91,6 +95,10 @@ class HfViT(Family):
         prefix += 1 if getattr(embeddings, "distillation_token", None) is not None else 0
         registers = getattr(embeddings, "register_tokens", None)
         return prefix + (registers.shape[1] if registers is not None else 0)
+
+    def no_weight_decay_names(self, model: nn.Module) -> set[str]:
+        names = super().no_weight_decay_names(model)
+        return names | {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in _NO_DECAY_LEAVES}
 
     def num_classes(self, model: nn.Module) -> int | None:
         if not self.head_modules(model):

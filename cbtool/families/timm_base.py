@@ -17,6 +17,9 @@ from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from
 # CB goes on the drop path modules that receive the normalised branch output.
 PRE_NORM, POST_NORM = "pre-norm", "post-norm"
 
+# Embeddings that timm keeps free of weight decay (``no_weight_decay()``), wherever they sit in the model.
+_NO_DECAY_LEAVES = {"pos_embed", "cls_token", "dist_token", "reg_token", "mask_token"}
+
 
 def timm_branch(block: nn.Module, position: str, kind: str, attn_token_dims: tuple[int, ...] = (1,),
                 mlp_token_dims: tuple[int, ...] = (1,), block_token_dims: tuple[int, ...] = (1,)) -> Branch:
@@ -75,6 +78,11 @@ class TimmFamily(Family):
         heads = list(head) if isinstance(head, (tuple, list)) else [head]  # distilled models have two
         return [h for h in heads if isinstance(h, nn.Module)]
 
+    def no_weight_decay_names(self, model: nn.Module) -> set[str]:
+        # timm's own list names top-level parameters; nested ones (a hybrid's stem) are found by their leaf.
+        names = super().no_weight_decay_names(model)
+        return names | {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in _NO_DECAY_LEAVES}
+
     def block_dim(self, block: nn.Module) -> int:
         norm = getattr(block, "norm1", None)
         shape = getattr(norm, "normalized_shape", None)
@@ -112,6 +120,11 @@ def attn_drop_probe(attention: nn.Module, where: str) -> AttentionProbe:
     return AttentionProbe(attention, attention.attn_drop, reads_qk=plain)
 
 
+def _mask_argument(args: tuple, kwargs: dict, name: str) -> Optional[torch.Tensor]:
+    """The attention mask an attention module was called with: keyword ``name``, or its second positional argument."""
+    return kwargs.get(name, args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+
+
 _CHUNK_ELEMENTS = 1 << 20  # query rows per chunk: about 4 MB of float32 maps at a time
 
 
@@ -126,8 +139,7 @@ def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCal
     state: dict[str, Optional[torch.Tensor]] = {"q": None, "mask": None}
 
     def remember(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attn_mask", args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
-        state["mask"] = mask
+        state["mask"] = _mask_argument(args, kwargs, probe.mask_arg)
 
     def keep_q(_module: nn.Module, _args: tuple, q: torch.Tensor) -> None:
         state["q"] = q
@@ -178,7 +190,7 @@ def _explicit_attention(probe: AttentionProbe, index: int, callback: AttentionCa
     mask: list[Optional[torch.Tensor]] = [None]
 
     def remember_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask[0] = kwargs.get(probe.mask_arg, args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
+        mask[0] = _mask_argument(args, kwargs, probe.mask_arg)
 
     def report(_module: nn.Module, args: tuple) -> None:
         probs = probe.to_probs(args[0])

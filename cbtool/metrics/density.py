@@ -108,7 +108,6 @@ class DensityAccumulator:
         if allowed is not None:  # masked keys (shifted windows, padding) do not count in log N
             log_keys = allowed.sum(dim=-1, dtype=torch.float32).clamp_min(1.0).log().expand(
                 probs.shape[0], -1, probs.shape[2])
-        patches = probs.shape[-1] - layout.prefix
         distances = self._distances(layout, probs)
         with_distance = distances is not None
         entropy = torch.zeros(probs.shape[1], dtype=torch.float64)

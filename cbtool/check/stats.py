@@ -1,0 +1,122 @@
+"""The statistics behind ``cbtool check`` and ``compare``: McNemar's test, two-proportion tests and intervals.
+
+Pure functions on counts, using only the standard library (no scipy, no torch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """A two-sided p-value, the statistic behind it (``None`` for exact tests) and the method's name."""
+
+    p_value: float
+    method: str
+    statistic: float | None = None
+
+
+def _z(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1, got {confidence}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def chi2_1df_sf(x: float) -> float:
+    """Survival function of the chi-square distribution with one degree of freedom."""
+    return math.erfc(math.sqrt(max(x, 0.0) / 2.0))
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p-value of ``k`` successes in ``n`` fair coin flips (doubling the smaller tail)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1))
+    return min(1.0, 2 * tail / 2**n)  # int / int divides exactly before rounding to float
+
+
+def mcnemar_test(b: int, c: int, *, exact_below: int = 25) -> TestResult:
+    """McNemar's test on the discordant pairs of a paired comparison.
+
+    ``b``: samples only the baseline got right; ``c``: samples only the current model got right.
+    Exact binomial when ``b + c < exact_below``, else chi-square with continuity correction.
+    """
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be non-negative, got b={b}, c={c}")
+    n = b + c
+    if n < exact_below:
+        return TestResult(binomial_two_sided_p(min(b, c), n), "mcnemar-exact")
+    statistic = (abs(b - c) - 1) ** 2 / n
+    return TestResult(chi2_1df_sf(statistic), "mcnemar-chi2", statistic)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (as a fraction, not percent)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    z = _z(confidence)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def two_proportion_interval(x1: int, n1: int, x2: int, n2: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval for ``x2/n2 - x1/n1`` from independent samples (Newcombe's hybrid score, from Wilson intervals)."""
+    p1, p2 = x1 / n1, x2 / n2
+    l1, u1 = wilson_interval(x1, n1, confidence)
+    l2, u2 = wilson_interval(x2, n2, confidence)
+    d = p2 - p1
+    return (d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2))
+
+
+def two_proportion_test(x1: int, n1: int, x2: int, n2: int) -> TestResult:
+    """Two-sided z-test (pooled variance) that two independent proportions are equal."""
+    pooled = (x1 + x2) / (n1 + n2)
+    variance = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
+    if variance == 0:
+        return TestResult(1.0, "two-proportion-z", 0.0)
+    z = (x2 / n2 - x1 / n1) / math.sqrt(variance)
+    return TestResult(math.erfc(abs(z) / math.sqrt(2)), "two-proportion-z", z)
+
+
+def paired_proportion_interval(b: int, c: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Interval for the paired difference ``(c - b) / n``: Wald with continuity correction (Fleiss).
+
+    The correction keeps the interval in step with the continuity-corrected McNemar test, so that
+    an interval that excludes zero and a significant p-value almost always go together.
+    """
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    z = _z(confidence)
+    d = (c - b) / n
+    half = z * math.sqrt(max(b + c - (c - b) ** 2 / n, 0.0)) / n + 1 / n
+    return (max(-1.0, d - half), min(1.0, d + half))
+
+
+def discordant_counts(baseline_correct: str, current_correct: str) -> tuple[int, int]:
+    """``(b, c)``: samples right only in the baseline, and right only in the current run."""
+    b = c = 0
+    for old, new in zip(baseline_correct, current_correct):
+        if old != new:
+            if old == "1":
+                b += 1
+            else:
+                c += 1
+    return b, c
+
+
+def paired_top1_test(reference: Mapping[str, Any], other: Mapping[str, Any]) -> TestResult | None:
+    """McNemar's test on top1 of two models scored on the same samples (``None`` without both ``correct``)."""
+    a, b = reference["metrics"].get("correct"), other["metrics"].get("correct")
+    if not a or not b or len(a) != len(b):
+        return None
+    return mcnemar_test(*discordant_counts(a, b))

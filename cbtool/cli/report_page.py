@@ -1,0 +1,31 @@
+"""``cbtool report``: results files (and attention pictures) as one self-contained HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cbtool.cli._options import Quiet
+
+
+def report_command(
+    files: Annotated[list[Path], typer.Argument(help="Results files from cbtool eval --json (robustness records included).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write (replaced atomically).", dir_okay=False)],
+    pictures: Annotated[Optional[list[Path]], typer.Option("--pictures", help="PNG files to embed, e.g. from cbtool viz (repeatable).")] = None,
+    title: Annotated[str, typer.Option("--title", help="Title of the page.")] = "cbtool report",
+    quiet: Quiet = False,
+) -> None:
+    """Write one self-contained HTML page: metrics, per-layer density, robustness, pictures and provenance."""
+    import sys
+
+    from cbtool.files import check_output_folder
+    from cbtool.results import load_results
+    from cbtool.viz.page import write_report_page
+
+    check_output_folder(output)
+    documents = [(str(path), load_results(path)) for path in files]
+    write_report_page(output, documents, pictures=pictures or [], title=title)
+    if not quiet:
+        print(f"wrote {output}", file=sys.stderr)

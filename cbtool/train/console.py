@@ -1,0 +1,64 @@
+"""What a run prints on stderr: the opening line, the progress bar and the validation lines (rank 0 only)."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    """A tqdm bar, or plain lines when there is none."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set_postfix(self, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**kwargs)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress(total: int, initial: int, *, enabled: bool) -> Progress:
+    if not enabled:
+        return Progress(None)
+    from tqdm import tqdm
+
+    return Progress(tqdm(total=total, initial=initial, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True))
+
+
+def _validation_text(val: dict | None) -> str:
+    if val is None:
+        return "no validation"
+    holdout = val.get("holdout")
+    if holdout:
+        return (f"validation on {val['num_samples']} images held out of {holdout.get('from_split') or 'the training data'} "
+                f"(--val-fraction {holdout['fraction']:g})")  # fmt: skip
+    split = f"split {val['split']}" if val.get("split") else "the validation data"
+    return f"validation on {split} ({val['num_samples']} images)"
+
+
+def start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data) -> str:
+    verb = f"resuming at step {state.step} of" if state.step else "training for"
+    processes = f" x {info.world_size} processes" if info.world_size > 1 else ""
+    lr_note = "" if config.lr is not None else " (default for these weights; set --lr)"
+    return (f"{verb} {total} steps ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}) on {device}{processes}: "
+            f"{trainable:,} parameters ({config.train}), lr {lr:g}{lr_note}, "
+            f"batch {config.batch_size}x{config.grad_accum}{processes}; {_validation_text(data['val'])}; "
+            f"run folder {run_dir}")  # fmt: skip
+
+
+def eval_line(step: int, total: int, metrics: dict) -> str:
+    density = f", entropy {metrics['entropy_mean']:.3f}" if metrics.get("entropy_mean") is not None else ""
+    return f"step {step}/{total}: val top-1 {metrics['top1']:.2f}%, loss {metrics['loss']:.4f}{density}"

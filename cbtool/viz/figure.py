@@ -1,0 +1,146 @@
+"""Attention pictures of several models on the same images: every check first, then the forwards, then the grid.
+
+Rows are images; the first column is the image as the first model sees it (resized, cropped), then for each
+model (plain beside CB when two are given), each chosen layer and each view, one heatmap per fused head or
+per head, and a rollout column per model when asked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cbtool.errors import VizError
+from cbtool.viz.maps import attention_maps, choose_layers, layouts_of
+from cbtool.viz.pictures import Panel, compose, save_png
+from cbtool.viz.rollout import attention_rollout, check_rollout
+from cbtool.viz.views import check_heads, check_query, check_view, fuse_heads, layer_view
+
+
+@dataclass(frozen=True)
+class VizOptions:
+    """What to draw. ``layers``: ``--layers`` text or indices (default: the last layer); ``heads``: mean, max, min,
+    all or an index; ``query``: (row, col) of a patch; ``entropy``: per-query entropy; ``rollout`` with
+    ``head_fusion`` and ``discard_ratio``; ``class_map``: the class-token (mean-query) picture."""
+
+    layers: Sequence[int] | str | None = None
+    heads: str | int = "mean"
+    query: tuple[int, int] | None = None
+    entropy: bool = False
+    rollout: bool = False
+    head_fusion: str = "mean"
+    discard_ratio: float = 0.9
+    class_map: bool = True
+
+    def views(self) -> list[str]:
+        return (["class"] if self.class_map else []) + (["query"] if self.query else []) + (["entropy"] if self.entropy else [])
+
+
+def preprocess(model: nn.Module, images: Sequence) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """PIL images -> the model's eval batch (``cbtool eval``'s transform) and, per image, what it sees in [0, 1]."""
+    from cbtool.data import build_transform, resolve_preprocessing
+    from cbtool import provenance
+
+    config = provenance.data_config_of(model)
+    if config is None:
+        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.sources.resolve or cbtool.load")
+    preprocessing = resolve_preprocessing(config)
+    batch = torch.stack([build_transform(preprocessing)(image) for image in images])
+    mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
+    shown = (batch * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    return batch, list(shown)
+
+
+def _plan(model: nn.Module, label: str, size: tuple[int, int], options: VizOptions) -> list[int]:
+    """The model's layer indices to draw, after checking that every asked picture is defined for them."""
+    from cbtool.families import detect
+
+    count = len(detect(model).attention_layouts(model, size))
+    layers = choose_layers(options.layers if options.layers is not None else [-1], count)
+    for index, layout in zip(layers, layouts_of(model, size, layers)):
+        where = f"layer {index} of {label}"
+        for view in options.views():
+            check_view(layout, view, where)
+        if options.query is not None:
+            check_query(layout, options.query, where)
+        check_heads(options.heads, layout.heads)
+    if options.rollout:
+        check_rollout(model, label)
+    return layers
+
+
+def attention_panels(models: Sequence[nn.Module], images: Sequence, *, labels: Sequence[str] | None = None,
+                     names: Sequence[str] | None = None, options: VizOptions = VizOptions()) -> list[list[Panel]]:
+    """One row of panels per image (PIL RGB images): the image, then every model's attention pictures."""
+    if not models:
+        raise VizError("give at least one model")
+    if not images:
+        raise VizError("no images: pass --images FILE ... or --dataset")
+    labels = list(labels) if labels is not None else [f"model{i}" for i in range(len(models))]
+    names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+    if not options.views() and not options.rollout:
+        raise VizError("nothing to draw: ask for the class map, --query, --entropy or --rollout")
+    batches = [preprocess(model, images) for model in models]
+    plans = [_plan(m, label, tuple(b.shape[-2:]), options) for m, label, (b, _) in zip(models, labels, batches)]
+    rows: list[list[Panel]] = [[Panel(name, shown)] for name, shown in zip(names, batches[0][1])]
+    for model, label, (batch, shown), layers in zip(models, labels, batches, plans):
+        size = tuple(batch.shape[-2:])
+        wanted = None if options.rollout else layers  # rollout needs every layer
+        maps = attention_maps(model, batch, wanted)
+        by_layer = dict(zip(layers, maps)) if wanted is not None else {i: maps[i] for i in layers}
+        layouts = dict(zip(layers, layouts_of(model, size, layers)))
+        for index in layers:
+            for view in options.views():
+                fused = fuse_heads(layer_view(by_layer[index], layouts[index], view, options.query), options.heads)
+                for head in range(fused.shape[1]):
+                    head_name = f"h{head}" if fused.shape[1] > 1 else str(options.heads)
+                    for b, row in enumerate(rows):
+                        heat = fused[b, head].cpu().numpy()
+                        title = f"{label}\nL{index} {view} {head_name} {_range(heat)}"
+                        row.append(Panel(title, shown[b], heat))
+        if options.rollout:
+            rolled = attention_rollout(maps, layouts_of(model, size), head_fusion=options.head_fusion,
+                                       discard_ratio=options.discard_ratio)
+            for b, row in enumerate(rows):
+                heat = rolled[b].cpu().numpy()
+                row.append(Panel(f"{label}\nrollout {options.head_fusion} {_range(heat)}", shown[b], heat))
+    return rows
+
+
+def _range(heat: np.ndarray) -> str:
+    """The values a panel's colours span: every panel is scaled by its own minimum and maximum."""
+    return f"{float(heat.min()):.2g}..{float(heat.max()):.2g}"
+
+
+def attention_figure(models: Sequence[nn.Module], images: Sequence, path: str | os.PathLike[str] | None = None, *,
+                     labels: Sequence[str] | None = None, names: Sequence[str] | None = None,
+                     options: VizOptions = VizOptions(), panel: int = 160, cmap: str = "inferno"):
+    """The attention picture grid as a ``PIL.Image``; written as PNG (atomically) when ``path`` is given."""
+    picture = compose(attention_panels(models, images, labels=labels, names=names, options=options), panel=panel,
+                      cmap=cmap)
+    if path is not None:
+        save_png(picture, Path(path))
+    return picture
+
+
+def load_images(paths: Sequence[str | os.PathLike[str]]) -> list:
+    """RGB ``PIL.Image`` per file; a missing or undecodable file is one ``VizError`` line."""
+    from cbtool.data.images import BadImage, open_rgb
+
+    found = []
+    for path in paths:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise VizError(f"image {path} does not exist")
+        try:
+            found.append(open_rgb(str(path)))
+        except BadImage as error:
+            raise VizError(f"cannot decode image {path} ({error})") from None
+    return found

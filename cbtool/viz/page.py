@@ -1,0 +1,197 @@
+"""``cbtool report``'s page: results files as one self-contained HTML page (no scripts, no network).
+
+Metrics and differences, per-layer entropy and distance (inline SVG charts and tables), robustness tables when
+a ``robustness`` record is present, attention pictures embedded as data URIs, and each model's provenance.
+Every number cell carries its JSON value in ``data-value``; the text is ``cbtool.report.format_value``'s. No torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from cbtool._version import __version__
+from cbtool.errors import CbtoolError
+from cbtool.files import write_text_atomic
+from cbtool.report import METRIC_HEADERS, difference_rows, format_value, label_models, metrics_row
+from cbtool.viz.svg import line_chart
+
+_METRIC_KEYS = [("metrics", "top1"), ("metrics", "top5"), ("metrics", "loss"), ("metrics", "num_samples"),
+                ("throughput", "model_images_per_s"), ("throughput", "end_to_end_images_per_s"),
+                ("density", "entropy_mean"), ("density", "distance_mean")]
+_DIFFERENCE_KEYS = [("top1", "accuracy"), ("top5", "accuracy"), ("loss", "loss"), ("entropy_mean", "entropy"),
+                    ("distance_mean", "distance")]
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ddd;padding:.25em .6em}
+th{background:#f5f5f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.meta{color:#666}.charts{display:flex;flex-wrap:wrap;gap:1em}.chart text{font-size:11px;fill:#333}
+.chart .chart-title{font-size:13px;font-weight:600}figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}
+pre{background:#f8f8f8;padding:.6em;overflow:auto;font-size:12px}details{margin:.4em 0}
+"""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(value: Any, text: str | None = None, key: str = "") -> str:
+    """A ``<td>``: numbers right-aligned with their JSON value in ``data-value``."""
+    shown = escape(text if text is not None else ("-" if value is None else str(value)))
+    attrs = f' data-key="{escape(key)}"' if key else ""
+    if _number(value):
+        return f'<td class="num"{attrs} data-value="{json.dumps(value)}">{shown}</td>'
+    return f"<td{attrs}>{shown}</td>"
+
+
+def _table(headers: Sequence[str], rows: Sequence[str], table_id: str = "") -> str:
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in headers)
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _metric_value(model: Mapping[str, Any], group: str, key: str) -> Any:
+    if group == "throughput":
+        return ((model.get("metrics") or {}).get("throughput") or {}).get(key)
+    return (model.get(group) or {}).get(key)
+
+
+def metrics_section(models: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for model in models:
+        texts = metrics_row(model)
+        cells = [_cell(model.get("label"), texts[0], "label")]
+        cells += [_cell(_metric_value(model, g, k), text, k) for (g, k), text in zip(_METRIC_KEYS, texts[1:])]
+        rows.append(f'<tr data-label="{escape(str(model.get("label")))}">{"".join(cells)}</tr>')
+    body = _table(METRIC_HEADERS, rows, "metrics")
+    if len(models) > 1:
+        diff_rows = []
+        for diff in difference_rows(models):
+            cells = [_cell(diff["label"], key="label")]
+            cells += [_cell(diff[k], format_value(diff[k], kind, signed=True), k) for k, kind in _DIFFERENCE_KEYS]
+            diff_rows.append(f"<tr>{''.join(cells)}</tr>")
+        headers = ["model", "Δtop1", "Δtop5", "Δloss", "Δentropy", "Δdistance"]
+        body += f"<h3>Differences from {escape(str(models[0].get('label')))}</h3>" + _table(headers, diff_rows, "differences")
+    return "<h2>Metrics</h2>" + body
+
+
+def density_section(models: Sequence[Mapping[str, Any]]) -> str:
+    measured = [m for m in models if (m.get("density") or {}).get("entropy_per_layer") is not None]
+    if not measured:
+        return ""
+    series = {key: [(str(m["label"]), list(m["density"].get(key) or [])) for m in measured]
+              for key in ("entropy_per_layer", "distance_per_layer")}
+    charts = (line_chart("Attention entropy per layer", series["entropy_per_layer"], y_label="entropy (1 = uniform)")
+              + line_chart("Mean attention distance per layer", series["distance_per_layer"], y_label="pixels"))
+    depth = max(len(values) for entries in series.values() for _, values in entries)
+    headers = ["layer"] + [f"entropy {m['label']}" for m in measured] + [f"distance {m['label']}" for m in measured]
+    kinds = {"entropy_per_layer": "entropy", "distance_per_layer": "distance"}
+    rows = []
+    for layer in range(depth):
+        cells = [_cell(layer, key="layer")]
+        for key, entries in series.items():
+            for label, values in entries:
+                value = values[layer] if layer < len(values) else None
+                cells.append(_cell(value, format_value(value, kinds[key]), f"{key}:{label}"))
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<h2>Attention density</h2><div class="charts">{charts}</div>' + _table(headers, rows, "density")
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _value_text(value: Any) -> str:
+    return format_value(value, "loss") if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def generic_tables(record: Any, title: str = "") -> str:
+    """Any JSON record as tables: scalars as key/value rows, mappings of mappings as a matrix, the rest nested."""
+    heading = f"<h4>{escape(title)}</h4>" if title else ""
+    if _scalar(record):
+        return heading + f"<p>{escape(_value_text(record))}</p>"
+    if isinstance(record, list):
+        record = {str(i): item for i, item in enumerate(record)}
+    scalars = {k: v for k, v in record.items() if _scalar(v)}
+    nested = {k: v for k, v in record.items() if not _scalar(v)}
+    out = heading
+    if scalars:
+        out += _table(["key", "value"], [f"<tr>{_cell(k)}{_cell(v, _value_text(v), k)}</tr>" for k, v in scalars.items()])
+    matrix = {k: v for k, v in nested.items() if isinstance(v, Mapping) and all(_scalar(x) for x in v.values())}
+    if len(matrix) > 1 or (matrix and len(next(iter(matrix.values()))) > 1):
+        columns = list(dict.fromkeys(c for v in matrix.values() for c in v))
+        if len(columns) > len(matrix):  # e.g. {"ce": {corruption: x}, "mean_error": {corruption: y}}: corruptions as rows
+            rows = [f"<tr>{_cell(c)}{''.join(_cell(matrix[k].get(c), _value_text(matrix[k].get(c)), f'{k}:{c}') for k in matrix)}</tr>"
+                    for c in columns]
+            out += _table(["", *matrix], rows)
+        else:
+            rows = [f"<tr>{_cell(k)}{''.join(_cell(v.get(c), _value_text(v.get(c)), f'{k}:{c}') for c in columns)}</tr>"
+                    for k, v in matrix.items()]
+            out += _table(["", *columns], rows)
+        nested = {k: v for k, v in nested.items() if k not in matrix}
+    return out + "".join(generic_tables(v, str(k)) for k, v in nested.items())
+
+
+def robustness_section(documents: Sequence[tuple[str, Mapping[str, Any]]], models: Sequence[Mapping[str, Any]]) -> str:
+    parts = [generic_tables(doc["robustness"], f"{Path(name).name}") for name, doc in documents if doc.get("robustness")]
+    parts += [generic_tables(m["robustness"], str(m["label"])) for m in models if m.get("robustness")]
+    return f'<h2>Robustness</h2><div id="robustness">{"".join(parts)}</div>' if parts else ""
+
+
+def pictures_section(pictures: Sequence[str | os.PathLike[str]]) -> str:
+    figures = []
+    for path in pictures:
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise CbtoolError(f"cannot read picture {path}: {error.strerror or error}") from None
+        kind = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg+xml", ".webp": "webp"}.get(path.suffix.lower())
+        if kind is None:
+            raise CbtoolError(f"picture {path} is not a .png, .jpg, .svg or .webp file")
+        uri = f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+        figures.append(f'<figure><img src="{uri}" alt="{escape(path.name)}"><figcaption>{escape(path.name)}</figcaption></figure>')
+    return "<h2>Attention pictures</h2>" + "".join(figures) if figures else ""
+
+
+def provenance_section(models: Sequence[Mapping[str, Any]], documents: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    by_file = dict(documents)
+    parts = []
+    for model in models:
+        document = by_file.get(model.get("file"), {})
+        record = {"file": model.get("file"), "source": model.get("source"), "cb_spec": model.get("cb_spec"),
+                  "dataset": document.get("dataset"), "preprocessing": document.get("preprocessing"),
+                  "environment": document.get("environment"), "created": document.get("created"),
+                  "cbtool_version": document.get("cbtool_version")}
+        text = json.dumps(record, indent=2, sort_keys=True, allow_nan=True)
+        parts.append(f"<details><summary>{escape(str(model.get('label')))}</summary><pre>{escape(text)}</pre></details>")
+    return '<h2>Provenance</h2><div id="provenance">' + "".join(parts) + "</div>"
+
+
+def report_page(documents: Sequence[tuple[str, Mapping[str, Any]]], *, pictures: Sequence[str | os.PathLike[str]] = (),
+                title: str = "cbtool report") -> str:
+    """The HTML page for ``(file name, results)`` pairs (``cbtool eval --json`` documents) and picture files."""
+    if not documents:
+        raise CbtoolError("the report needs at least one results file")
+    models = label_models(documents)
+    files = ", ".join(escape(Path(name).name) for name, _ in documents)
+    body = "".join([
+        f"<h1>{escape(title)}</h1><p class=\"meta\">{files} · cbtool {escape(__version__)}</p>",
+        metrics_section(models), density_section(models), robustness_section(documents, models),
+        pictures_section(pictures), provenance_section(models, documents),
+    ])
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
+            f"<body>{body}</body></html>\n")
+
+
+def write_report_page(path: str | os.PathLike[str], documents: Sequence[tuple[str, Mapping[str, Any]]], *,
+                      pictures: Sequence[str | os.PathLike[str]] = (), title: str = "cbtool report") -> Path:
+    """Write :func:`report_page` to ``path`` atomically."""
+    return write_text_atomic(path, report_page(documents, pictures=pictures, title=title))

@@ -1,0 +1,63 @@
+"""Attention rollout (Abnar & Zuidema, 2020): attention flowed through the residual stream, layer by layer.
+
+Rollout assumes every layer is global self-attention over one fixed token set with a residual connection
+around it (``0.5 * A + 0.5 * I``), which holds for plain ViTs only: Swin (windows, patch merging), PiT
+(pooling changes the tokens) and CaiT (class attention, talking heads) are refused in one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from cbtool.errors import VizError
+from cbtool.families import TokenLayout, detect
+from cbtool.viz.views import HEAD_FUSIONS, over_patches
+
+ROLLOUT_FAMILIES = ("timm-vit", "hf-vit")
+
+
+def check_rollout(model: nn.Module, label: str = "the model") -> None:
+    """Refuse, in one line, a model whose family rollout is not defined for."""
+    family = detect(model)
+    if family.name not in ROLLOUT_FAMILIES:
+        raise VizError(f"attention rollout is defined for residual ViTs with global attention ({', '.join(ROLLOUT_FAMILIES)}); "
+                       f"{label} is {family.name}")
+
+
+def attention_rollout(maps: Sequence[torch.Tensor], layouts: Sequence[TokenLayout], *, head_fusion: str = "mean",
+                      discard_ratio: float = 0.9) -> torch.Tensor:
+    """(batch, rows, cols): the class token's (else the mean token's) rolled-out attention over the patches.
+
+    ``maps`` are every layer's probabilities from the first layer on. Per layer the heads are fused (mean, max
+    or min), the ``discard_ratio`` weakest entries of each image's map are zeroed (never a token's attention to
+    itself), the identity is added for the residual, and the rows are renormalised.
+    """
+    if head_fusion not in HEAD_FUSIONS[:3]:
+        raise VizError(f"rollout fuses heads by mean, max or min, not {head_fusion!r}")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise VizError(f"--discard-ratio must be in [0, 1), not {discard_ratio}")
+    if not maps:
+        raise VizError("rollout needs the maps of every layer")
+    if any(layout.kind != "global" for layout in layouts) or len({m.shape[-1] for m in maps}) > 1:
+        raise VizError("rollout needs global attention over the same tokens in every layer")
+    batch, tokens = maps[0].shape[0], maps[0].shape[-1]
+    identity = torch.eye(tokens, dtype=torch.float64, device=maps[0].device)
+    result = identity.expand(batch, tokens, tokens)
+    for probs in maps:
+        fused = probs.double().mean(dim=1) if head_fusion == "mean" else (
+            probs.double().amax(dim=1) if head_fusion == "max" else probs.double().amin(dim=1))
+        if discard_ratio > 0:
+            flat = fused.reshape(batch, -1)
+            # zeroing the k weakest = keeping the n - k strongest; topk of the few kept is much cheaper
+            keep = flat.topk(flat.shape[1] - int(flat.shape[1] * discard_ratio), dim=1).indices
+            kept = torch.zeros_like(flat).scatter_(1, keep, flat.gather(1, keep))
+            fused = kept.view_as(fused) * (1 - identity) + fused * identity  # the diagonal is kept
+        mixed = 0.5 * fused + 0.5 * identity
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+        result = mixed @ result
+    layout = layouts[0]
+    row = result[:, 0] if layout.prefix > 0 else result.mean(dim=1)
+    return over_patches(row.unsqueeze(1), layout)[:, 0].float()
