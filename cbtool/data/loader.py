@@ -13,6 +13,7 @@ out the same way; a run resumes at ``(start_epoch, start_batch)`` with the same 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Iterator
 
 import torch
@@ -181,6 +182,18 @@ class Loader:
                 yield images, labels, indices
 
 
+def _quiet_when_main_stops(_worker_id: int) -> None:
+    """Workers hand batches over through multiprocessing's file-descriptor server; when the main process stops
+    (Ctrl-C, an error), a hand-over in flight fails with a connection error that is noise, not news."""
+    previous = sys.excepthook
+
+    def hook(kind, value, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, traceback)
+
+    sys.excepthook = hook
+
+
 def build_loader(
     dataset,
     *,
@@ -210,7 +223,7 @@ def build_loader(
         pin_memory = torch.cuda.is_available()
     common = dict(batch_size=batch_size, num_workers=workers, collate_fn=collate, pin_memory=pin_memory, drop_last=drop_last)
     if workers > 0:
-        common["prefetch_factor"] = 2
+        common.update(prefetch_factor=2, worker_init_fn=_quiet_when_main_stops)
 
     if isinstance(dataset, TransformedStream):
         if shuffle or start_batch:
