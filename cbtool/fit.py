@@ -1,8 +1,8 @@
 """Whether a model fits what it is given: the options that build it, its input size, and a weights file
 (readable plain tensors of the right shapes), with messages that name the option that would make it fit.
 
-Asks the model itself (timm's ``patch_embed``, a transformers ``config``), so it works for any family
-that exposes those; models that expose neither are not size-checked.
+Input sizes and classifier names come from the model's family adapter; models of other classes are not
+size-checked here (the commands refuse them).
 """
 
 from __future__ import annotations
@@ -31,28 +31,24 @@ def has_trained_weights(model: Any) -> bool:
 
 
 def is_head_key(model: Any, key: str) -> bool:
-    """Whether ``key`` belongs to the classifier timm's pretrained config names (``head`` by default)."""
-    head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
-    heads = head if isinstance(head, (list, tuple)) else [head]
-    return any(key.startswith(h + ".") for h in heads)
+    """Whether ``key`` belongs to the classifier, as the model's family adapter names it."""
+    return any(key.startswith(prefix + ".") for prefix in _family_answer(model, "head_prefixes", ["head"]))
 
 
 def input_geometry(model: Any) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-    """``(fixed input size or None, patch size or None)``; a None size means any multiple of the patch."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "patch_size", None) is not None:
-        patch = _pair(patch_embed.patch_size)
-        flexible = getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True)
-        size = getattr(patch_embed, "img_size", None)
-        padded = getattr(patch_embed, "dynamic_img_pad", False)  # pads any size up to a multiple of the patch
-        return (None if flexible or size is None else _pair(size)), (None if padded else patch)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "patch_size", None) is not None:
-        patch = _pair(config.patch_size)
-        if getattr(config, "model_type", None) == "dinov2":  # interpolates its position embeddings
-            return None, patch
-        return _pair(getattr(config, "image_size", 224)), patch
-    return None, None
+    """``(fixed input size or None, patch size or None)``, as the family adapter says; (None, None) for others."""
+    return _family_answer(model, "input_geometry", (None, None))
+
+
+def _family_answer(model: Any, question: str, default: Any) -> Any:
+    from cbtool.errors import UnsupportedModelError
+    from cbtool.families import detect
+
+    try:
+        family = detect(model)
+    except UnsupportedModelError:  # refused later, where the command needs a family
+        return default
+    return getattr(family, question)(model)
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -120,6 +120,14 @@ class Family:
         """Names of the parameters kept free of weight decay besides 1-d ones (position/class/register embeddings)."""
         return set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
 
+    def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """``(fixed input size or None, patch size or None)``: None for the size means any multiple of the patch."""
+        return None, None
+
+    def head_prefixes(self, model: nn.Module) -> list[str]:
+        """State-dict prefixes of the classifier (a checkpoint's head of another class count is left fresh)."""
+        return ["head"]
+
     def logits(self, output: object) -> torch.Tensor:
         """The classification logits from whatever the model's forward returned."""
         return output  # type: ignore[return-value]

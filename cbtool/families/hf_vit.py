@@ -122,6 +122,18 @@ class HfViT(Family):
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
         return [getattr(model, name) for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
+    def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        config = _vision_config(model)
+        if getattr(config, "patch_size", None) is None:
+            return None, None
+        patch = (int(config.patch_size),) * 2
+        if getattr(config, "model_type", None) in ("dinov2", "dinov2_with_registers"):
+            return None, patch  # interpolates its position embeddings
+        return (int(getattr(config, "image_size", 224)),) * 2, patch
+
+    def head_prefixes(self, model: nn.Module) -> list[str]:
+        return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
     def logits(self, output: object) -> torch.Tensor:
         logits = getattr(output, "logits", None)
         if logits is None:

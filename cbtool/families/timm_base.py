@@ -83,6 +83,20 @@ class TimmFamily(Family):
         names = super().no_weight_decay_names(model)
         return names | {name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in _NO_DECAY_LEAVES}
 
+    def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        embed = getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+        if embed is None or getattr(embed, "patch_size", None) is None:
+            return None, None
+        patch = _pair(embed.patch_size)
+        flexible = getattr(model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True)
+        size = getattr(embed, "img_size", None)
+        padded = getattr(embed, "dynamic_img_pad", False)  # pads any size up to a multiple of the patch
+        return (None if flexible or size is None else _pair(size)), (None if padded else patch)
+
+    def head_prefixes(self, model: nn.Module) -> list[str]:
+        head = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+        return list(head) if isinstance(head, (list, tuple)) else [head]
+
     def block_dim(self, block: nn.Module) -> int:
         norm = getattr(block, "norm1", None)
         shape = getattr(norm, "normalized_shape", None)
@@ -107,6 +121,10 @@ class TimmFamily(Family):
                 else:
                     stack.enter_context(_explicit_attention(probe, index, callback))
             yield
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def attn_drop_probe(attention: nn.Module, where: str) -> AttentionProbe:
