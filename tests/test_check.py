@@ -462,6 +462,8 @@ def cli_files(tmp_path_factory):
         "broken": write(folder, "broken.json", '{"schema_version": 1, "models": ['),
         "version": write(folder, "version.json", wrong_version),
         "missing": folder / "missing.json",
+        "robust": write(folder, "robust-cb.json", robust_pair()[0]),
+        "robust_base": write(folder, "robust-plain.json", robust_pair()[1]),
     }
 
 
@@ -512,10 +514,13 @@ def test_check_and_compare_do_not_import_torch(cli_files, tmp_path):
     runs = [
         f"check|{cli_files['drop']}|--baseline|{cli_files['drop_base']}|--json|{tmp_path / 'v.json'}",
         f"compare|{cli_files['ok_base']}|{cli_files['ok']}",
+        f"check|{cli_files['robust']}|--baseline|{cli_files['robust_base']}|--max-rise|mce=1.0|--max-rise|error:fog:3",
+        f"compare|{cli_files['robust_base']}|{cli_files['robust']}",
     ]
     proc = subprocess.run([sys.executable, "-c", code, *runs], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is False  # the check really ran
+    assert "mCE robust-cb.json:cb.safetensors vs robust-plain.json:cb.safetensors: +2.00" in proc.stdout
     assert "Attention density per layer" in proc.stdout and load_results(cli_files["ok"])["schema_version"] == 1
 
 
@@ -525,3 +530,133 @@ def test_documented_workflow_matches_example_file():
     guide = (REPO / "docs" / "check.md").read_text()
     assert f"```yaml\n{body}```" in guide
     assert "cbtool check results.json --baseline" in body and '--markdown "$GITHUB_STEP_SUMMARY"' in body
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness metrics (issue 11): mce, relative_mce, error:<corruption>[:<severity>]
+# --------------------------------------------------------------------------------------------
+
+
+def robust(document: dict, cells: dict, *, mce: float | None = 60.0, relative_mce: float | None = 80.0) -> dict:
+    """Give the only model of ``document`` a robustness record; ``cells[corruption][severity]`` is a correct string."""
+    entry = document["models"][0]
+    severities = sorted({s for by_severity in cells.values() for s in by_severity})
+    error = {c: {str(s): 100.0 * v.count("0") / len(v) for s, v in by_s.items()} for c, by_s in cells.items()}
+    entry["robustness"] = {
+        "corruptions": list(cells),
+        "severities": severities,
+        "seed": 0,
+        "clean_error": 100.0 - entry["metrics"]["top1"],
+        "error": error,
+        "correct": {c: {str(s): v for s, v in by_s.items()} for c, by_s in cells.items()},
+        "mean_error": {c: sum(e.values()) / len(e) for c, e in error.items()},
+        "ce": {}, "relative_ce": {},
+        "mce": mce, "relative_mce": relative_mce,
+        "complete": False, "relative_to_first": None,
+    }  # fmt: skip
+    document["schema_version"] = 2
+    return document
+
+
+def robust_pair(b: int = 30, c: int = 12, *, current_mce: float = 62.0, n: int = 200) -> tuple[dict, dict]:
+    """Same samples; in fog severity 3 ``b`` images are right only in the baseline and ``c`` only now."""
+    current, baseline = pair_of(n=n, both=n - 20, b=0, c=0)
+    old, new = paired(n, n // 2, b, c)
+    baseline = robust(baseline, {"fog": {3: old, 5: old}})
+    current = robust(current, {"fog": {3: new, 5: old}}, mce=current_mce)
+    return current, baseline
+
+
+@pytest.mark.parametrize(
+    "drop, rise, expected",
+    [
+        ([], ["mce=1.0"], [Rule("top1", "drop", 0.5), Rule("mce", "rise", 1.0)]),
+        (["top1=off"], ["relative_mce", "error:fog"],
+         [Rule("relative_mce", "rise", 1.0), Rule("error:fog", "rise", 1.0)]),
+        (["top1=off"], ["error:fog:3=2"], [Rule("error:fog:3", "rise", 2.0)]),
+    ],
+)
+def test_parse_robustness_rules(drop, rise, expected):
+    assert parse_rules(drop, rise) == expected
+
+
+@pytest.mark.parametrize(
+    "drop, rise, message",
+    [
+        (["mce=1"], [], "lower is better"),
+        ([], ["mce=5%"], "already in percent"),
+        ([], ["error:mist"], "unknown corruption 'mist'"),
+        ([], ["error:fog:6"], "severity in metric 'error:fog:6'"),
+        ([], ["error:fog:"], "severity in metric"),
+        ([], ["mcee"], "error:<corruption>:<severity>"),
+    ],
+)
+def test_parse_robustness_rules_rejects(drop, rise, message):
+    with pytest.raises(CbtoolError, match=message):
+        parse_rules(drop, rise)
+
+
+@pytest.mark.parametrize("current_mce, verdict", [(62.0, "regression"), (60.8, "ok"), (58.0, "improved")])
+def test_mce_verdicts(current_mce, verdict):
+    current, baseline = robust_pair(current_mce=current_mce)
+    report = _report(current, baseline, parse_rules([], ["mce=1.0"]))
+    check = report.checks[1]
+    assert (check.metric, check.kind, check.verdict, check.p_value) == ("mce", "error", verdict, None)
+    assert check.difference == pytest.approx(current_mce - 60.0)
+
+
+@pytest.mark.parametrize("b, c", [(30, 12), (8, 1), (2, 9)])
+def test_cell_mcnemar_matches_scipy(b, c):
+    stats = pytest.importorskip("scipy.stats")
+    current, baseline = robust_pair(b, c)
+    report = _report(current, baseline, parse_rules(["top1=off"], ["error:fog:3=0.5", "error:fog"]))
+    cell, mean = report.checks
+    if b + c < 25:
+        expected, method = stats.binomtest(min(b, c), b + c, 0.5).pvalue, "mcnemar-exact"
+    else:
+        expected, method = stats.chi2.sf((abs(b - c) - 1) ** 2 / (b + c), 1), "mcnemar-chi2"
+    assert (cell.metric, cell.test) == ("error:fog:3", method)
+    assert cell.p_value == pytest.approx(expected, rel=1e-9)
+    assert cell.difference == pytest.approx(100 * (b - c) / 200)  # error rises by the images lost
+    low, high = cell.interval
+    assert low < cell.difference < high
+    assert cell.verdict == ("regression" if b > c and expected < 0.05 else "improved" if expected < 0.05 else "noise")
+    assert (mean.metric, mean.p_value, mean.test) == ("error:fog", None, None)  # mean over severities: bound alone
+    assert mean.difference == pytest.approx(100 * (b - c) / 200 / 2)
+
+
+def test_cell_without_pairing_uses_independent_samples():
+    current, baseline = robust_pair(30, 12)
+    del current["models"][0]["robustness"]["correct"]["fog"]
+    report = _report(current, baseline, parse_rules(["top1=off"], ["error:fog:3"]))
+    assert report.checks[0].test == "two-proportion-z" and "per-sample correctness of error:fog:3" in report.notes[0]
+
+
+def test_cli_robustness_exit_codes(tmp_path):
+    current, baseline = robust_pair(current_mce=62.0)
+    files = {"cb": write(tmp_path, "robust-cb.json", current), "plain": write(tmp_path, "robust-plain.json", baseline)}
+    within = copy.deepcopy(current)
+    within["models"][0]["robustness"]["mce"] = 60.5
+    files["within"] = write(tmp_path, "within.json", within)
+    no_mce = copy.deepcopy(current)
+    no_mce["models"][0]["robustness"].update(mce=None, relative_mce=None, severities=[3])
+    files["no_mce"] = write(tmp_path, "no-mce.json", no_mce)
+    plain = copy.deepcopy(current)
+    del plain["models"][0]["robustness"]
+    files["none"] = write(tmp_path, "none.json", plain)
+    cases = [
+        ("cb", ["--max-rise", "mce=1.0"], 1, "cbtool: error: regression: mce +2.00 (rise 1.00 allowed)"),
+        ("within", ["--max-rise", "mce=1.0"], 0, ""),
+        ("no_mce", ["--max-rise", "mce=1.0"], 2, "has no mce (CE needs severities 1-5"),
+        ("none", ["--max-rise", "mce"], 2, "has no robustness record for mce; evaluate with --corruptions"),
+        ("cb", ["--max-rise", "error:snow:3"], 2, "has no snow errors for error:snow:3 (evaluated: fog)"),
+        ("cb", ["--max-rise", "error:fog:2"], 2, "has no fog severity 2 for error:fog:2"),
+        ("cb", ["--max-drop", "mce=1"], 2, "mce is an error (lower is better)"),
+    ]
+    for name, extra, code, stderr in cases:
+        proc = _run("check", str(files[name]), "--baseline", str(files["plain"]), *extra)
+        assert proc.returncode == code, (name, extra, proc.stdout, proc.stderr)
+        if code == 0:
+            assert proc.stderr == "" and "mce" in proc.stdout
+        else:
+            assert stderr in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

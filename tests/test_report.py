@@ -283,3 +283,49 @@ def test_library_compare_is_what_compare_json_writes(tmp_path):
         compare([results(PLAIN), {"models": []}], ["a.json", "b.json"])
     with pytest.raises(CbtoolError, match="2 documents but 1 names"):
         compare([results(PLAIN), results(CB)], ["a.json"])
+
+
+def with_robustness(entry: dict, fog: dict[int, str], mce: float | None, relative_mce: float | None) -> dict:
+    """``entry`` with a hand-made robustness record: fog at the severities in ``fog`` (correct strings)."""
+    error = {str(s): 100.0 * v.count("0") / len(v) for s, v in fog.items()}
+    record = {
+        "corruptions": ["fog"], "severities": sorted(fog), "seed": 0, "clean_error": 100.0 - entry["metrics"]["top1"],
+        "error": {"fog": error}, "correct": {"fog": {str(s): v for s, v in fog.items()}},
+        "mean_error": {"fog": sum(error.values()) / len(error)},
+        "ce": {"fog": mce} if mce is not None else {}, "relative_ce": {"fog": relative_mce} if mce is not None else {},
+        "mce": mce, "relative_mce": relative_mce, "complete": False, "relative_to_first": None,
+    }  # fmt: skip
+    return {**entry, "robustness": record}
+
+
+def test_compare_shows_robustness_section(tmp_path):
+    five = range(1, 6)
+    plain = with_robustness(PLAIN, {s: "1" * (80 - 5 * s) + "0" * (20 + 5 * s) for s in five}, 50.0, 70.0)
+    cb = with_robustness(CB, {s: "1" * (78 - 5 * s) + "0" * (22 + 5 * s) for s in five}, 52.5, 71.0)
+    a, b = write(tmp_path, "plain.json", results(plain)), write(tmp_path, "cb.json", results(cb))
+    result = runner.invoke(app, ["compare", str(a), str(b), "--json", str(tmp_path / "c.json"),
+                                 "--markdown", str(tmp_path / "c.md")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    section = result.output.split("Robustness")[1]
+    assert "corruption" in section and "s5" in section and "fog" in section and "CE vs first" in section
+    assert "mCE cb vs plain: +2.50 (relative mCE +1.00)" in section
+    assert "105.71" in section  # CE vs first: the first model compared, 100 * 185 / 175
+    assert "- mCE cb vs plain: +2.50" in (tmp_path / "c.md").read_text()
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert record["models"][1]["robustness"]["mce"] == 52.5 and "correct" not in record["models"][1]["robustness"]
+    (diff,) = record["robustness_differences"]
+    assert diff["mce"] == pytest.approx(2.5) and diff["mean_error"]["fog"] == pytest.approx(2.0)
+    # Paired samples: McNemar per cell; cb lost 2 images at each severity and gained none.
+    assert diff["cell_p_values"]["fog"]["3"] == pytest.approx(0.5)
+    assert record == json.loads(json.dumps(report_compare([results(plain), results(cb)], [str(a), str(b)])))
+    plain_only = runner.invoke(app, ["compare", str(write(tmp_path, "p.json", results(PLAIN))), str(a)])
+    assert plain_only.exit_code == 0 and " vs plain:" not in plain_only.output  # one record: table, no difference line
+    assert "Robustness" in plain_only.output
+    neither = runner.invoke(app, ["compare", str(write(tmp_path, "q.json", results(CB))), str(tmp_path / "p.json")])
+    assert neither.exit_code == 0 and "Robustness" not in neither.output
+
+
+def report_compare(documents, names):
+    from cbtool import compare
+
+    return compare(documents, names)

@@ -8,7 +8,9 @@ results side by side. Reading results files is ``cbtool.results``'s, rendering `
 from __future__ import annotations
 
 from cbtool.check.comparison import Comparison, compare, compare_results
-from cbtool.check.rules import ALIASES, DEFAULT_RULES, DROP, METRICS, RISE, MetricInfo, Rule, parse_rules
+from cbtool.check.rules import (
+    ALIASES, DEFAULT_RULES, DROP, METRICS, RISE, MetricInfo, Rule, metric_info, parse_rules, robustness_cell,
+)  # fmt: skip
 from cbtool.check.stats import (
     TestResult,
     binomial_two_sided_p,
@@ -28,7 +30,8 @@ __all__ = [
     "ALIASES", "DEFAULT_RULES", "DROP", "METRICS", "RISE", "SCHEMA_VERSION", "VERDICTS",
     "CheckReport", "Comparison", "Interval", "MetricCheck", "MetricInfo", "Rule", "TestResult",
     "binomial_two_sided_p", "check_results", "chi2_1df_sf", "compare", "compare_results", "dataset_mismatches",
-    "discordant_counts", "load_results", "mcnemar_test", "paired_proportion_interval", "paired_top1_test",
+    "discordant_counts", "load_results", "mcnemar_test", "metric_info", "robustness_cell",
+    "paired_proportion_interval", "paired_top1_test",
     "pair_models", "parse_rules", "two_proportion_interval", "two_proportion_test", "validate_results",
     "wilson_interval",
 ]  # fmt: skip

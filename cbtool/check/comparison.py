@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from cbtool.check.stats import paired_top1_test
+from cbtool.check.stats import discordant_counts, mcnemar_test, paired_top1_test
 from cbtool.errors import CbtoolError
-from cbtool.report import difference_rows, label_models
+from cbtool.report import difference_rows, label_models, robustness_differences
 from cbtool.results import SCHEMA_VERSION, dataset_mismatches, validate_results
 
 
@@ -39,11 +39,33 @@ class Comparison:
             "notes": list(self.notes),
             "models": [_summary(m) for m in self.models],
             "differences": differences,
+            "robustness_differences": self.robustness_differences(),
         }
+
+    def robustness_differences(self) -> list[dict[str, Any]]:
+        """``report.robustness_differences``, with McNemar p-values per cell (``cell_p_values[c][s]``)
+        when all files scored the same samples."""
+        rows = robustness_differences(self.models)
+        robust = [m for m in self.models if m.get("robustness")]
+        for row, model in zip(rows, robust[1:]):
+            row["cell_p_values"] = _cell_p_values(robust[0], model) if self.same_samples else None
+        return rows
+
+
+def _cell_p_values(reference: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """McNemar p-values per corruption cell that both models scored with per-sample correctness."""
+    ref, cur = reference["robustness"].get("correct") or {}, other["robustness"].get("correct") or {}
+    out: dict[str, dict[str, float]] = {}
+    for corruption, cells in cur.items():
+        for severity, new in (cells or {}).items():
+            old = (ref.get(corruption) or {}).get(severity)
+            if isinstance(old, str) and isinstance(new, str) and old and len(old) == len(new):
+                out.setdefault(corruption, {})[severity] = mcnemar_test(*discordant_counts(old, new)).p_value
+    return out
 
 
 def _summary(model: Mapping[str, Any]) -> dict[str, Any]:
-    metrics, density = model["metrics"], model.get("density") or {}
+    metrics, density, robustness = model["metrics"], model.get("density") or {}, model.get("robustness")
     return {
         "label": model["label"],
         "file": model["file"],
@@ -56,6 +78,8 @@ def _summary(model: Mapping[str, Any]) -> dict[str, Any]:
         "distance_mean": density.get("distance_mean"),
         "entropy_per_layer": density.get("entropy_per_layer"),
         "distance_per_layer": density.get("distance_per_layer"),
+        # The robustness record without its per-sample strings (those stay in the results files).
+        "robustness": {k: v for k, v in robustness.items() if k != "correct"} if robustness else None,
     }
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cbtool.errors import CbtoolError
 from cbtool.report import format_value
+from cbtool.robustness.registry import CORRUPTIONS, SEVERITIES
 
 DROP, RISE = "drop", "rise"
 
@@ -17,7 +18,7 @@ class MetricInfo:
     """A checkable metric: its kind (sets units and formatting) and the bound used when none is given."""
 
     name: str
-    kind: str  # accuracy | loss | entropy | distance | throughput
+    kind: str  # accuracy | loss | entropy | distance | throughput | error (robustness: lower is better)
     default_allowed: float
     default_relative: bool = False
     per_layer: bool = False
@@ -35,9 +36,42 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("distance_layer", "distance", 2.0, per_layer=True),
         MetricInfo("model_images_per_s", "throughput", 5.0, default_relative=True),
         MetricInfo("end_to_end_images_per_s", "throughput", 5.0, default_relative=True),
+        # Robustness (``cbtool eval --corruptions``): errors and CEs in percent, lower is better (--max-rise).
+        MetricInfo("mce", "error", 1.0),
+        MetricInfo("relative_mce", "error", 1.0),
     )
 }
 ALIASES = {"entropy_per_layer": "entropy_layer", "distance_per_layer": "distance_layer"}
+# ``error:<corruption>`` (mean error over the severities run) and ``error:<corruption>:<severity>`` (one cell).
+ERROR_PREFIX = "error:"
+ERROR_DEFAULT = 1.0
+KNOWN_TEXT = ", ".join(METRICS) + ", error:<corruption>, error:<corruption>:<severity>"
+
+
+def robustness_cell(name: str) -> tuple[str, int | None] | None:
+    """``("fog", 3)`` for ``error:fog:3``, ``("fog", None)`` for ``error:fog``, ``None`` for other names.
+
+    Raises :class:`CbtoolError` for an ``error:`` name with an unknown corruption or a severity outside 1-5.
+    """
+    if not name.startswith(ERROR_PREFIX):
+        return None
+    corruption, has_severity, severity = name[len(ERROR_PREFIX):].partition(":")
+    if corruption not in CORRUPTIONS:
+        raise CbtoolError(f"unknown corruption {corruption!r} in metric {name!r}; valid: {', '.join(CORRUPTIONS)}")
+    if not has_severity:
+        return corruption, None
+    if severity not in {str(s) for s in SEVERITIES}:
+        raise CbtoolError(f"severity in metric {name!r} must be an integer from 1 to 5, got {severity!r}")
+    return corruption, int(severity)
+
+
+def metric_info(name: str) -> MetricInfo:
+    """The :class:`MetricInfo` of a metric name, including ``error:<corruption>[:<severity>]``."""
+    if name in METRICS:
+        return METRICS[name]
+    if robustness_cell(name) is not None:
+        return MetricInfo(name, "error", ERROR_DEFAULT)
+    raise CbtoolError(f"unknown metric {name!r}; known: {KNOWN_TEXT}")
 
 
 @dataclass(frozen=True)
@@ -54,13 +88,16 @@ class Rule:
     relative: bool = False
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise CbtoolError(f"unknown metric {self.metric!r}; known: {', '.join(METRICS)}")
+        info = metric_info(self.metric)
         if self.direction not in (DROP, RISE):
             raise CbtoolError(f"direction must be {DROP!r} or {RISE!r}, got {self.direction!r}")
         if not math.isfinite(self.allowed) or self.allowed < 0:
             raise CbtoolError(f"allowed change for {self.metric} must be a non-negative number, got {self.allowed}")
-        if self.relative and METRICS[self.metric].kind == "accuracy":
+        if info.kind == "error" and self.direction == DROP:
+            raise CbtoolError(
+                f"{self.metric} is an error (lower is better): bound its rise, e.g. --max-rise {self.metric}=1"
+            )
+        if self.relative and info.kind in ("accuracy", "error"):
             raise CbtoolError(
                 f"{self.metric} is already in percent: give the allowed {self.direction} in points, "
                 f"e.g. {self.metric}=0.5"
@@ -68,7 +105,7 @@ class Rule:
 
     @property
     def info(self) -> MetricInfo:
-        return METRICS[self.metric]
+        return metric_info(self.metric)
 
     def describe(self) -> str:
         """``drop 0.50`` or ``rise 5%``: the bound as the report shows it."""
@@ -84,9 +121,9 @@ class Rule:
         name = ALIASES.get(name, name)
         if not name or (sep and not value):
             raise CbtoolError(f"{option} expects METRIC=VALUE (e.g. top1=0.5), got {text!r}")
-        if name not in METRICS:
-            raise CbtoolError(f"unknown metric {name!r} in {option} {text}; known: {', '.join(METRICS)}")
-        info = METRICS[name]
+        if name not in METRICS and not name.startswith(ERROR_PREFIX):
+            raise CbtoolError(f"unknown metric {name!r} in {option} {text}; known: {KNOWN_TEXT}")
+        info = metric_info(name)
         if not sep:
             return cls(name, direction, info.default_allowed, info.default_relative)
         if value.lower() == "off":

@@ -2,8 +2,9 @@
 
 An accuracy drop is a regression only when it exceeds the allowed change *and* is unlikely to be
 sampling noise: a paired McNemar test when both runs scored the same samples (``metrics.correct``),
-otherwise a test of two independent proportions. Other metrics carry no per-sample values, so
-their bound alone decides. No torch.
+otherwise a test of two independent proportions; one robustness cell (``error:fog:3``) the same way
+on its per-sample ``correct`` string. Other metrics carry no per-sample values, so their bound alone
+decides. No torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cbtool.check.rules import DEFAULT_RULES, DROP, Rule
+from cbtool.check.rules import DEFAULT_RULES, DROP, Rule, robustness_cell
 from cbtool.check.stats import (
     TestResult,
     discordant_counts,
@@ -77,10 +78,46 @@ def pair_models(
     return pairs
 
 
+def _robustness_value(model: Mapping[str, Any], metric: str, name: str) -> float:
+    """``mce``, ``relative_mce``, ``error:<c>`` or ``error:<c>:<s>`` of one model; missing is bad input."""
+    record, label = model.get("robustness"), model["label"]
+    if not isinstance(record, dict):
+        raise CbtoolError(f"{name}: model {label!r} has no robustness record for {metric}; evaluate with --corruptions")
+    cell = robustness_cell(metric)
+    if cell is None:  # mce, relative_mce
+        value = record.get(metric)
+        if value is None:
+            raise CbtoolError(f"{name}: model {label!r} has no {metric} (CE needs severities 1-5 of corruptions with "
+                              f"an AlexNet error; it has severities {record.get('severities')})")  # fmt: skip
+        return value
+    corruption, severity = cell
+    if corruption not in (record.get("mean_error") or {}):
+        evaluated = ", ".join(record.get("corruptions") or []) or "none"
+        raise CbtoolError(f"{name}: model {label!r} has no {corruption} errors for {metric} (evaluated: {evaluated})")
+    if severity is None:
+        return record["mean_error"][corruption]
+    cells = (record.get("error") or {}).get(corruption) or {}
+    if str(severity) not in cells:
+        raise CbtoolError(f"{name}: model {label!r} has no {corruption} severity {severity} for {metric} "
+                          f"(severities: {record.get('severities')})")  # fmt: skip
+    return cells[str(severity)]
+
+
+def _cell_correct(model: Mapping[str, Any], corruption: str, severity: int) -> str | None:
+    record = model.get("robustness") or {}
+    correct = ((record.get("correct") or {}).get(corruption) or {}).get(str(severity))
+    if correct is not None and (not isinstance(correct, str) or correct.strip("01")):
+        raise CbtoolError(f"model {model['label']!r}: robustness.correct.{corruption}.{severity} "
+                          "must be a string of 0s and 1s")  # fmt: skip
+    return correct
+
+
 def _values(model: Mapping[str, Any], metric: str, name: str) -> list[tuple[str, float | None]]:
     """``[(display name, value)]`` of ``metric`` in one model: one entry, or one per layer."""
     metrics, density = model["metrics"], model.get("density")
     label = model["label"]
+    if metric in ("mce", "relative_mce") or robustness_cell(metric) is not None:
+        return [(metric, _robustness_value(model, metric, name))]
     if metric in ("top1", "top5", "loss"):
         return [(metric, metrics.get(metric))]
     if metric in ("model_images_per_s", "end_to_end_images_per_s"):
@@ -235,6 +272,28 @@ class _Pair:
         return (100 * low, 100 * high), two_proportion_test(x_old, self.n_base, x_new, self.n_current)
 
 
+    def cell_statistics(
+        self, corruption: str, severity: int, confidence: float
+    ) -> tuple[Interval | None, TestResult | None]:
+        """Interval (in points) and test for the difference in top-1 error of one corruption cell.
+
+        McNemar on the cell's per-sample ``correct`` strings when the runs are paired, exactly as for top1
+        (the error difference is minus the accuracy difference: same p-value, interval negated).
+        """
+        new, old = _cell_correct(self.current, corruption, severity), _cell_correct(self.base, corruption, severity)
+        if self.same_samples and new and old and len(new) == len(old) == self.n_current:
+            b, c = discordant_counts(old, new)
+            low, high = paired_proportion_interval(b, c, len(new), confidence)
+            return (-100 * high, -100 * low), mcnemar_test(b, c)
+        if not self.n_current or not self.n_base:
+            return None, None
+        key = str(severity)
+        x_new = round(self.current["robustness"]["error"][corruption][key] * self.n_current / 100)
+        x_old = round(self.base["robustness"]["error"][corruption][key] * self.n_base / 100)
+        low, high = two_proportion_interval(x_old, self.n_base, x_new, self.n_current, confidence)
+        return (100 * low, 100 * high), two_proportion_test(x_old, self.n_base, x_new, self.n_current)
+
+
 def check_results(
     results: Mapping[str, Any],
     baseline: Mapping[str, Any],
@@ -284,6 +343,13 @@ def check_results(
         if same_samples and not has_correct and any(rule.metric == "top1" for rule in rules):
             notes.append(f"{current['label']}: per-sample correctness missing; top1 tested as independent samples")
         for rule in rules:
+            cell = robustness_cell(rule.metric)
+            if same_samples and cell is not None and cell[1] is not None and not (
+                _cell_correct(current, *cell) and _cell_correct(base, *cell)
+            ):
+                notes.append(f"{current['label']}: per-sample correctness of {rule.metric} missing; "
+                             "tested as independent samples")  # fmt: skip
+        for rule in rules:
             new_values = _values(current, rule.metric, results_name)
             old_values = _values(base, rule.metric, baseline_name)
             if len(new_values) != len(old_values):
@@ -320,8 +386,11 @@ def _judge(rule: Rule, display: str, pair: _Pair, new: Any, old: float, alpha: f
         )
     difference = float(new) - float(old)
     interval, test = None, None
+    cell = robustness_cell(rule.metric)
     if rule.info.kind == "accuracy":
         interval, test = pair.accuracy_statistics(rule.metric, 1 - alpha)
+    elif cell is not None and cell[1] is not None:  # one corruption cell: tested like top1
+        interval, test = pair.cell_statistics(cell[0], cell[1], 1 - alpha)
     p_value = test.p_value if test is not None else None
     worse = -difference if rule.direction == DROP else difference
     return MetricCheck(

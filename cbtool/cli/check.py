@@ -23,7 +23,8 @@ MaxRise = Annotated[
     typer.Option(
         "--max-rise",
         metavar="METRIC=VALUE",
-        help="Fail when METRIC grows by more than VALUE (for loss and entropy, where higher is worse). Repeatable.",
+        help="Fail when METRIC grows by more than VALUE (for loss, entropy and the robustness errors mce, "
+        "relative_mce, error:fog, error:fog:3, where higher is worse). Repeatable.",
     ),
 ]
 
@@ -53,7 +54,8 @@ def check_command(
     Default bounds (top1 is always checked, the others only when named):
     top1, top5: 0.5 points; loss, entropy_mean: 0.02; entropy_layer: 0.05;
     distance_mean: 1.0 px; distance_layer: 2.0 px (the _layer bounds per layer);
-    model_images_per_s, end_to_end_images_per_s: 5%.
+    model_images_per_s, end_to_end_images_per_s: 5%; robustness (--max-rise):
+    mce, relative_mce, error:CORRUPTION, error:CORRUPTION:SEVERITY: 1.0.
 
     A top1/top5 change beyond its bound counts only when significant at --alpha
     (McNemar's test on the same samples, else a two-proportion test);
