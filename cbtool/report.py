@@ -6,13 +6,15 @@ what ``cbtool.check`` makes of them, and imports nothing heavy: matplotlib only 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cbtool.errors import CbtoolError
+from cbtool.plotting import pyplot
+from cbtool.robustness.render import robustness_section
+from cbtool.tables import _table, delta, format_p, format_table, format_value, markdown_table  # noqa: F401  (names kept here)
 # The atomic writers live in files.py; they stay importable from here, where eval, compare and check found them.
 from cbtool.files import atomic_path, check_output_folder, check_parent_folder, write_json_atomic, write_text_atomic  # noqa: F401
 
@@ -32,98 +34,10 @@ __all__ = [
     "markdown_table",
     "metrics_table",
     "plot_density",
-    "robustness_differences",
-    "robustness_section",
     "check_output_folder",
     "write_json_atomic",
     "write_text_atomic",
 ]
-
-# Decimals per kind of number: accuracies in percent, entropies normalised to [0, 1], distances in pixels.
-_DECIMALS = {"accuracy": 2, "error": 2, "loss": 4, "entropy": 4, "distance": 2, "throughput": 1, "count": 0}
-
-
-def format_value(value: Any, kind: str = "accuracy", *, signed: bool = False) -> str:
-    """``value`` with the decimals its kind deserves; ``None`` (and NaN) as ``-``."""
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, float) and math.isnan(value):
-        return "nan" if signed else "-"
-    decimals = _DECIMALS.get(kind, 4)
-    sign = "+" if signed else ""
-    if kind == "count":
-        return f"{int(value):{sign},d}"
-    return f"{value:{sign}.{decimals}f}"
-
-
-def format_p(p: float | None) -> str:
-    """A p-value with three decimals, or in scientific notation when below 0.001."""
-    if p is None:
-        return "-"
-    return f"{p:.1e}" if p < 0.001 else f"{p:.3f}"
-
-
-def _looks_numeric(cell: str) -> bool:
-    # "-" (missing), "81.20", "1,000", "+0.0500 (+1.2%)", "[-5.74, -2.25]", "1.3e-05", "0.98x"
-    if cell.strip() in {"", "-"}:
-        return True
-    first = cell.strip().strip("[(").split()[0].rstrip(",").replace(",", "").rstrip("%x")
-    try:
-        float(first)
-    except ValueError:
-        return False
-    return True
-
-
-def _cells(rows: Sequence[Sequence[Any]]) -> list[list[str]]:
-    return [["-" if cell is None else str(cell) for cell in row] for row in rows]
-
-
-def _default_align(headers: Sequence[str], rows: list[list[str]]) -> list[str]:
-    # The first column names the row; the others are right-aligned when every cell is a number.
-    align = ["<"]
-    for column in range(1, len(headers)):
-        numeric = all(_looks_numeric(row[column]) for row in rows if column < len(row))
-        align.append(">" if numeric and rows else "<")
-    return align
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
-    """A plain-text table with a header rule; ``align`` holds ``<`` or ``>`` per column (default: numbers right)."""
-    cells = _cells(rows)
-    for row in cells:
-        if len(row) != len(headers):
-            raise ValueError(f"row has {len(row)} cells for {len(headers)} headers: {row}")
-    align = list(align) if align is not None else _default_align(headers, cells)
-    widths = [max([len(str(h))] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, align, widths)).rstrip()
-
-    out = [line([str(h) for h in headers]), "  ".join("-" * w for w in widths)]
-    out.extend(line(row) for row in cells)
-    return "\n".join(out)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured markdown table; ``|`` inside cells is escaped."""
-    cells = _cells(rows)
-    align = list(align) if align is not None else _default_align(headers, cells)
-
-    def escape(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(escape(str(h)) for h in headers) + " |"]
-    out.append("|" + "|".join("---:" if a == ">" else ":---" for a in align) + "|")
-    out.extend("| " + " | ".join(escape(c) for c in row) + " |" for row in cells)
-    return "\n".join(out)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool) -> str:
-    return markdown_table(headers, rows) if markdown else format_table(headers, rows)
-
 
 def _metrics(model: Mapping[str, Any]) -> Mapping[str, Any]:
     return model.get("metrics") or {}
@@ -206,12 +120,6 @@ def density_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = False
 DIFFERENCE_HEADERS = ["model", "Δtop1", "Δtop5", "Δloss", "Δentropy", "Δdistance", "img/s model", "img/s e2e"]
 
 
-def _delta(current: Any, reference: Any) -> float | None:
-    if current is None or reference is None:
-        return None
-    return current - reference
-
-
 def difference_rows(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Differences of ``models[1:]`` from ``models[0]`` (current minus reference; throughput as a ratio)."""
     if not models:
@@ -224,11 +132,11 @@ def difference_rows(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
         row: dict[str, Any] = {
             "label": model.get("label"),
             "reference": ref.get("label"),
-            "top1": _delta(m.get("top1"), r.get("top1")),
-            "top5": _delta(m.get("top5"), r.get("top5")),
-            "loss": _delta(m.get("loss"), r.get("loss")),
-            "entropy_mean": _delta(d.get("entropy_mean"), rd.get("entropy_mean")),
-            "distance_mean": _delta(d.get("distance_mean"), rd.get("distance_mean")),
+            "top1": delta(m.get("top1"), r.get("top1")),
+            "top5": delta(m.get("top5"), r.get("top5")),
+            "loss": delta(m.get("loss"), r.get("loss")),
+            "entropy_mean": delta(d.get("entropy_mean"), rd.get("entropy_mean")),
+            "distance_mean": delta(d.get("distance_mean"), rd.get("distance_mean")),
         }
         for key in ("model_images_per_s", "end_to_end_images_per_s"):
             current, reference = _throughput(model, key), _throughput(ref, key)
@@ -258,65 +166,6 @@ def difference_table(
             row.append(format_p(p_values[index]))
         rows.append(row)
     return _table(headers, rows, markdown)
-
-
-def _robustness(model: Mapping[str, Any]) -> Mapping[str, Any]:
-    return model.get("robustness") or {}
-
-
-def robustness_differences(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """mCE, relative mCE and mean error per corruption of each later model with a robustness record, minus the
-    first such model's (``[]`` when fewer than two models have one)."""
-    robust = [m for m in models if _robustness(m)]
-    if len(robust) < 2:
-        return []
-    ref = _robustness(robust[0])
-    rows = []
-    for model in robust[1:]:
-        record = _robustness(model)
-        shared = [c for c in record.get("corruptions", []) if c in (ref.get("mean_error") or {})]
-        rows.append({
-            "label": model.get("label"),
-            "reference": robust[0].get("label"),
-            "mce": _delta(record.get("mce"), ref.get("mce")),
-            "relative_mce": _delta(record.get("relative_mce"), ref.get("relative_mce")),
-            "mean_error": {c: _delta(record["mean_error"].get(c), ref["mean_error"][c]) for c in shared},
-        })  # fmt: skip
-    return rows
-
-
-def _versus(model: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
-    """``relative_to_first`` of ``model`` with ``reference`` as the first: summed error per corruption in percent of
-    the reference's, over the same severities (``None`` where the reference lacks them)."""
-    errors, ref_errors = _robustness(model).get("error") or {}, _robustness(reference).get("error") or {}
-    ce: dict[str, float | None] = {}
-    for corruption, cells in errors.items():
-        ref = ref_errors.get(corruption) or {}
-        total = sum(ref[s] for s in cells if s in ref)
-        ce[corruption] = 100 * sum(cells.values()) / total if set(cells) <= set(ref) and total > 0 else None
-    known = [v for v in ce.values() if v is not None]
-    return {"reference": reference.get("label"), "ce": ce, "mce": sum(known) / len(known) if known else None}
-
-
-def robustness_section(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
-    """Every robustness cell of every model (``robustness.render.robustness_table``, one table per set of
-    severities), then one line per later model with its mCE difference from the first; ``""`` without records."""
-    from cbtool.robustness.render import robustness_table  # imports this module: import it late
-
-    robust = [m for m in models if _robustness(m)]
-    if len(robust) > 1:  # "CE vs first": against the first model compared here, not the first of its own eval run
-        robust = [{**m, "robustness": {**_robustness(m), "relative_to_first": _versus(m, robust[0])}} for m in robust]
-    groups: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
-    for model in robust:
-        groups.setdefault(tuple(_robustness(model).get("severities") or ()), []).append(model)
-    parts = [robustness_table(group, markdown=markdown) for group in groups.values()]
-    for diff in robustness_differences(models):
-        line = f"mCE {diff['label']} vs {diff['reference']}: {format_value(diff['mce'], 'error', signed=True)}"
-        line += f" (relative mCE {format_value(diff['relative_mce'], 'error', signed=True)})"
-        if diff["mce"] is None:
-            line += " (mCE needs severities 1-5 in both)"
-        parts.append(f"- {line}" if markdown else line)
-    return "\n".join(part for part in parts if part)
 
 
 def _check_rows(report: Any) -> tuple[list[str], list[list[str]]]:
@@ -404,18 +253,6 @@ def comparison_markdown(comparison: Any) -> str:
     body = "\n\n".join(["### cbtool compare", *_comparison_sections(comparison, True),
                          *(f"- {note}" for note in comparison.notes)])  # fmt: skip
     return body + "\n\n"
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra to install."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise CbtoolError("plots need matplotlib: pip install 'cbtool[plot]'") from error
-    matplotlib.use("Agg")  # no display on CI machines; must precede pyplot
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:

@@ -12,7 +12,8 @@ from typing import Any
 
 from cbtool.check.stats import discordant_counts, mcnemar_test, paired_top1_test
 from cbtool.errors import CbtoolError
-from cbtool.report import difference_rows, label_models, robustness_differences
+from cbtool.report import difference_rows, label_models
+from cbtool.robustness.render import robustness_differences
 from cbtool.results import SCHEMA_VERSION, dataset_mismatches, validate_results
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cbtool.check.rules import DEFAULT_RULES, DROP, Rule, robustness_cell
+from cbtool.check.robust_values import cell_correct, robustness_value
 from cbtool.check.stats import (
     TestResult,
     discordant_counts,
@@ -78,46 +79,12 @@ def pair_models(
     return pairs
 
 
-def _robustness_value(model: Mapping[str, Any], metric: str, name: str) -> float:
-    """``mce``, ``relative_mce``, ``error:<c>`` or ``error:<c>:<s>`` of one model; missing is bad input."""
-    record, label = model.get("robustness"), model["label"]
-    if not isinstance(record, dict):
-        raise CbtoolError(f"{name}: model {label!r} has no robustness record for {metric}; evaluate with --corruptions")
-    cell = robustness_cell(metric)
-    if cell is None:  # mce, relative_mce
-        value = record.get(metric)
-        if value is None:
-            raise CbtoolError(f"{name}: model {label!r} has no {metric} (CE needs severities 1-5 of corruptions with "
-                              f"an AlexNet error; it has severities {record.get('severities')})")  # fmt: skip
-        return value
-    corruption, severity = cell
-    if corruption not in (record.get("mean_error") or {}):
-        evaluated = ", ".join(record.get("corruptions") or []) or "none"
-        raise CbtoolError(f"{name}: model {label!r} has no {corruption} errors for {metric} (evaluated: {evaluated})")
-    if severity is None:
-        return record["mean_error"][corruption]
-    cells = (record.get("error") or {}).get(corruption) or {}
-    if str(severity) not in cells:
-        raise CbtoolError(f"{name}: model {label!r} has no {corruption} severity {severity} for {metric} "
-                          f"(severities: {record.get('severities')})")  # fmt: skip
-    return cells[str(severity)]
-
-
-def _cell_correct(model: Mapping[str, Any], corruption: str, severity: int) -> str | None:
-    record = model.get("robustness") or {}
-    correct = ((record.get("correct") or {}).get(corruption) or {}).get(str(severity))
-    if correct is not None and (not isinstance(correct, str) or correct.strip("01")):
-        raise CbtoolError(f"model {model['label']!r}: robustness.correct.{corruption}.{severity} "
-                          "must be a string of 0s and 1s")  # fmt: skip
-    return correct
-
-
 def _values(model: Mapping[str, Any], metric: str, name: str) -> list[tuple[str, float | None]]:
     """``[(display name, value)]`` of ``metric`` in one model: one entry, or one per layer."""
     metrics, density = model["metrics"], model.get("density")
     label = model["label"]
     if metric in ("mce", "relative_mce") or robustness_cell(metric) is not None:
-        return [(metric, _robustness_value(model, metric, name))]
+        return [(metric, robustness_value(model, metric, name))]
     if metric in ("top1", "top5", "loss"):
         return [(metric, metrics.get(metric))]
     if metric in ("model_images_per_s", "end_to_end_images_per_s"):
@@ -280,7 +247,7 @@ class _Pair:
         McNemar on the cell's per-sample ``correct`` strings when the runs are paired, exactly as for top1
         (the error difference is minus the accuracy difference: same p-value, interval negated).
         """
-        new, old = _cell_correct(self.current, corruption, severity), _cell_correct(self.base, corruption, severity)
+        new, old = cell_correct(self.current, corruption, severity), cell_correct(self.base, corruption, severity)
         if self.same_samples and new and old and len(new) == len(old) == self.n_current:
             b, c = discordant_counts(old, new)
             low, high = paired_proportion_interval(b, c, len(new), confidence)
@@ -345,7 +312,7 @@ def check_results(
         for rule in rules:
             cell = robustness_cell(rule.metric)
             if same_samples and cell is not None and cell[1] is not None and not (
-                _cell_correct(current, *cell) and _cell_correct(base, *cell)
+                cell_correct(current, *cell) and cell_correct(base, *cell)
             ):
                 notes.append(f"{current['label']}: per-sample correctness of {rule.metric} missing; "
                              "tested as independent samples")  # fmt: skip

@@ -10,7 +10,8 @@ from typing import Any
 
 from cbtool.errors import CbtoolError
 from cbtool.files import atomic_path, check_parent_folder
-from cbtool.report import format_table, format_value, markdown_table, pyplot
+from cbtool.plotting import pyplot
+from cbtool.tables import delta, format_table, format_value, markdown_table
 
 
 def robustness_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
@@ -78,3 +79,60 @@ def plot_robustness(models: Sequence[Mapping[str, Any]], path: str | os.PathLike
     finally:
         plt.close(fig)
     return path
+
+
+def _robustness(model: Mapping[str, Any]) -> Mapping[str, Any]:
+    return model.get("robustness") or {}
+
+
+def robustness_differences(models: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """mCE, relative mCE and mean error per corruption of each later model with a robustness record, minus the
+    first such model's (``[]`` when fewer than two models have one)."""
+    robust = [m for m in models if _robustness(m)]
+    if len(robust) < 2:
+        return []
+    ref = _robustness(robust[0])
+    rows = []
+    for model in robust[1:]:
+        record = _robustness(model)
+        shared = [c for c in record.get("corruptions", []) if c in (ref.get("mean_error") or {})]
+        rows.append({
+            "label": model.get("label"),
+            "reference": robust[0].get("label"),
+            "mce": delta(record.get("mce"), ref.get("mce")),
+            "relative_mce": delta(record.get("relative_mce"), ref.get("relative_mce")),
+            "mean_error": {c: delta(record["mean_error"].get(c), ref["mean_error"][c]) for c in shared},
+        })  # fmt: skip
+    return rows
+
+
+def _versus(model: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
+    """``relative_to_first`` of ``model`` with ``reference`` as the first: summed error per corruption in percent of
+    the reference's, over the same severities (``None`` where the reference lacks them)."""
+    errors, ref_errors = _robustness(model).get("error") or {}, _robustness(reference).get("error") or {}
+    ce: dict[str, float | None] = {}
+    for corruption, cells in errors.items():
+        ref = ref_errors.get(corruption) or {}
+        total = sum(ref[s] for s in cells if s in ref)
+        ce[corruption] = 100 * sum(cells.values()) / total if set(cells) <= set(ref) and total > 0 else None
+    known = [v for v in ce.values() if v is not None]
+    return {"reference": reference.get("label"), "ce": ce, "mce": sum(known) / len(known) if known else None}
+
+
+def robustness_section(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
+    """Every robustness cell of every model (``robustness.render.robustness_table``, one table per set of
+    severities), then one line per later model with its mCE difference from the first; ``""`` without records."""
+    robust = [m for m in models if _robustness(m)]
+    if len(robust) > 1:  # "CE vs first": against the first model compared here, not the first of its own eval run
+        robust = [{**m, "robustness": {**_robustness(m), "relative_to_first": _versus(m, robust[0])}} for m in robust]
+    groups: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
+    for model in robust:
+        groups.setdefault(tuple(_robustness(model).get("severities") or ()), []).append(model)
+    parts = [robustness_table(group, markdown=markdown) for group in groups.values()]
+    for diff in robustness_differences(models):
+        line = f"mCE {diff['label']} vs {diff['reference']}: {format_value(diff['mce'], 'error', signed=True)}"
+        line += f" (relative mCE {format_value(diff['relative_mce'], 'error', signed=True)})"
+        if diff["mce"] is None:
+            line += " (mCE needs severities 1-5 in both)"
+        parts.append(f"- {line}" if markdown else line)
+    return "\n".join(part for part in parts if part)
