@@ -286,3 +286,57 @@ def test_uniform_attention_reads_entropy_one_in_every_layer(case):
     for heads in density["entropy_per_layer_head"]:
         assert heads == pytest.approx([1.0] * len(heads), abs=1e-5)
     assert density["entropy_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+# ----- NaFlexViT: padding tokens never enter the mean ----------------------------------------------
+def _naflex_inputs(rows: int, cols: int, pad_to: int, patch: int = 8):
+    generator = torch.Generator().manual_seed(3)
+    image = torch.randn(1, 3, rows * patch, cols * patch, generator=generator)
+    patches = image.unfold(2, patch, patch).unfold(3, patch, patch).permute(0, 2, 3, 4, 5, 1).reshape(1, rows * cols, -1)
+    coords = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(1, -1, 2)
+    count, extra = rows * cols, pad_to - rows * cols
+    alone = {"patches": patches, "patch_coord": coords, "patch_valid": torch.ones(1, count, dtype=torch.bool)}
+    padded = {"patches": torch.cat([patches, torch.zeros(1, extra, patches.shape[-1])], 1),
+              "patch_coord": torch.cat([coords, torch.zeros(1, extra, 2, dtype=torch.long)], 1),
+              "patch_valid": torch.cat([torch.ones(1, count, dtype=torch.bool), torch.zeros(1, extra, dtype=torch.bool)], 1)}
+    return alone, padded
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_naflexvit_cb_averages_valid_tokens_only(position, monkeypatch):
+    build, _, _ = CASES["timm-naflexvit"]
+    torch.manual_seed(0)
+    plain = perturbed(build())
+    alone, padded = _naflex_inputs(3, 4, pad_to=16)
+    with torch.no_grad():
+        assert torch.allclose(plain(padded), plain(alone), atol=1e-5)  # the model itself ignores padding
+        model = inject(copy.deepcopy(plain), CBSpec("cb", position))
+        got_padded, got_alone = model(padded), model(alone)
+        assert (got_padded - got_alone).abs().max().item() < 1e-5
+        assert (got_alone - plain(alone)).abs().max().item() > 1e-4
+        # Without the mask, the mean would take in the 4 padding tokens: the test would fail.
+        monkeypatch.setattr(type(detect(model)), "token_weights", lambda self, mask: None)
+        assert (model(padded) - got_alone).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize(("architecture", "config_class", "headed"), [
+    ("ViTModel", "ViTConfig", "ViTForImageClassification"),
+    ("CLIPVisionModel", "CLIPVisionConfig", "CLIPForImageClassification"),
+    ("SiglipVisionModel", "SiglipVisionConfig", "SiglipForImageClassification"),
+])
+def test_headless_encoder_folder_gets_a_head_with_num_classes(tmp_path, architecture, config_class, headed):
+    from cbtool.sources import resolve
+
+    torch.manual_seed(0)
+    encoder = perturbed(_hf(architecture, config_class, **_HF)())
+    encoder.save_pretrained(tmp_path / "encoder")
+    model = resolve(str(tmp_path / "encoder"), num_classes=3)
+    assert type(model).__name__ == headed and detect(model).num_classes(model) == 3
+    assert model.cbtool_source["architecture"] == headed
+    moved = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}
+    originals = encoder.state_dict()
+    for key, value in moved.items():  # every encoder tensor is the saved one, under the classifier's prefix
+        source_key = next(k for k in originals if key.endswith(k))
+        assert torch.equal(value, originals[source_key]), key
+    x = torch.randn(2, 3, 32, 32)
+    assert output(inject(model, CBSpec("cb")), x).shape == (2, 3)
