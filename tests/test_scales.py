@@ -69,3 +69,27 @@ def test_plain_and_cb_models_have_no_scales(timm_model, tmp_path):
     assert scale_summary(timm_model()) is None
     assert scale_summary(inject(timm_model(), CBSpec("cb"))) is None
     assert describe(save(inject(timm_model(), CBSpec("cb")), tmp_path / "cb.safetensors"))["cb_scales"] is None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--scale-init", "0"], "--scale-init goes with --inject"),
+    (["--inject", "--scale-init", "0"], "--variant cb has none"),
+])
+def test_finetune_scale_init_errors(main_cli, tmp_path, args, message):
+    out = tmp_path / "m.safetensors"
+    code, stderr = main_cli("finetune", "vit_tiny_patch16_224", "--no-pretrained", *TINY, "--dataset", "sample",
+                            "--steps", "1", *args, "--run-dir", tmp_path / "run", "-o", out)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_finetune_injects_cbs_with_its_scale_init(main_cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    code, stderr = main_cli("finetune", "vit_tiny_patch16_224", "--no-pretrained", "--img-size", "28",
+                            "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2",
+                            "--dataset", "sample", "--limit", "40", "--steps", "1", "--batch-size", "8", "--workers", "0",
+                            "--inject", "--variant", "cbs", "--scale-init", "0", "--train", "head",
+                            "--run-dir", tmp_path / "run", "-o", out, "-q")  # fmt: skip
+    assert code == 0, stderr
+    rows = describe(out)["cb_scales"]
+    assert len(rows) == 2 and all(row["max"] == 0.0 == row["min"] for row in rows)  # scales not trained: still 0

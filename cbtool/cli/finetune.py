@@ -33,6 +33,7 @@ def finetune_command(
     variant: opt.Variant = "cb",
     position: opt.Position = "mlp",
     layers: opt.Layers = "all",
+    scale_init: opt.ScaleInit = None,
     no_pretrained: opt.NoPretrained = False,
     checkpoint: opt.Checkpoint = None,
     num_classes: opt.NumClasses = None,
@@ -93,13 +94,16 @@ def finetune_command(
 
 def _run(o: dict[str, Any]) -> None:
     from cbtool import distributed, train
+    from cbtool.errors import CbtoolError
     from cbtool.ranges import check_range
     from cbtool.families import detect
     from cbtool.spec import CBSpec
 
     info, _ = distributed.setup(o["device"])
     note = (lambda text: print(text, file=sys.stderr)) if info.is_main and not o["quiet"] else (lambda text: None)
-    spec = CBSpec(variant=o["variant"], position=o["position"], layers=o["layers"]) if o["inject_cb"] else None
+    if o.get("scale_init") is not None and not o["inject_cb"]:
+        raise CbtoolError("--scale-init goes with --inject (it sets the cbs scales CB is inserted with)")
+    spec = CBSpec.from_options(o["variant"], o["position"], o["layers"], o.get("scale_init")) if o["inject_cb"] else None
     config = train.FinetuneConfig(
         epochs=o["epochs"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"], lr=o["lr"],
         min_lr=o["min_lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
