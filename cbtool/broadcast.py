@@ -11,6 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 # The child name of the operation on its hooked module: cbs scales are saved as ``<module>.cb.scale``.
 CHILD_NAME = "cb"
@@ -18,8 +19,6 @@ CHILD_NAME = "cb"
 
 def _tracing() -> bool:
     """True while torch.fx traces: a traced graph may later run with autograd, so it must not mix in place."""
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-
     return is_fx_symbolic_tracing()
 
 

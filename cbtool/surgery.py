@@ -23,7 +23,6 @@ SPEC_ATTRIBUTE = provenance.SPEC
 
 @dataclass(frozen=True)
 class _Target:
-    block_name: str
     block: nn.Module
     hooked: nn.Module
     token_dims: tuple[int, ...]
@@ -52,7 +51,7 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
         if _is_torch_leaf(branch.module) and any(True for _ in branch.module.parameters()):
             raise UnsupportedModelError(f"the {spec.position} branch of {name} ends in a {type(branch.module).__name__} "
                                         "with parameters, where cbtool cannot attach CB")
-        targets.append(_Target(name, block, branch.module, branch.token_dims, branch.tuple_output,
+        targets.append(_Target(block, branch.module, branch.token_dims, branch.tuple_output,
                                family.block_dim(block)))
 
     for target in targets:

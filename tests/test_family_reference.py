@@ -340,3 +340,15 @@ def test_headless_encoder_folder_gets_a_head_with_num_classes(tmp_path, architec
         assert torch.equal(value, originals[source_key]), key
     x = torch.randn(2, 3, 32, 32)
     assert output(inject(model, CBSpec("cb")), x).shape == (2, 3)
+
+
+def test_clip_model_is_read_through_its_vision_tower():
+    import transformers
+
+    config = transformers.CLIPConfig(vision_config=_HF, text_config=dict(hidden_size=32, num_hidden_layers=1,
+                                                                        num_attention_heads=2, intermediate_size=64))
+    model = transformers.CLIPModel(config)
+    family = detect(model)
+    assert [name for name, _ in family.blocks(model)] == [f"vision_model.encoder.layers.{i}" for i in range(2)]
+    assert family.num_prefix_tokens(model) == 1  # the vision tower's class embedding, not the text tower's tokens
+    assert family.num_classes(model) is None

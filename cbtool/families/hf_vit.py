@@ -68,9 +68,7 @@ class HfViT(Family):
     layer_classes = _LAYERS
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        # CLIP models hold a text tower too: only the vision tower is searched.
-        root_name = "vision_model" if isinstance(getattr(model, "vision_model", None), nn.Module) else ""
-        root = model.get_submodule(root_name)
+        root_name, root = _vision_root(model)
         prefix = f"{root_name}." if root_name else ""
         found = [(prefix + name, m) for name, m in root.named_modules() if class_name(m) in self.layer_classes]
         if not found:
@@ -177,10 +175,17 @@ class HfViT(Family):
                 config._attn_implementation = previous[key]
 
     def _embeddings(self, model: nn.Module) -> nn.Module:
-        for _, module in model.named_modules():
+        for _, module in _vision_root(model)[1].named_modules():
             if type(module).__name__.endswith("Embeddings") and "Patch" not in type(module).__name__:
                 return module
         return model
+
+
+def _vision_root(model: nn.Module) -> tuple[str, nn.Module]:
+    """CLIP and SigLIP models hold a text tower too: only the vision tower is searched for layers and embeddings."""
+    if isinstance(getattr(model, "vision_model", None), nn.Module):
+        return "vision_model", model.vision_model
+    return "", model
 
 
 def _is_config(value: object) -> bool:
