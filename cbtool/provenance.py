@@ -33,7 +33,8 @@ class Provenance:
     training: dict | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "cb_spec": self.spec, "data_config": self.data_config, "training": self.training}
+        """The record as a run folder's ``checkpoint.json`` keeps it."""
+        return {"source": self.source, "spec": self.spec, "data_config": self.data_config, "training": self.training}
 
 
 def of(model: Any) -> Provenance:

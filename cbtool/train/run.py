@@ -70,8 +70,7 @@ class Run:
         from cbtool import provenance
 
         plain = unwrap(model)
-        kept = provenance.of(plain)
-        record = {"source": kept.source, "spec": kept.spec, "data_config": kept.data_config, "training": kept.training}
+        record = provenance.of(plain).to_dict()
         payload = {
             "format": CHECKPOINT_FORMAT,
             "model": plain.state_dict(),
