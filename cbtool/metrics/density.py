@@ -78,10 +78,11 @@ def _pieces(probs: torch.Tensor) -> list[tuple[slice, slice]]:
 
 
 @lru_cache(maxsize=16)
-def _grid_distances(rows: int, cols: int, device: str) -> torch.Tensor:
+def _grid_distances(rows: int, cols: int, pixels: float, device: str) -> torch.Tensor:
+    """Pixel distances between the tokens of a rows x cols grid; cached, since every map piece of a layer asks."""
     ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
     points = torch.stack([ys.flatten(), xs.flatten()], dim=1).double()
-    return torch.cdist(points, points).float().to(device)
+    return (torch.cdist(points, points) * pixels).float().to(device)
 
 
 class DensityAccumulator:
@@ -165,7 +166,7 @@ class DensityAccumulator:
         rows, cols = _grid_for(patches, layout)
         if layout.kind == CLASS or rows * cols != patches or patches < 1 or maps.shape[2] > maps.shape[3]:
             return None
-        return _grid_distances(rows, cols, str(maps.device)) * layout.pixels_per_token
+        return _grid_distances(rows, cols, float(layout.pixels_per_token), str(maps.device))
 
     def _add_entropy(self, layer: int, sums: torch.Tensor, count: int) -> None:
         sums = sums.double().cpu()
