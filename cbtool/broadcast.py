@@ -32,6 +32,9 @@ class _Broadcast(nn.Module):
         it: the same values, without allocating (and page-faulting) a new activation-sized tensor.
     token_weights: set per forward for families with padding tokens (NaFlexViT): (B, N, 1), 1 for the
         tokens that count in the mean; None averages every token.
+    ramping, ramp: while ``ramping`` (``finetune --cb-ramp``), the mixing weight is multiplied by the 0-dim
+        buffer ``ramp`` in [0, 1]: 0 leaves the output unchanged. A tensor, so a compiled model does not
+        recompile as it rises; not persistent, so a saved model always has the full weight.
     """
 
     token_weights: Optional[torch.Tensor]
@@ -41,6 +44,8 @@ class _Broadcast(nn.Module):
         self.token_dims: List[int] = [int(d) for d in token_dims]
         self.overwrite_output = False
         self.token_weights = None
+        self.ramping = False
+        self.register_buffer("ramp", torch.ones(()), persistent=False)
 
     def context(self, x: torch.Tensor) -> torch.Tensor:
         """The uniform-attention output: the mean of one image's (valid) tokens, broadcast over them."""
@@ -52,6 +57,12 @@ class _Broadcast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(x, False)
+
+    @torch.jit.unused
+    def set_ramp(self, factor: Optional[float]) -> None:
+        """Scale the mixing weight by ``factor`` in [0, 1]; None restores the full weight."""
+        self.ramping = factor is not None
+        self.ramp.fill_(1.0 if factor is None else float(factor))
 
     def apply_to_output(self, x: torch.Tensor) -> torch.Tensor:
         """The operation as the hook applies it: in place where that is safe."""
@@ -74,6 +85,8 @@ class ContextBroadcast(_Broadcast):
 
     def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         context = self.context(x)
+        if self.ramping:
+            return torch.lerp(x, context, self.ramp.to(x.dtype) * 0.5)
         if inplace:
             return x.lerp_(context, 0.5)
         return torch.lerp(x, context, 0.5)
@@ -91,6 +104,8 @@ class ScaledContextBroadcast(_Broadcast):
     def mix(self, x: torch.Tensor, inplace: bool) -> torch.Tensor:
         context = self.context(x)
         scale = self.scale.to(x.dtype)
+        if self.ramping:
+            scale = scale * self.ramp.to(x.dtype)
         if inplace:
             return x.lerp_(context, scale)
         return torch.lerp(x, context, scale)
@@ -137,3 +152,4 @@ def make_broadcast(variant: str, dim: int, scale_init: float = 0.5, token_dims: 
 
 def is_broadcast(module: nn.Module) -> bool:
     return isinstance(module, _Broadcast)
+

@@ -75,19 +75,25 @@ def select_trainable(model: nn.Module, parts: tuple[str, ...] | str) -> int:
     return sum(p.numel() for p in chosen.values())
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, *, cb_lr_scale: float | None = None) -> list[dict]:
     """AdamW groups over the trainable parameters, as timm's ``param_groups_weight_decay`` builds them.
 
     No decay for 1-d parameters (norms, biases, CB scales) and the embeddings the model's family names.
+    ``cb_lr_scale``: the trainable CB scales get a group of their own whose ``lr_scale`` multiplies the
+    scheduled learning rate (``--cb-lr``); a group without ``lr_scale`` follows the schedule as it is.
     """
     from cbtool.families import detect
+    from cbtool.surgery import broadcast_parameters
 
     skip = detect(model).no_weight_decay_names(model)
-    decay, no_decay = [], []
+    own = {id(p) for p in broadcast_parameters(model) if p.requires_grad} if cb_lr_scale is not None else set()
+    decay, no_decay, broadcast = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or name in skip:
+        if id(param) in own:
+            broadcast.append(param)
+        elif param.ndim <= 1 or name.endswith(".bias") or name in skip:
             no_decay.append(param)
         else:
             decay.append(param)
@@ -96,7 +102,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     if decay:
         groups.append({"params": decay, "weight_decay": weight_decay})
+    if broadcast:
+        groups.append({"params": broadcast, "weight_decay": 0.0, "lr_scale": cb_lr_scale})
     return groups
+
+
+def ramp_factor(step: int, ramp_steps: int | None) -> float | None:
+    """``--cb-ramp``: the factor of the CB mixing weight at optimizer step ``step`` (0-based): ``step / ramp_steps``,
+    from 0 (the plain model) up; None (the full weight) from step ``ramp_steps`` on, or without a ramp."""
+    if not ramp_steps or step >= ramp_steps:
+        return None
+    return step / ramp_steps
 
 
 @dataclass(frozen=True)

@@ -256,26 +256,34 @@ def comparison_markdown(comparison: Any) -> str:
 
 
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write a PNG with per-layer entropy and attention distance, one line per model; returns the path."""
+    """Write a PNG with per-layer entropy and attention distance, one line per model, and, where a model has
+    ``cbs`` scales, their mean per CB layer with the min-max band; returns the path."""
     with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
-    if not with_density:
-        raise CbtoolError("no model has per-layer density to plot; evaluate with --density")
+    with_scales = [m for m in models if m.get("cb_scales")]
+    if not with_density and not with_scales:
+        raise CbtoolError("no model has per-layer density or cbs scales to plot; evaluate with --density")
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
     check_parent_folder(path)
-    fig, (ax_entropy, ax_distance) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    panels = 2 * bool(with_density) + bool(with_scales)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True, squeeze=False)
+    axes = list(axes[0])
     try:
-        for model in with_density:
-            label = str(model.get("label", "?"))
-            entropy = _density(model).get("entropy_per_layer") or []
-            distance = _density(model).get("distance_per_layer") or []
-            ax_entropy.plot(range(len(entropy)), entropy, marker="o", label=label)
-            ax_distance.plot(range(len(distance)), distance, marker="o", label=label)
-        ax_entropy.set(title="Attention entropy", xlabel="layer", ylabel="normalised entropy (1 = uniform)")
-        ax_distance.set(title="Mean attention distance", xlabel="layer", ylabel="pixels")
-        for ax in (ax_entropy, ax_distance):
+        if with_density:
+            ax_entropy, ax_distance = axes[:2]
+            for model in with_density:
+                label = str(model.get("label", "?"))
+                entropy = _density(model).get("entropy_per_layer") or []
+                distance = _density(model).get("distance_per_layer") or []
+                ax_entropy.plot(range(len(entropy)), entropy, marker="o", label=label)
+                ax_distance.plot(range(len(distance)), distance, marker="o", label=label)
+            ax_entropy.set(title="Attention entropy", xlabel="layer", ylabel="normalised entropy (1 = uniform)")
+            ax_distance.set(title="Mean attention distance", xlabel="layer", ylabel="pixels")
+        if with_scales:
+            _plot_scales(axes[-1], with_scales)
+        for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -284,3 +292,14 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     finally:
         plt.close(fig)
     return path
+
+
+def _plot_scales(ax, models: Sequence[Mapping[str, Any]]) -> None:
+    """The learned cbs scales per CB layer (in block order): the mean, and the band from min to max."""
+    for model in models:
+        rows = model["cb_scales"]
+        layers = range(len(rows))
+        line, = ax.plot(layers, [r["mean"] for r in rows], marker="o", label=str(model.get("label", "?")))
+        ax.fill_between(layers, [r["min"] for r in rows], [r["max"] for r in rows], color=line.get_color(), alpha=0.15)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="cb (0.5)")
+    ax.set(title="Learned CB_S scales", xlabel="CB layer", ylabel="scale (mean, min-max band)")

@@ -118,6 +118,15 @@ def broadcast_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, module in find_broadcasts(model) for p in module.parameters()]
 
 
+def set_ramp(model: nn.Module, factor: float | None) -> None:
+    """Scale every CB operation's mixing weight by ``factor`` in [0, 1] (``finetune --cb-ramp``: 0 is the plain
+    model, 1 full CB); None restores the full weight and the plain code path."""
+    if factor is not None and not 0.0 <= factor <= 1.0:
+        raise ValueError(f"ramp factor must be in [0, 1], not {factor}")
+    for _, module in find_broadcasts(model):
+        module.set_ramp(factor)
+
+
 def scale_summary(model: nn.Module) -> list[dict] | None:
     """The learned ``cbs`` scales per rewritten block (mean, min, max): how much uniform attention each layer
     wants. None for a model without ``cbs``."""

@@ -188,6 +188,35 @@ def test_plot_density_writes_png(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["density.png"]
 
 
+SCALES = [{"module": f"blocks.{i}.mlp.cb", "mean": m, "min": m - 0.1, "max": m + 0.2} for i, m in enumerate((0.1, 0.3, 0.6))]
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk
+
+
+def test_plot_draws_the_learned_scales_per_layer(tmp_path):
+    pytest.importorskip("matplotlib")
+    from cbtool.plotting import pyplot
+    from cbtool.report import _plot_scales
+
+    cbs = {**model("cbs", "1" * 89 + "0" * 11), "cb_scales": SCALES}
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    try:
+        _plot_scales(ax, [cbs])
+        assert list(ax.lines[0].get_ydata()) == [0.1, 0.3, 0.6]
+        band = ax.collections[0].get_paths()[0].vertices[:, 1]
+        assert min(band) == pytest.approx(0.0) and max(band) == pytest.approx(0.8)
+    finally:
+        plt.close(fig)
+    # density and scales: three panels; scales alone: one (120 dpi, 5 inches a panel)
+    assert _png_width(plot_density([PLAIN, cbs], tmp_path / "all.png")) == 1800
+    scales_only = {**model("cbs", "1", entropy=None), "cb_scales": SCALES}
+    assert _png_width(plot_density([scales_only], tmp_path / "scales.png")) == 600
+    assert _png_width(plot_density([PLAIN, CB], tmp_path / "density.png")) == 1200
+
+
 def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     with pytest.raises(CbtoolError, match=r"pip install 'cbtool\[plot\]'"):

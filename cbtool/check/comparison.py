@@ -79,6 +79,7 @@ def _summary(model: Mapping[str, Any]) -> dict[str, Any]:
         "distance_mean": density.get("distance_mean"),
         "entropy_per_layer": density.get("entropy_per_layer"),
         "distance_per_layer": density.get("distance_per_layer"),
+        "cb_scales": model.get("cb_scales"),
         # The robustness record without its per-sample strings (those stay in the results files).
         "robustness": {k: v for k, v in robustness.items() if k != "correct"} if robustness else None,
     }

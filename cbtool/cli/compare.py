@@ -19,7 +19,10 @@ def compare_command(
     markdown: MarkdownOut = None,
     quiet: Quiet = False,
 ) -> None:
-    """Show results side by side: metrics, per-layer entropy and distance, and differences from the first."""
+    """Show results side by side: metrics, per-layer entropy and distance, and differences from the first.
+
+    --plot draws per-layer entropy and distance, and the learned cbs scales per layer where a model has them.
+    """
     import sys
 
     from cbtool.check import compare_results
@@ -33,8 +36,9 @@ def compare_command(
         if path is not None:
             check_output_folder(path)
     comparison = compare_results([load_results(path) for path in files], [str(path) for path in files])
-    if plot is not None and not any((m.get("density") or {}).get("entropy_per_layer") for m in comparison.models):
-        raise CbtoolError("--plot needs per-layer density, and no model has it: evaluate with --density")
+    plottable = [m for m in comparison.models if (m.get("density") or {}).get("entropy_per_layer") or m.get("cb_scales")]
+    if plot is not None and not plottable:
+        raise CbtoolError("--plot needs per-layer density or cbs scales, and no model has them: evaluate with --density")
 
     typer.echo(comparison_text(comparison))
     if plot is not None:  # first: the likeliest to fail (no matplotlib), before other files are written

@@ -44,6 +44,8 @@ def finetune_command(
     batch_size: opt.BatchSize = 64,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimizer step (effective batch = batch size x this x processes).")] = 1,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 1e-5 for pretrained weights, 1e-3 for random ones).")] = None,
+    cb_lr: Annotated[Optional[float], typer.Option("--cb-lr", help="Peak learning rate of the cbs scales, on the same schedule (default: the larger of 1e-2 and --lr).")] = None,
+    cb_ramp: Annotated[Optional[int], typer.Option("--cb-ramp", min=1, help="Raise the CB weight linearly from 0 (the plain model) to full over these first steps; the saved model has the full weight.")] = None,
     min_lr: Annotated[float, typer.Option("--min-lr", help="Learning rate at the end of the cosine decay.")] = 0.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay (never on norms, biases, CB scales, embeddings).")] = 0.05,
     warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear warmup steps (default: --warmup-frac of all steps).")] = None,
@@ -106,7 +108,7 @@ def _run(o: dict[str, Any]) -> None:
     spec = CBSpec.from_options(o["variant"], o["position"], o["layers"], o.get("scale_init")) if o["inject_cb"] else None
     config = train.FinetuneConfig(
         epochs=o["epochs"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"], lr=o["lr"],
-        min_lr=o["min_lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
+        cb_lr=o.get("cb_lr"), cb_ramp=o.get("cb_ramp"), min_lr=o["min_lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
         label_smoothing=o["label_smoothing"], clip_grad=o["clip_grad"] or None, train=o["train"], seed=o["seed"],
         workers=o["workers"], augment=o["augment"], scale=o["scale"], hflip=o["hflip"],
         color_jitter=o["color_jitter"], auto_augment=o["auto_augment"], device=o["device"], amp=o["amp"],

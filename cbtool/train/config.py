@@ -19,6 +19,9 @@ CHECKPOINT_FORMAT = "cbtool-run-1"
 # Healing a pretrained model wants a small step; a randomly initialised one needs a large one.
 PRETRAINED_LR = 1e-5
 SCRATCH_LR = 1e-3
+# The cbs scales' own learning rate (--cb-lr), at least the model's: a few hundred values that must move by
+# tenths, where the backbone's weights move by thousandths (measured in README "Healing after surgery").
+CB_LR = 1e-2
 SMALL_INPUT = 64  # pixels: smaller inputs train without augmentation by default (see FinetuneConfig)
 
 
@@ -29,7 +32,9 @@ class FinetuneConfig:
     Length: ``epochs`` or ``steps`` (optimizer steps), not both; neither means 1 epoch.
     ``lr=None``: 1e-3 for randomly initialised weights, 1e-5 for pretrained ones (``default_lr``).
     ``warmup_steps=None``: ``warmup_frac`` of all steps. ``train``: ``all`` or a comma list of
-    ``cb``, ``head``, ``norm``. Augmentation is timm's ``create_transform(is_training=True)``
+    ``cb``, ``head``, ``norm``. ``cb_lr``: peak learning rate of the ``cbs`` scales, on the same schedule
+    (``None``: the larger of ``CB_LR`` and ``lr``). ``cb_ramp``: the CB mixing weight rises linearly from 0
+    (the plain model) to its full value over this many first steps. Augmentation is timm's ``create_transform(is_training=True)``
     (RandomResizedCrop from ``scale``..1 of the area, flip, color jitter); ``augment=None`` turns it on for
     inputs of 64 px and more and off below, where a random crop of a few-pixel image changes what it shows
     (off means training on the deterministic eval transform). ``scale=None``: timm's 0.08, or 0.35 for
@@ -41,6 +46,8 @@ class FinetuneConfig:
     batch_size: int = 64
     grad_accum: int = 1
     lr: float | None = None
+    cb_lr: float | None = None
+    cb_ramp: int | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
     warmup_steps: int | None = None
@@ -77,13 +84,14 @@ class FinetuneConfig:
         if self.epochs is not None and self.steps is not None:
             raise CbtoolError("give --epochs or --steps, not both")
         positive = {"epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "save_every": self.save_every, "eval_every": self.eval_every,
+                    "grad_accum": self.grad_accum, "cb_ramp": self.cb_ramp, "save_every": self.save_every, "eval_every": self.eval_every,
                     "log_every": self.log_every}  # fmt: skip
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise CbtoolError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
         # (value, low, high, low_open, high_open): every float option has its range, and none may be nan or inf.
-        ranges = {"lr": (self.lr, 0, None, True, False), "min_lr": (self.min_lr, 0, self.lr, False, False),
+        ranges = {"lr": (self.lr, 0, None, True, False), "cb_lr": (self.cb_lr, 0, None, True, False),
+                  "min_lr": (self.min_lr, 0, self.lr, False, False),
                   "weight_decay": (self.weight_decay, 0, None, False, False),
                   "warmup_frac": (self.warmup_frac, 0, 1, False, True), "warmup_steps": (self.warmup_steps, 0, None, False, False),
                   "label_smoothing": (self.label_smoothing, 0, 1, False, True), "clip_grad": (self.clip_grad, 0, None, False, False),
@@ -140,3 +148,4 @@ class State:
     pos: int = 0  # optimizer steps done in ``epoch``
     best_top1: float | None = None
     best_step: int | None = None
+    cb_ramp: float | None = None  # the CB mixing weight's factor at ``step`` while --cb-ramp rises (None: full)

@@ -49,10 +49,14 @@ def _validation_text(val: dict | None) -> str:
     return f"validation on {split} ({val['num_samples']} images)"
 
 
-def start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data) -> str:
+def start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data, cb_lr=None) -> str:
     verb = f"resuming at step {state.step} of" if state.step else "training for"
     processes = f" x {info.world_size} processes" if info.world_size > 1 else ""
     lr_note = "" if config.lr is not None else " (default for these weights; set --lr)"
+    if cb_lr is not None:
+        lr_note += f", cbs scales {cb_lr:g}" + ("" if config.cb_lr is not None else " (set --cb-lr)")
+    if config.cb_ramp:
+        lr_note += f", CB weight ramped over {config.cb_ramp} steps"
     return (f"{verb} {total} steps ({total / steps_per_epoch:.3g} epochs of {steps_per_epoch}) on {device}{processes}: "
             f"{trainable:,} parameters ({config.train}), lr {lr:g}{lr_note}, "
             f"batch {config.batch_size}x{config.grad_accum}{processes}; {_validation_text(data['val'])}; "

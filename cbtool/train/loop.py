@@ -20,6 +20,8 @@ from torch import nn
 from cbtool import distributed
 from cbtool.checkpoint import save, unwrap
 from cbtool.errors import TrainingError
+from cbtool.optim import ramp_factor
+from cbtool.surgery import set_ramp
 from cbtool.train.config import FinetuneConfig, FinetuneResult, Interrupted, State
 from cbtool.train.console import Progress, eval_line, progress, start_note
 from cbtool.train.prepare import Plan, optimizer_for, output_paths, place, plan_run, wrap
@@ -47,17 +49,21 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
     run = Run(config, info, checkpoint)
     place(model, config, device)
     run.load_weights(model)
-    optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan.schedule.peak)
+    optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan)
     state = run.restore(optimizer, scaler)
     t = _Training(model, wrap(model, config, info, device), optimizer, scaler, amp_dtype, config, device,
                   info, run, plan, state, best_path, plan.settings(config, info, device), plan.data())  # fmt: skip
     t.loader, t.val_loader = plan.loaders(config, info, state)
     run.seed()
+    t.apply_ramp()
     run.log.write("resume" if run.saved else "start", step=state.step, config=config.to_dict(), **t.settings, data=t.data)
     if info.is_main and not config.quiet:
         print(start_note(state, plan.schedule.total, plan.steps_per_epoch, plan.schedule.peak, plan.trainable,
-                         info, device, run.dir, config, t.data), file=sys.stderr)  # fmt: skip
-    last = _loop(t)
+                         info, device, run.dir, config, t.data, plan.cb_lr), file=sys.stderr)  # fmt: skip
+    try:
+        last = _loop(t)
+    finally:
+        set_ramp(model, None)  # the model handed back (or left by an error) has the full CB weight
     if last is None and t.val_loader is not None:  # resumed a finished run: still report its accuracy
         last = t.evaluate()
     summary = training_record(config, t.settings, t.data, state, last)
@@ -96,6 +102,12 @@ class _Training:
     loss_sum: float = 0.0
     loss_count: int = 0
 
+    def apply_ramp(self) -> None:
+        """``--cb-ramp``: set the CB weight for the next step; the factor is kept in the state, so in checkpoints."""
+        if self.config.cb_ramp:
+            self.state.cb_ramp = ramp_factor(self.state.step, self.config.cb_ramp)
+            set_ramp(self.model, self.state.cb_ramp)
+
     def save_checkpoint(self) -> Path | None:
         return self.run.save(self.model, self.optimizer, self.scaler, self.state, self.plan.schedule.total)
 
@@ -108,7 +120,8 @@ class _Training:
                   "train_loss": self.loss_sum / max(self.loss_count, 1), **metrics}  # fmt: skip
         self.history.append(record)
         self.run.log.write("eval", **record)
-        if state.best_top1 is None or metrics["top1"] > state.best_top1:
+        full_weight = state.cb_ramp is None  # a saved model has the full CB weight: mid-ramp ones are not candidates
+        if full_weight and (state.best_top1 is None or metrics["top1"] > state.best_top1):
             state.best_top1, state.best_step = metrics["top1"], state.step
             if self.best_path is not None and self.info.is_main:
                 save(self.model, self.best_path, force=True,
@@ -135,6 +148,7 @@ def _loop(t: _Training) -> dict | None:
                 while True:
                     just_saved = False
                     lr = t.plan.schedule(state.step)
+                    ramp = {"cb_ramp": 1.0 if state.cb_ramp is None else state.cb_ramp} if config.cb_ramp else {}
                     loss, stopping = _train_step(t.runner, t.plan.family, batches, t.optimizer, t.scaler, params, config,
                                                  t.device, t.amp_dtype, lr, stop, t.info.world_size)  # fmt: skip
                     if stopping:  # Ctrl-C: this step was not taken
@@ -142,6 +156,7 @@ def _loop(t: _Training) -> dict | None:
                     if not math.isfinite(loss):
                         raise TrainingError(run.nonfinite_message(loss, state.step + 1, lr))
                     state.step, state.pos = state.step + 1, state.pos + 1
+                    t.apply_ramp()
                     t.loss_sum, t.loss_count = t.loss_sum + loss, t.loss_count + 1
                     epoch_end = state.pos == t.plan.steps_per_epoch
                     if epoch_end:
@@ -154,7 +169,7 @@ def _loop(t: _Training) -> dict | None:
                         t.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
                     if state.step % config.log_every == 0:
                         epoch = round(state.step / t.plan.steps_per_epoch, 4)
-                        run.log.write("train", step=state.step, epoch=epoch, loss=loss, lr=lr)
+                        run.log.write("train", step=state.step, epoch=epoch, loss=loss, lr=lr, **ramp)
                     due_eval = epoch_end or state.step == total or (config.eval_every and state.step % config.eval_every == 0)
                     if t.val_loader is not None and due_eval:
                         last = t.evaluate()
@@ -230,7 +245,7 @@ def _train_step(runner, family, batches, optimizer, scaler, params, config, devi
     if config.clip_grad:
         torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

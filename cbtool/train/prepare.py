@@ -15,7 +15,7 @@ from cbtool import distributed
 from cbtool.checkpoint import check_output_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
 from cbtool.optim import WarmupCosine, param_groups, parse_train_parts, select_trainable
-from cbtool.train.config import PRETRAINED_LR, SCRATCH_LR, SMALL_INPUT, FinetuneConfig, State
+from cbtool.train.config import CB_LR, PRETRAINED_LR, SCRATCH_LR, SMALL_INPUT, FinetuneConfig, State
 from cbtool.train.data import describe
 
 
@@ -74,11 +74,12 @@ class Plan:
     workers: int
     steps_per_epoch: int
     schedule: WarmupCosine
+    cb_lr: float | None = None  # the cbs scales' peak learning rate, when they train in a group of their own
 
     def settings(self, config: FinetuneConfig, info, device: torch.device) -> dict:
         """The worked-out settings, for the log and the training record."""
         augmentation = self.augmentation and {**self.augmentation, "scale": list(self.augmentation["scale"])}
-        return dict(lr=self.schedule.peak, warmup_steps=self.schedule.warmup, total_steps=self.schedule.total,
+        return dict(lr=self.schedule.peak, cb_lr=self.cb_lr, cb_ramp=config.cb_ramp, warmup_steps=self.schedule.warmup, total_steps=self.schedule.total,
                     steps_per_epoch=self.steps_per_epoch, world_size=info.world_size,
                     global_batch_size=config.batch_size * config.grad_accum * info.world_size,
                     trainable_parameters=self.trainable, workers=self.workers, device=str(device),
@@ -121,7 +122,33 @@ def plan_run(model: nn.Module, train, val, config: FinetuneConfig, info, device:
     lr = config.lr if config.lr is not None else default_lr(model)
     warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_frac * total))
     schedule = WarmupCosine(lr, total, min(warmup, total), config.min_lr)
-    return Plan(family, train_ds, val_ds, augmentation, trainable, workers, steps_per_epoch, schedule)
+    cb_lr = _cb_lr(model, config, lr)
+    _check_ramp(model, config, total)
+    return Plan(family, train_ds, val_ds, augmentation, trainable, workers, steps_per_epoch, schedule, cb_lr)
+
+
+def _cb_lr(model: nn.Module, config: FinetuneConfig, lr: float) -> float | None:
+    """The cbs scales' learning rate: ``--cb-lr``, else the larger of ``CB_LR`` and ``lr``; None when none train."""
+    from cbtool.surgery import broadcast_parameters
+
+    if not any(p.requires_grad for p in broadcast_parameters(unwrap(model))):
+        if config.cb_lr is not None:
+            raise CbtoolError("--cb-lr sets the learning rate of the cbs scales, and no cbs scale trains here "
+                              "(inject with --variant cbs, and include cb in --train)")  # fmt: skip
+        return None
+    return config.cb_lr if config.cb_lr is not None else max(CB_LR, lr)
+
+
+def _check_ramp(model: nn.Module, config: FinetuneConfig, total: int) -> None:
+    from cbtool.surgery import find_broadcasts
+
+    if config.cb_ramp is None:
+        return
+    if not find_broadcasts(unwrap(model)):
+        raise CbtoolError("--cb-ramp raises the Context Broadcasting weight, and this model has none; add --inject")
+    if config.cb_ramp > total:
+        raise CbtoolError(f"--cb-ramp {config.cb_ramp} is longer than the run ({total} steps): the saved model "
+                          "would have a weight it never trained with; use a shorter ramp or a longer run")  # fmt: skip
 
 
 def place(model: nn.Module, config: FinetuneConfig, device: torch.device) -> None:
@@ -130,10 +157,12 @@ def place(model: nn.Module, config: FinetuneConfig, device: torch.device) -> Non
         model.to(memory_format=torch.channels_last)
 
 
-def optimizer_for(model: nn.Module, config: FinetuneConfig, device: torch.device, lr: float):
+def optimizer_for(model: nn.Module, config: FinetuneConfig, device: torch.device, plan: Plan):
     """(AdamW over the trainable parameters, a GradScaler for float16 AMP or None, the AMP dtype or None)."""
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=lr, betas=config.betas,
-                                  fused=device.type == "cuda")  # fmt: skip
+    lr = plan.schedule.peak
+    cb_lr_scale = plan.cb_lr / lr if plan.cb_lr is not None else None
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay, cb_lr_scale=cb_lr_scale), lr=lr,
+                                  betas=config.betas, fused=device.type == "cuda")  # fmt: skip
     amp_dtype = distributed.amp_dtype(device) if config.amp else None  # the policy eval and bench use too
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     return optimizer, scaler, amp_dtype

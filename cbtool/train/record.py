@@ -17,6 +17,8 @@ def training_record(config: FinetuneConfig, settings: dict, data: dict, state: S
         "steps": state.step,
         "epochs": round(state.step / settings["steps_per_epoch"], 4),
         "lr": settings["lr"],
+        "cb_lr": settings["cb_lr"],
+        "cb_ramp": config.cb_ramp,
         "min_lr": config.min_lr,
         "warmup_steps": settings["warmup_steps"],
         "weight_decay": config.weight_decay,
