@@ -13,8 +13,6 @@ import hashlib
 import json
 import math
 import os
-import signal
-import sys
 from pathlib import Path
 
 import numpy as np
