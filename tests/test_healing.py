@@ -196,6 +196,10 @@ def test_resume_continues_the_ramp(tmp_path, data, monkeypatch):
     saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert saved["state"]["step"] == 3 and saved["state"]["cb_ramp"] == pytest.approx(0.6)
     monkeypatch.setattr(loop.F, "cross_entropy", real)
+    from cbtool.errors import CbtoolError
+
+    with pytest.raises(CbtoolError, match=r"--cb-ramp 5 -> 4"):
+        finetune(tiny(CBSpec("cb")), *data, config(tmp_path, "b", steps=6, lr=1e-3, cb_ramp=4, resume=str(tmp_path / "b")))
     resumed = finetune(tiny(CBSpec("cb"), seed=1), *data,
                        config(tmp_path, "b", steps=6, lr=1e-3, cb_ramp=5, resume=str(tmp_path / "b")))  # fmt: skip
     a, b = straight.model.state_dict(), resumed.model.state_dict()

@@ -110,7 +110,7 @@ def _load_checkpoint(path: Path) -> dict:
 def _check_resumable(saved: dict, config: FinetuneConfig, info) -> None:
     before = json.loads(saved["config"])
     changed = [f"--{key.replace('_', '-')} {before.get(key)} -> {getattr(config, key)}"
-               for key in ("batch_size", "grad_accum", "seed", "train")
+               for key in ("batch_size", "grad_accum", "seed", "train", "cb_lr", "cb_ramp")
                if before.get(key) != getattr(config, key)]  # fmt: skip
     if saved["world_size"] != info.world_size:
         changed.append(f"processes {saved['world_size']} -> {info.world_size}")
