@@ -261,7 +261,8 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
     with_scales = [m for m in models if m.get("cb_scales")]
     if not with_density and not with_scales:
-        raise CbtoolError("no model has per-layer density or cbs scales to plot; evaluate with --density")
+        raise CbtoolError("no model has per-layer density or cbs scales to plot; evaluate with --density "
+                          "(or a cbs model)")
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
@@ -295,11 +296,12 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
 
 
 def _plot_scales(ax, models: Sequence[Mapping[str, Any]]) -> None:
-    """The learned cbs scales per CB layer (in block order): the mean, and the band from min to max."""
+    """The learned cbs scales per block (the row's ``layer``; files from before it: the CB operations in
+    order): the mean, and the band from min to max."""
     for model in models:
         rows = model["cb_scales"]
-        layers = range(len(rows))
+        layers = [row["layer"] if row.get("layer") is not None else i for i, row in enumerate(rows)]
         line, = ax.plot(layers, [r["mean"] for r in rows], marker="o", label=str(model.get("label", "?")))
         ax.fill_between(layers, [r["min"] for r in rows], [r["max"] for r in rows], color=line.get_color(), alpha=0.15)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="cb (0.5)")
-    ax.set(title="Learned CB_S scales", xlabel="CB layer", ylabel="scale (mean, min-max band)")
+    ax.set(title="Learned CB_S scales", xlabel="layer", ylabel="scale (mean, min-max band)")

@@ -128,10 +128,15 @@ def set_ramp(model: nn.Module, factor: float | None) -> None:
 
 
 def scale_summary(model: nn.Module) -> list[dict] | None:
-    """The learned ``cbs`` scales per rewritten block (mean, min, max): how much uniform attention each layer
-    wants. None for a model without ``cbs``."""
-    rows = [scale_stats(name, module.scale.detach().float().cpu().tolist())
-            for name, module in find_broadcasts(model) if hasattr(module, "scale")]
+    """The learned ``cbs`` scales per rewritten block (``module``, ``layer``: the block's index in the model's
+    block order, ``mean``, ``min``, ``max``): how much uniform attention each layer wants. None without ``cbs``."""
+    blocks = [name for name, _ in detect(model).blocks(model)]
+    rows = []
+    for name, module in find_broadcasts(model):
+        if hasattr(module, "scale"):
+            row = scale_stats(name, module.scale.detach().float().cpu().tolist())
+            row["layer"] = next((i for i, block in enumerate(blocks) if name.startswith(block + ".")), None)
+            rows.append(row)
     return rows or None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -147,12 +148,28 @@ def test_cb_lr_needs_trainable_scales(tmp_path, data):
 # --------------------------------------------------------------------------------------------
 
 
-def test_ramped_healing_starts_from_the_plain_model(tmp_path, data):
-    """The first step of a ramped cb model is the plain model's step: same weights after it, then they part."""
-    plain = finetune(tiny(), *data, config(tmp_path, "plain", steps=1, lr=1e-3)).model.state_dict()
-    ramped = finetune(tiny(CBSpec("cb")), *data, config(tmp_path, "ramped", steps=1, lr=1e-3, cb_ramp=1))
-    assert all(torch.equal(plain[k], v) for k, v in ramped.model.state_dict().items())
-    unramped = finetune(tiny(CBSpec("cb")), *data, config(tmp_path, "full", steps=1, lr=1e-3)).model.state_dict()
+def test_ramped_healing_starts_from_the_plain_model(tmp_path, data, monkeypatch):
+    """The first step of a ramped cb model is the plain model's step: same weights after it; without the ramp not."""
+    import cbtool.train.loop as loop
+
+    real = loop._train_step
+
+    def first_step(model, name, **options):
+        after = []
+
+        def spy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            after.append({k: v.clone() for k, v in model.state_dict().items()})
+            return out
+
+        monkeypatch.setattr(loop, "_train_step", spy)
+        finetune(model, *data, config(tmp_path, name, steps=2, lr=1e-3, **options))
+        return after[0]
+
+    plain = first_step(tiny(), "plain")
+    ramped = first_step(tiny(CBSpec("cb")), "ramped", cb_ramp=1)
+    assert all(torch.equal(plain[k], v) for k, v in ramped.items())
+    unramped = first_step(tiny(CBSpec("cb")), "full")
     assert not all(torch.equal(plain[k], v) for k, v in unramped.items())
 
 
@@ -206,6 +223,77 @@ def test_resume_continues_the_ramp(tmp_path, data, monkeypatch):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_resumed_cbs_run_keeps_its_scale_rate(tmp_path, data, monkeypatch):
+    """A cbs run stopped and resumed (here with another backbone lr) trains its scales at --cb-lr all along."""
+    import cbtool.train.loop as loop
+    from cbtool.errors import TrainingError
+
+    common = dict(steps=4, lr=1e-3, cb_lr=2e-2, warmup_steps=0, save_every=1)
+    calls = {"n": 0}
+    real = loop.F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError):
+        finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "run", **common))
+    monkeypatch.setattr(loop.F, "cross_entropy", real)
+    groups = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g.get("lr_scale") for g in groups] == [None, None, pytest.approx(20.0)]
+    seen = []
+    real_step = loop._train_step
+
+    def spy(runner, family, batches, optimizer, *args, **kwargs):
+        out = real_step(runner, family, batches, optimizer, *args, **kwargs)
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        return out
+
+    monkeypatch.setattr(loop, "_train_step", spy)
+    resumed = {**common, "lr": 1e-4, "resume": str(tmp_path / "run")}
+    finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "run", **resumed))
+    schedule = [0.5 * (1 + math.cos(math.pi * step / 4)) for step in (2, 3)]  # cosine, no warmup, 4 steps
+    for lrs, factor in zip(seen, schedule):
+        assert lrs == pytest.approx([1e-4 * factor, 1e-4 * factor, 2e-2 * factor])
+
+
+def test_a_run_saved_before_cb_lr_resumes_with_the_shared_rate(tmp_path, data, monkeypatch):
+    """Checkpoints from before --cb-lr hold two groups (the scales among the undecayed ones): they still resume."""
+    import cbtool.train.loop as loop
+    import cbtool.train.prepare as prepare
+    from cbtool.errors import TrainingError
+
+    real_groups = prepare.param_groups
+    monkeypatch.setattr(prepare, "param_groups", lambda model, wd, cb_lr_scale=None: real_groups(model, wd))
+    calls = {"n": 0}
+    real = loop.F.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs) * (float("nan") if calls["n"] == 2 else 1.0)
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError):
+        finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "old", steps=3, lr=1e-3, save_every=1))
+    monkeypatch.undo()
+    path = tmp_path / "old" / "checkpoint.pt"
+    saved = torch.load(path, weights_only=True)
+    old_config = json.loads(saved["config"])
+    for key in ("cb_lr", "cb_ramp"):
+        del old_config[key]
+    saved["config"] = json.dumps(old_config)
+    torch.save(saved, path)
+    result = finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "old", steps=3, lr=1e-3, resume=str(tmp_path / "old")))
+    assert result.step == 3 and result.summary["cb_lr"] is None
+    saved["optimizer"]["param_groups"] = saved["optimizer"]["param_groups"][:1]  # a foreign layout: one line
+    torch.save(saved, path)
+    from cbtool.errors import CbtoolError
+
+    with pytest.raises(CbtoolError, match="does not hold this run's parameter groups"):
+        finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "old", steps=3, lr=1e-3, resume=str(tmp_path / "old")))
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------
@@ -213,7 +301,8 @@ def test_resume_continues_the_ramp(tmp_path, data, monkeypatch):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--cb-ramp", "4", "--steps", "2"], "has none; add --inject"),
-    (["--inject", "--cb-ramp", "4", "--steps", "2"], "--cb-ramp 4 is longer than the run (2 steps)"),
+    (["--inject", "--cb-ramp", "4", "--steps", "2"], "--cb-ramp 4 leaves no step of the run (2 steps) at the full"),
+    (["--inject", "--cb-ramp", "2", "--steps", "2"], "--cb-ramp 2 leaves no step of the run (2 steps) at the full"),
     (["--inject", "--cb-lr", "0.01", "--steps", "1"], "no cbs scale trains here"),
     (["--inject", "--variant", "cbs", "--cb-lr", "0", "--steps", "1"], "--cb-lr must be"),
     (["--inject", "--variant", "cbs", "--cb-lr", "nan", "--steps", "1"], "--cb-lr must be"),

@@ -208,6 +208,10 @@ def test_plot_draws_the_learned_scales_per_layer(tmp_path):
         assert list(ax.lines[0].get_ydata()) == [0.1, 0.3, 0.6]
         band = ax.collections[0].get_paths()[0].vertices[:, 1]
         assert min(band) == pytest.approx(0.0) and max(band) == pytest.approx(0.8)
+        # rows that name their block are drawn at it (--layers 1-3 of a deeper model)
+        ax.clear()
+        _plot_scales(ax, [{**cbs, "cb_scales": [{**row, "layer": row_index + 1} for row_index, row in enumerate(SCALES)]}])
+        assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
     finally:
         plt.close(fig)
     # density and scales: three panels; scales alone: one (120 dpi, 5 inches a panel)

@@ -53,8 +53,8 @@ def test_info_and_eval_report_the_learned_scales(timm_model, tmp_path, dtype):
     with torch.no_grad():
         model.blocks[1].ls1.cb.scale.copy_(torch.linspace(0.1, 0.9, 32))
     expected = scale_summary(model)
-    assert expected == [{"module": "blocks.1.ls1.cb", "mean": pytest.approx(0.5), "min": pytest.approx(0.1),
-                         "max": pytest.approx(0.9)}]
+    assert expected == [{"module": "blocks.1.ls1.cb", "layer": 1, "mean": pytest.approx(0.5),
+                         "min": pytest.approx(0.1), "max": pytest.approx(0.9)}]
     path = save(model.to(dtype), tmp_path / "m.safetensors")
     rows = describe(path)["cb_scales"]
     assert [row["module"] for row in rows] == ["blocks.1.ls1.cb"]

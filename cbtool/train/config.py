@@ -46,8 +46,6 @@ class FinetuneConfig:
     batch_size: int = 64
     grad_accum: int = 1
     lr: float | None = None
-    cb_lr: float | None = None
-    cb_ramp: int | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
     warmup_steps: int | None = None
@@ -79,6 +77,8 @@ class FinetuneConfig:
     quiet: bool = False
     resume: str | None = None
     run_info: dict | None = None  # stored with each checkpoint (the CLI keeps its options here)
+    cb_lr: float | None = None
+    cb_ramp: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs is not None and self.steps is not None:

@@ -65,4 +65,6 @@ def start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_d
 
 def eval_line(step: int, total: int, metrics: dict) -> str:
     density = f", entropy {metrics['entropy_mean']:.3f}" if metrics.get("entropy_mean") is not None else ""
-    return f"step {step}/{total}: val top-1 {metrics['top1']:.2f}%, loss {metrics['loss']:.4f}{density}"
+    ramp = metrics.get("cb_ramp")
+    ramping = f" (CB weight at {ramp:.0%} of full: --cb-ramp)" if ramp is not None and ramp < 1 else ""
+    return f"step {step}/{total}: val top-1 {metrics['top1']:.2f}%, loss {metrics['loss']:.4f}{density}{ramping}"

@@ -47,6 +47,8 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
     output, best_path = output_paths(model, config, info, resuming=checkpoint is not None)
     plan = plan_run(model, train, val, config, info, device)
     run = Run(config, info, checkpoint)
+    if run.shares_cb_lr():
+        plan.cb_lr = None
     place(model, config, device)
     run.load_weights(model)
     optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan)
@@ -108,6 +110,12 @@ class _Training:
             self.state.cb_ramp = ramp_factor(self.state.step, self.config.cb_ramp)
             set_ramp(self.model, self.state.cb_ramp)
 
+    def ramp_record(self) -> dict:
+        """``{"cb_ramp": factor}`` for the log while a --cb-ramp run uses one (1.0 once it is complete), else empty."""
+        if not self.config.cb_ramp:
+            return {}
+        return {"cb_ramp": 1.0 if self.state.cb_ramp is None else self.state.cb_ramp}
+
     def save_checkpoint(self) -> Path | None:
         return self.run.save(self.model, self.optimizer, self.scaler, self.state, self.plan.schedule.total)
 
@@ -117,7 +125,7 @@ class _Training:
         metrics = _validate(self.model, self.val_loader, self.device, config)
         self.model.train()
         record = {"step": state.step, "epoch": round(state.step / self.plan.steps_per_epoch, 4),
-                  "train_loss": self.loss_sum / max(self.loss_count, 1), **metrics}  # fmt: skip
+                  "train_loss": self.loss_sum / max(self.loss_count, 1), **metrics, **self.ramp_record()}  # fmt: skip
         self.history.append(record)
         self.run.log.write("eval", **record)
         full_weight = state.cb_ramp is None  # a saved model has the full CB weight: mid-ramp ones are not candidates
@@ -127,7 +135,7 @@ class _Training:
                 save(self.model, self.best_path, force=True,
                      training=training_record(config, self.settings, self.data, state, record))  # fmt: skip
         if self.info.is_main and not config.quiet:
-            self.progress.write(eval_line(state.step, self.plan.schedule.total, metrics))
+            self.progress.write(eval_line(state.step, self.plan.schedule.total, record))
         self.loss_sum, self.loss_count = 0.0, 0
         return record
 
@@ -148,7 +156,7 @@ def _loop(t: _Training) -> dict | None:
                 while True:
                     just_saved = False
                     lr = t.plan.schedule(state.step)
-                    ramp = {"cb_ramp": 1.0 if state.cb_ramp is None else state.cb_ramp} if config.cb_ramp else {}
+                    ramp = t.ramp_record()
                     loss, stopping = _train_step(t.runner, t.plan.family, batches, t.optimizer, t.scaler, params, config,
                                                  t.device, t.amp_dtype, lr, stop, t.info.world_size)  # fmt: skip
                     if stopping:  # Ctrl-C: this step was not taken

@@ -146,9 +146,9 @@ def _check_ramp(model: nn.Module, config: FinetuneConfig, total: int) -> None:
         return
     if not find_broadcasts(unwrap(model)):
         raise CbtoolError("--cb-ramp raises the Context Broadcasting weight, and this model has none; add --inject")
-    if config.cb_ramp > total:
-        raise CbtoolError(f"--cb-ramp {config.cb_ramp} is longer than the run ({total} steps): the saved model "
-                          "would have a weight it never trained with; use a shorter ramp or a longer run")  # fmt: skip
+    if config.cb_ramp >= total:
+        raise CbtoolError(f"--cb-ramp {config.cb_ramp} leaves no step of the run ({total} steps) at the full CB weight, "
+                          "which the saved model has; use a shorter ramp or a longer run")  # fmt: skip
 
 
 def place(model: nn.Module, config: FinetuneConfig, device: torch.device) -> None:

@@ -50,10 +50,23 @@ class Run:
         """The optimizer's and scaler's state and the step counters: saved ones on resume, else fresh."""
         if self.saved is None:
             return State()
+        saved_groups = self.saved["optimizer"]["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise CbtoolError("the checkpoint's optimizer does not hold this run's parameter groups (another cbtool "
+                              "version or other --train parts); start the run again")  # fmt: skip
+        lr_scales = [group.get("lr_scale") for group in optimizer.param_groups]
         optimizer.load_state_dict(self.saved["optimizer"])
+        for group, lr_scale in zip(optimizer.param_groups, lr_scales):  # this plan's --cb-lr, not the saved ratio
+            group.pop("lr_scale", None)
+            if lr_scale is not None:
+                group["lr_scale"] = lr_scale
         if scaler is not None and self.saved["scaler"]:
             scaler.load_state_dict(self.saved["scaler"])
         return State(**self.saved["state"])
+
+    def shares_cb_lr(self) -> bool:
+        """A resumed run saved before --cb-lr existed: its cbs scales keep training at the backbone's rate."""
+        return self.saved is not None and "cb_lr" not in json.loads(self.saved["config"])
 
     def seed(self) -> None:
         """Augmentation and dropout differ per rank; the data order (the sampler's own seed) is shared."""
