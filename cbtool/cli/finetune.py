@@ -93,6 +93,27 @@ def finetune_command(
 
 
 def _run(o: dict[str, Any]) -> None:
+    from cbtool import train
+
+    try:
+        result = train_from_options(o)
+    except train.Interrupted as stop:
+        if stop.is_main:
+            from cbtool.errors import Interrupted
+
+            raise Interrupted(_interrupted_message(stop)) from None
+        raise typer.Exit(130) from None
+    if result is not None:
+        final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
+        best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
+        typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
+
+
+def train_from_options(o: dict[str, Any]):
+    """What ``cbtool finetune`` does with its options (``o``: parameter name -> value, as the command gets them):
+    build or resume the model, resolve the data, train and save. Returns the ``FinetuneResult`` on the main rank
+    (None on the others); Ctrl-C raises ``train.Interrupted`` with ``is_main`` set. ``cbtool sweep`` runs each
+    of its runs through here."""
     from cbtool import distributed, train
     from cbtool.errors import CbtoolError
     from cbtool.ranges import check_range
@@ -143,15 +164,9 @@ def _run(o: dict[str, Any]) -> None:
     try:
         result = train.finetune(model, train_ds, val_ds, config)
     except train.Interrupted as stop:
-        if info.is_main:
-            from cbtool.errors import Interrupted
-
-            raise Interrupted(_interrupted_message(stop)) from None
-        raise typer.Exit(130) from None
-    if info.is_main:
-        final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
-        best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
-        typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
+        stop.is_main = info.is_main
+        raise
+    return result if info.is_main else None
 
 
 def _interrupted_message(stop) -> str:
