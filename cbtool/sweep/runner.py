@@ -124,7 +124,7 @@ def evaluate_run(plan: SweepPlan, folder: Path, *, quiet: bool = False) -> None:
     o, ev, runtime = plan.options, plan.evaluation, plan.runtime_finetune_options()
     common = dict(split=ev["split"], limit=ev["limit"], image_column=o.get("image_column"),
                   label_column=o.get("label_column"), skip_bad_images=bool(o.get("skip_bad_images")),
-                  batch_size=o["batch_size"], workers=2 if runtime["workers"] is None else runtime["workers"],
+                  batch_size=o["batch_size"], workers=_eval_workers(runtime["workers"], runtime["device"]),
                   device=runtime["device"], amp=bool(o.get("amp")), channels_last=bool(o.get("channels_last")),
                   progress=not quiet)  # fmt: skip
     model = [str(folder / MODEL_FILE)]
@@ -135,6 +135,15 @@ def evaluate_run(plan: SweepPlan, folder: Path, *, quiet: bool = False) -> None:
         document = evaluate_dataset(model, ev["dataset"], **common, **extra)
         if distributed.is_main_process():
             write_json_atomic(folder / name, document)
+
+
+def _eval_workers(workers: int | None, device: str | None) -> int:
+    """As finetune's default: none on the CPU (they would compete with the model for its cores), else eval's 2."""
+    from cbtool.distributed import pick_device
+
+    if workers is not None:
+        return workers
+    return 0 if pick_device(device).type == "cpu" else 2
 
 
 def run_line(plan: SweepPlan, run: RunSpec, root: str | Path, seconds: float | None = None) -> str:
