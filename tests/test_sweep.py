@@ -235,7 +235,7 @@ def test_devices_and_torchrun_launch_one_subprocess_per_slot(tmp_path):
     run = RunSpec(Cell("cb", "mlp", "all"), 1)
     assert child_command(tmp_path, run, 2) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "cbtool", "sweep", "-o", str(tmp_path), "--only", "cb-mlp-seed1", "--quiet"]  # fmt: skip
+        "-m", "cbtool", "sweep", "-o", str(tmp_path), "--only", "cb-mlp-seed1"]  # fmt: skip
 
     plan = SweepPlan([Cell("plain"), Cell("cb", "mlp", "all")], [0, 1], {}, {"dataset": "sample", "corruptions": None})
     launched = []
@@ -270,3 +270,15 @@ def test_devices_cpu_cpu_runs_in_subprocesses(tmp_path, main_cli, monkeypatch, c
     assert "run 1/2 plain-seed0: training on cpu" in err and "run 2/2 cb-mlp-seed0: top-1" in err
     assert (out / "runs" / "cb-mlp-seed0" / "sweep-run.log").exists()
     assert read_json(out / "summary.json")["missing"] == []
+
+
+@pytest.mark.slow
+def test_torchrun_runs_each_run_in_two_processes(tmp_path, main_cli, monkeypatch, cli_env):
+    for key, value in {**cli_env, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "sweep"
+    code, err = main_cli("sweep", *MODEL, *QUICK, "--batch-size", "16", "--variants", "plain", "--seeds", "0",
+                         "--torchrun", "2", "--device", "cpu", "-o", out)  # fmt: skip
+    assert code == 0, err
+    assert read_json(out / "runs" / "plain-seed0" / "checkpoint.json")["world_size"] == 2
+    assert read_json(out / "summary.json")["cells"][0]["metrics"]["top1"]["n"] == 1

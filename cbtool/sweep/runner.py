@@ -202,7 +202,7 @@ def child_command(root: str | Path, run: RunSpec, torchrun: int | None) -> list[
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    return [*launcher, "-m", "cbtool", "sweep", "-o", str(root), "--only", run.name, "--quiet"]
+    return [*launcher, "-m", "cbtool", "sweep", "-o", str(root), "--only", run.name]
 
 
 def run_in_subprocesses(plan: SweepPlan, root: str | Path, *, slots: list[str | None], torchrun: int | None,
@@ -230,7 +230,10 @@ def run_in_subprocesses(plan: SweepPlan, root: str | Path, *, slots: list[str | 
             note(f"{head}: {_STARTING[run_state(plan, run, root)]}{where}")
             started = time.perf_counter()
             with open(folder / CHILD_LOG, "ab") as log:
-                child = launch(child_command(root, run, torchrun), env=env, stdout=log, stderr=subprocess.STDOUT)
+                # Its own session: a terminal's Ctrl-C reaches only this process, which passes on one SIGINT
+                # (a second one would stop a run before its checkpoint is saved).
+                child = launch(child_command(root, run, torchrun), env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
                 with lock:
                     children.add(child)
                 code = child.wait()

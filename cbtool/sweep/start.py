@@ -134,9 +134,11 @@ def write_summary(root: str | Path, plan: SweepPlan | None = None) -> dict[str, 
     return summary
 
 
-def run_child(root: str | Path, name: str, *, quiet: bool = True) -> None:
-    """One run of the sweep in ``root`` (what ``--devices`` and ``--torchrun`` start in each subprocess)."""
+def run_child(root: str | Path, name: str, *, quiet: bool = False) -> None:
+    """One run of the sweep in ``root`` (what ``--devices`` and ``--torchrun`` start in each subprocess), with the
+    settings its ``sweep.json`` records; ``quiet`` silences it even if the sweep was not started ``--quiet``."""
     from cbtool.sweep.runner import run_one
 
     plan = read_plan(root)
-    run_one(plan, plan.run(name), root, quiet=quiet)
+    plan.runtime["quiet"] = quiet or bool(plan.runtime.get("quiet"))
+    run_one(plan, plan.run(name), root, quiet=plan.runtime["quiet"])
