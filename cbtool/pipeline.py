@@ -74,7 +74,7 @@ def evaluate_dataset(
         for name, model in zip(models, loaded):  # before the first forward
             check_input_size(model, preprocessing["input_size"], name, option="the input size")
         if corruptions:
-            _check_corruptible_size(preprocessing["input_size"])
+            check_corruptible_size(preprocessing["input_size"])
             if save_examples is not None and dist_info.is_main:
                 from cbtool.robustness.examples import save_examples as write_examples
 
@@ -142,7 +142,7 @@ def check_corruption_options(corruptions: Sequence[str] | str | None, severities
     return names, levels
 
 
-def _check_corruptible_size(input_size: Sequence[int]) -> None:
+def check_corruptible_size(input_size: Sequence[int]) -> None:
     if min(input_size[-2:]) < 32:
         raise CbtoolError(f"corruptions need inputs of at least 32 x 32 px; these models take "
                           f"{input_size[-2]} x {input_size[-1]} (pass --img-size 32 or more to a model that allows it)")

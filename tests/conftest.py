@@ -57,6 +57,18 @@ def perturb_(model, std: float = 0.1, seed: int = SEED):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and on a busy machine idle OpenMP threads stall each other
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that trains)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def timm_model():
     """Factory ``timm_model(name="vit_tiny_patch16_224", seed=SEED, perturb=True, **kwargs)``: a tiny timm model.

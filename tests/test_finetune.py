@@ -33,13 +33,7 @@ QUICK = ["--dataset", "sample", "--limit", "200", "--val-limit", "100", "--batch
          "--quiet"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads, and on a busy machine idle OpenMP threads stall each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Regression verdicts (``cbtool check``) and side-by-side comparisons (``cbtool compare``) of results files.
 
-``stats``: McNemar's test, two-proportion tests and intervals; ``rules``: the checkable metrics and the
+``stats``: McNemar's test, two-proportion tests and intervals, the paired t-test; ``rules``: the checkable metrics and the
 ``--max-drop top1=0.5`` grammar; ``verdicts``: a results file against a baseline; ``comparison``: several
 results side by side. Reading results files is ``cbtool.results``'s, rendering ``cbtool.report``'s. No torch.
 """
@@ -18,7 +18,10 @@ from cbtool.check.stats import (
     discordant_counts,
     mcnemar_test,
     paired_proportion_interval,
+    paired_t_test,
     paired_top1_test,
+    regularized_beta,
+    student_t_two_sided_p,
     two_proportion_interval,
     two_proportion_test,
     wilson_interval,
@@ -31,7 +34,7 @@ __all__ = [
     "CheckReport", "Comparison", "Interval", "MetricCheck", "MetricInfo", "Rule", "TestResult",
     "binomial_two_sided_p", "check_results", "chi2_1df_sf", "compare", "compare_results", "dataset_mismatches",
     "discordant_counts", "load_results", "mcnemar_test", "metric_info", "robustness_cell",
-    "paired_proportion_interval", "paired_top1_test",
+    "paired_proportion_interval", "paired_t_test", "paired_top1_test", "regularized_beta", "student_t_two_sided_p",
     "pair_models", "parse_rules", "two_proportion_interval", "two_proportion_test", "validate_results",
     "wilson_interval",
 ]  # fmt: skip

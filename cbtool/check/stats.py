@@ -1,4 +1,5 @@
-"""The statistics behind ``cbtool check`` and ``compare``: McNemar's test, two-proportion tests and intervals.
+"""The statistics behind ``cbtool check`` and ``compare``: McNemar's test, two-proportion tests and intervals,
+and the paired t-test over seeds of ``cbtool sweep``.
 
 Pure functions on counts, using only the standard library (no scipy, no torch).
 """
@@ -6,7 +7,7 @@ Pure functions on counts, using only the standard library (no scipy, no torch).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
@@ -120,3 +121,62 @@ def paired_top1_test(reference: Mapping[str, Any], other: Mapping[str, Any]) -> 
     if not a or not b or len(a) != len(b):
         return None
     return mcnemar_test(*discordant_counts(a, b))
+
+
+def regularized_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz's method)."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must lie in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    # The fraction converges fast below the mean of the distribution; above it, use I_x(a, b) = 1 - I_{1-x}(b, a).
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_fraction(x, a, b) / a
+    return 1.0 - front * _beta_fraction(1.0 - x, b, a) / b
+
+
+def _beta_fraction(x: float, a: float, b: float, *, eps: float = 1e-15, tiny: float = 1e-300) -> float:
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # fmt: skip
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def student_t_two_sided_p(t: float, df: float) -> float:
+    """Two-sided p-value of Student's t distribution with ``df`` degrees of freedom: P(|T| >= |t|)."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be positive, got {df}")
+    if math.isinf(t):
+        return 0.0
+    return regularized_beta(df / (df + t * t), df / 2.0, 0.5)
+
+
+def paired_t_test(baseline: Sequence[float], current: Sequence[float]) -> TestResult:
+    """Two-sided paired t-test that ``current - baseline`` has mean zero (pairs in order; at least two).
+
+    When every difference is the same, the test has no spread to judge by: p is 1 for no difference and 0 otherwise
+    (the statistic is then ``None``).
+    """
+    if len(baseline) != len(current):
+        raise ValueError(f"paired samples differ in length: {len(baseline)} and {len(current)}")
+    n = len(baseline)
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {n}")
+    differences = [y - x for x, y in zip(baseline, current)]
+    mean = sum(differences) / n
+    variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
+    if variance <= (1e-12 * max(1.0, abs(mean))) ** 2:
+        return TestResult(1.0 if abs(mean) <= 1e-12 else 0.0, "paired-t", None)
+    t = mean / math.sqrt(variance / n)
+    return TestResult(student_t_two_sided_p(t, n - 1), "paired-t", t)

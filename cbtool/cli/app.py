@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import typer
 
 from cbtool import __version__
-from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, viz
+from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, sweep, viz
 
 app = typer.Typer(
     name="cbtool",
@@ -83,7 +83,8 @@ def interruptible(command: Callable) -> Callable:
 
 
 for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
-                        ("finetune", finetune.finetune_command), ("check", check.check_command),
+                        ("finetune", finetune.finetune_command), ("sweep", sweep.sweep_command),
+                        ("check", check.check_command),
                         ("compare", compare.compare_command), ("bench", bench.bench_command),
                         ("families", families.families_command), ("viz", viz.viz_command),
                         ("report", report_page.report_command)):  # fmt: skip

@@ -95,62 +95,17 @@ def finetune_command(
 
 
 def _run(o: dict[str, Any]) -> None:
-    from cbtool import distributed, train
-    from cbtool.errors import CbtoolError
-    from cbtool.ranges import check_range
-    from cbtool.families import detect
-    from cbtool.spec import CBSpec
+    from cbtool import train
 
-    info, _ = distributed.setup(o["device"])
-    note = (lambda text: print(text, file=sys.stderr)) if info.is_main and not o["quiet"] else (lambda text: None)
-    if o.get("scale_init") is not None and not o["inject_cb"]:
-        raise CbtoolError("--scale-init goes with --inject (it sets the cbs scales CB is inserted with)")
-    spec = CBSpec.from_options(o["variant"], o["position"], o["layers"], o.get("scale_init")) if o["inject_cb"] else None
-    config = train.FinetuneConfig(
-        epochs=o["epochs"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"], lr=o["lr"],
-        cb_lr=o.get("cb_lr"), cb_ramp=o.get("cb_ramp"), min_lr=o["min_lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
-        label_smoothing=o["label_smoothing"], clip_grad=o["clip_grad"] or None, train=o["train"], seed=o["seed"],
-        workers=o["workers"], augment=o["augment"], scale=o["scale"], hflip=o["hflip"],
-        color_jitter=o["color_jitter"], auto_augment=o["auto_augment"], device=o["device"], amp=o["amp"],
-        channels_last=o["channels_last"], compile=o["compile_model"], run_dir=_str(o["run_dir"]),
-        save_every=o["save_every"], eval_every=o["eval_every"], log=_str(o["log"]), output=_str(o["output"]),
-        save_best=_str(o["save_best"]), force=o["force"], density=o["density"], quiet=o["quiet"],
-        resume=_str(o["resume"]), run_info=train.recordable(o),
-    )  # fmt: skip
-    check_range("--val-fraction", o["val_fraction"], 0, 1, low_open=True, high_open=True)
-    if info.is_main:  # fail before a long download or a long run
-        train.check_run_outputs(o["output"], save_best=o["save_best"], log=o["log"], run_dir=o["run_dir"],
-                                resume=o["resume"], inputs=[o["model"], o["checkpoint"]], dataset=o["dataset"],
-                                force=o["force"])  # fmt: skip
-
-    if o["resume"] is not None:
-        model, _ = train.load_run(o["resume"])
-    else:
-        model = train.new_model(
-            o["model"], seed=o["seed"], spec=spec, pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"],
-            num_classes=o["num_classes"], img_size=o["img_size"], model_kwargs=o["model_kwargs"],
-        )  # fmt: skip
-    train_ds, val_ds, data_note = train.resolve_training_data(
-        o["dataset"], split=o["split"], val_split=o["val_split"], val_fraction=o["val_fraction"], seed=o["seed"],
-        limit=o["limit"], val_limit=o["val_limit"], num_model_classes=detect(model).num_classes(model),
-        image_column=o["image_column"], label_column=o["label_column"], skip_bad_images=o["skip_bad_images"],
-    )  # fmt: skip
-    if data_note:
-        note(f"note: {data_note}")
-    old = train.fit_head(model, train_ds.num_classes)
-    if old is not None:
-        note(f"note: the model's head has {old} classes and '{o['dataset']}' has {train_ds.num_classes}: "
-             f"replaced it with a new {train_ds.num_classes}-class head")  # fmt: skip
-        train.check_new_head(config.train)
     try:
-        result = train.finetune(model, train_ds, val_ds, config)
+        result = train.train_from_options(o)
     except train.Interrupted as stop:
-        if info.is_main:
+        if stop.is_main:
             from cbtool.errors import Interrupted
 
             raise Interrupted(_interrupted_message(stop)) from None
         raise typer.Exit(130) from None
-    if info.is_main:
+    if result is not None:
         final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
         best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
         typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
@@ -167,10 +122,6 @@ def _interrupted_message(stop) -> str:
     if checkpoint.exists():  # written atomically: whole, whenever the second Ctrl-C came
         return f"interrupted at step {stop.step} before saving; the last complete checkpoint is {checkpoint}; {resume}"
     return f"interrupted at step {stop.step} before any checkpoint was saved; nothing was saved ({stop.run_dir} holds only its log)"
-
-
-def _str(path) -> str | None:
-    return str(path) if path is not None else None
 
 
 def _resume_options(ctx: typer.Context, given: dict[str, Any]) -> dict[str, Any]:

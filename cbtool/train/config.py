@@ -132,7 +132,10 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run at a step boundary after saving a checkpoint (``checkpoint`` may be None).
 
     ``again``: a second Ctrl-C stopped it before that checkpoint was saved (an earlier one stays whole).
+    ``is_main``: raised on the process that reports it (rank 0; set by ``train.train_from_options``).
     """
+
+    is_main = True
 
     def __init__(self, step: int, run_dir: Path, checkpoint: Path | None, *, again: bool = False):
         super().__init__(f"interrupted at step {step}")

@@ -1,0 +1,152 @@
+"""A sweep from its options: the plan (finetune's options with their defaults, the grid, the evaluation), every
+check before the first run, then the runs and the summary (``summary.json``)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from cbtool.errors import CbtoolError
+from cbtool.sweep.plan import (
+    PLAIN, SUMMARY_FILE, SweepPlan, claim_folder, grid, parse_layers, parse_positions, parse_seeds, parse_variants,
+    read_plan,
+)  # fmt: skip
+
+# finetune options that the sweep sets for each run (its cell, seed and folder), or that it cannot pass on.
+OWNED = ("ctx", "inject_cb", "variant", "position", "layers", "seed", "output", "run_dir", "resume", "save_best",
+         "log", "force")  # fmt: skip
+# finetune options that are not about training: the model, how to read the data, where and how fast to run.
+NOT_TRAINING = ("model", "dataset", "no_pretrained", "checkpoint", "num_classes", "img_size", "model_kwargs",
+                "scale_init", "image_column", "label_column", "skip_bad_images", "batch_size", "workers", "device",
+                "amp", "channels_last", "compile_model", "density", "quiet")  # fmt: skip
+RUNTIME = ("device", "workers", "quiet")
+
+
+def finetune_defaults() -> dict[str, Any]:
+    """Every option of ``cbtool finetune`` a sweep passes on, with its default (read from the command itself, so
+    that options added to finetune reach every run of a sweep)."""
+    from cbtool.cli.finetune import finetune_command
+
+    parameters = inspect.signature(finetune_command, eval_str=True).parameters
+    return {name: p.default for name, p in parameters.items() if name not in OWNED}
+
+
+def training_only() -> list[str]:
+    """The finetune options that mean something only when the runs train (``--lr``, ``--epochs``, ...)."""
+    return [name for name in finetune_defaults() if name not in NOT_TRAINING]
+
+
+def make_plan(model: str, dataset: str, *, variants: str | Sequence[str] = "plain,cb",
+              positions: str | Sequence[str] = "mlp", layers: str | Sequence[str] | None = None,
+              seeds: str | Sequence[int] = "0", eval_dataset: str | None = None, eval_split: str | None = None,
+              eval_limit: int | None = None, corruptions: str | Sequence[str] | None = None,
+              severities: str | Sequence[int] = "1-5", density: bool = True, finetune: bool = True,
+              **options: Any) -> SweepPlan:
+    """The plan of a sweep of ``model`` trained on ``dataset``; ``options`` are ``cbtool finetune``'s (parameter
+    names, e.g. ``lr=1e-3, steps=2000``) and every run gets them. Checks the grid's syntax; ``check_plan`` checks
+    it against the model."""
+    from cbtool.pipeline import check_corruption_options
+
+    defaults = finetune_defaults()
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise CbtoolError(f"unknown finetune option(s) for a sweep: {', '.join(unknown)}")
+    merged = {**defaults, **options, "model": model, "dataset": dataset, "density": density}
+    runtime = {name: merged.pop(name) for name in RUNTIME}
+    cells = grid(_items(variants, parse_variants), _items(positions, parse_positions),
+                 parse_layers([layers] if isinstance(layers, str) else layers))  # fmt: skip
+    names, levels = check_corruption_options(corruptions, severities)
+    evaluation = {"dataset": eval_dataset or dataset, "split": eval_split, "limit": eval_limit,
+                  "corruptions": names or None, "severities": levels or None, "density": density}  # fmt: skip
+    seed_list = parse_seeds(seeds) if isinstance(seeds, str) else parse_seeds(",".join(map(str, seeds)))
+    has_cbs = any(cell.variant == "cbs" for cell in cells)
+    for name, flag in (("scale_init", "--scale-init"), ("cb_lr", "--cb-lr")):
+        if merged.get(name) is not None and not has_cbs:
+            raise CbtoolError(f"{flag} is for the learned scales of cbs; --variants has no cbs")
+    if merged.get("cb_ramp") is not None:
+        if all(cell.variant == PLAIN for cell in cells):
+            raise CbtoolError("--cb-ramp raises the CB weight of the CB runs; --variants has only plain")
+        if merged.get("steps") is not None and merged["cb_ramp"] >= merged["steps"]:
+            raise CbtoolError(f"--cb-ramp {merged['cb_ramp']} leaves no step of the runs ({merged['steps']} steps) at "
+                              "the full CB weight; use a shorter ramp or more --steps")  # fmt: skip
+    return SweepPlan(cells, seed_list, _json_values(merged), _json_values(evaluation), finetune, runtime)
+
+
+def _items(value: str | Sequence[str], parse) -> list[str]:
+    return parse(value if isinstance(value, str) else ",".join(value))
+
+
+def _json_values(data: dict[str, Any]) -> dict[str, Any]:
+    """Paths as strings, tuples as lists: what the record reads back as, so that two starts compare equal."""
+    return json.loads(json.dumps(data, default=str))
+
+
+def check_plan(plan: SweepPlan) -> None:
+    """Everything that can be checked before the first run: the recipe's ranges and, on the model built once
+    (without downloading weights), every cell's CB spec and the input size corruptions need."""
+    from cbtool import provenance
+    from cbtool.ranges import check_range
+    from cbtool.sources import resolve
+    from cbtool.spec import CBSpec
+    from cbtool.surgery import inject, remove
+
+    o = plan.options
+    if plan.finetune:
+        from cbtool.train import FinetuneConfig
+
+        FinetuneConfig.from_dict({**o, **plan.runtime_finetune_options()})  # the ranges finetune checks
+        check_range("--val-fraction", o.get("val_fraction"), 0, 1, low_open=True, high_open=True)
+    model = resolve(o["model"], pretrained=False, num_classes=o["num_classes"], img_size=o["img_size"],
+                    model_kwargs=o["model_kwargs"])  # fmt: skip
+    for cell in plan.cells:
+        if cell.variant != PLAIN:
+            scale_init = o.get("scale_init") if cell.variant == "cbs" else None
+            inject(model, CBSpec.from_options(cell.variant, cell.position, cell.layers, scale_init))
+            remove(model)
+    if plan.evaluation["corruptions"]:
+        from cbtool.pipeline import check_corruptible_size
+
+        config = provenance.data_config_of(model) or {}
+        if config.get("input_size"):
+            check_corruptible_size(config["input_size"])
+
+
+def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | None = None,
+              torchrun: int | None = None, note=None) -> dict[str, Any]:
+    """Check the plan, claim ``root`` (a new folder, or one holding this sweep: finished runs are kept), run what is
+    left and write ``summary.json``; returns the summary. ``devices``/``torchrun`` run each run in a subprocess."""
+    from cbtool.sweep.runner import device_slots, run_in_subprocesses, run_sequential
+
+    note = note or (lambda text: None if plan.runtime.get("quiet") else print(text, file=sys.stderr))
+    check_plan(plan)
+    slots = device_slots(list(devices) if devices else None, torchrun)
+    claim_folder(root, plan)
+    if devices or torchrun:
+        run_in_subprocesses(plan, root, slots=slots, torchrun=torchrun, note=note)
+    else:
+        run_sequential(plan, root, quiet=bool(plan.runtime.get("quiet")), note=note)
+    return write_summary(root, plan)
+
+
+def write_summary(root: str | Path, plan: SweepPlan | None = None) -> dict[str, Any]:
+    """Rebuild the summary from the run folders in ``root`` and write ``summary.json`` there; returns it."""
+    from cbtool.files import write_json_atomic
+    from cbtool.sweep.summary import summarize
+
+    plan = plan or read_plan(root)
+    summary = summarize(plan, root)
+    write_json_atomic(Path(root) / SUMMARY_FILE, summary)
+    return summary
+
+
+def run_child(root: str | Path, name: str, *, quiet: bool = False) -> None:
+    """One run of the sweep in ``root`` (what ``--devices`` and ``--torchrun`` start in each subprocess), with the
+    settings its ``sweep.json`` records; ``quiet`` silences it even if the sweep was not started ``--quiet``."""
+    from cbtool.sweep.runner import run_one
+
+    plan = read_plan(root)
+    plan.runtime["quiet"] = quiet or bool(plan.runtime.get("quiet"))
+    run_one(plan, plan.run(name), root, quiet=plan.runtime["quiet"])
