@@ -213,3 +213,25 @@ def plain_and_cb_files(tmp_path_factory) -> Path:
     cbtool.inject(model, cbtool.CBSpec())
     cbtool.save(model, folder / "cb.safetensors")
     return folder
+
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """Factory ``nan_loss_at(n)``: the n-th cross-entropy computed from now on is nan (a training run then stops
+    with a TrainingError after its last checkpoint); ``nan_loss_at(None)`` turns the poison off."""
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+    state = {"calls": 0, "at": None}
+
+    def poisoned(*args, **kwargs):
+        state["calls"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if state["calls"] == state["at"] else loss
+
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
+
+    def set_at(n: int | None) -> None:
+        state["calls"], state["at"] = 0, n
+
+    return set_at

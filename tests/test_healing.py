@@ -192,27 +192,18 @@ def test_ramp_rises_per_step_and_the_saved_model_has_full_cb(tmp_path, data, ima
         assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
 
 
-def test_resume_continues_the_ramp(tmp_path, data, monkeypatch):
+def test_resume_continues_the_ramp(tmp_path, data, nan_loss_at):
     """Stopped at step 3 of a 6-step ramp, resumed: the same weights as a straight run."""
-    import cbtool.train.loop as loop
+    from cbtool.errors import TrainingError
 
     straight = finetune(tiny(CBSpec("cb")), *data, config(tmp_path, "a", steps=6, lr=1e-3, cb_ramp=5))
-    calls = {"n": 0}
-    real = loop.F.cross_entropy
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 4 else loss
-
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
-    from cbtool.errors import TrainingError
+    nan_loss_at(4)
 
     with pytest.raises(TrainingError):
         finetune(tiny(CBSpec("cb")), *data, config(tmp_path, "b", steps=6, lr=1e-3, cb_ramp=5, save_every=1))
     saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert saved["state"]["step"] == 3 and saved["state"]["cb_ramp"] == pytest.approx(0.6)
-    monkeypatch.setattr(loop.F, "cross_entropy", real)
+    nan_loss_at(None)
     from cbtool.errors import CbtoolError
 
     with pytest.raises(CbtoolError, match=r"--cb-ramp 5 -> 4"):
@@ -223,23 +214,16 @@ def test_resume_continues_the_ramp(tmp_path, data, monkeypatch):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_resumed_cbs_run_keeps_its_scale_rate(tmp_path, data, monkeypatch):
+def test_resumed_cbs_run_keeps_its_scale_rate(tmp_path, data, monkeypatch, nan_loss_at):
     """A cbs run stopped and resumed (here with another backbone lr) trains its scales at --cb-lr all along."""
     import cbtool.train.loop as loop
     from cbtool.errors import TrainingError
 
     common = dict(steps=4, lr=1e-3, cb_lr=2e-2, warmup_steps=0, save_every=1)
-    calls = {"n": 0}
-    real = loop.F.cross_entropy
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs) * (float("nan") if calls["n"] == 3 else 1.0)
-
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    nan_loss_at(3)
     with pytest.raises(TrainingError):
         finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "run", **common))
-    monkeypatch.setattr(loop.F, "cross_entropy", real)
+    nan_loss_at(None)
     groups = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g.get("lr_scale") for g in groups] == [None, None, pytest.approx(20.0)]
     seen = []
@@ -258,25 +242,18 @@ def test_resumed_cbs_run_keeps_its_scale_rate(tmp_path, data, monkeypatch):
         assert lrs == pytest.approx([1e-4 * factor, 1e-4 * factor, 2e-2 * factor])
 
 
-def test_a_run_saved_before_cb_lr_resumes_with_the_shared_rate(tmp_path, data, monkeypatch):
+def test_a_run_saved_before_cb_lr_resumes_with_the_shared_rate(tmp_path, data, monkeypatch, nan_loss_at):
     """Checkpoints from before --cb-lr hold two groups (the scales among the undecayed ones): they still resume."""
-    import cbtool.train.loop as loop
     import cbtool.train.prepare as prepare
     from cbtool.errors import TrainingError
 
     real_groups = prepare.param_groups
     monkeypatch.setattr(prepare, "param_groups", lambda model, wd, cb_lr_scale=None: real_groups(model, wd))
-    calls = {"n": 0}
-    real = loop.F.cross_entropy
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs) * (float("nan") if calls["n"] == 2 else 1.0)
-
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    nan_loss_at(2)
     with pytest.raises(TrainingError):
         finetune(tiny(CBSpec("cbs")), *data, config(tmp_path, "old", steps=3, lr=1e-3, save_every=1))
-    monkeypatch.undo()
+    nan_loss_at(None)
+    monkeypatch.setattr(prepare, "param_groups", real_groups)
     path = tmp_path / "old" / "checkpoint.pt"
     saved = torch.load(path, weights_only=True)
     old_config = json.loads(saved["config"])

@@ -5,7 +5,6 @@ Works the same under ``torchrun --nproc_per_node=N -m cbtool finetune ...`` (onl
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
