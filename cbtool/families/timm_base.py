@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from cbtool.errors import UnsupportedModelError
-from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from_mask, class_name
+from cbtool.families.base import AttentionCallback, Branch, Family, allowed_from_mask, class_name, map_pieces
 
 # Where a timm block's branches end: pre-norm blocks end at the attention / MLP module (layer scale and
 # drop path follow, and both commute with a token mean); post-norm blocks end after norm1 / norm2, so
@@ -54,8 +57,8 @@ class AttentionProbe:
         lambda mask, probs: allowed_from_mask(mask)
     )
     reads_qk: bool = False
-    """The layer is timm's plain ``Attention``: softmax(q k^T * scale + mask) can be rebuilt from the outputs of
-    its ``q_norm`` and ``k_norm``, in query chunks, while the model keeps its fused kernel."""
+    """The layer is timm's plain ``Attention``, whose ``F.scaled_dot_product_attention`` call can be answered in
+    pieces of images and query rows, each piece of the maps reduced as it is made."""
 
 
 class TimmFamily(Family):
@@ -143,60 +146,104 @@ def _mask_argument(args: tuple, kwargs: dict, name: str) -> Optional[torch.Tenso
     return kwargs.get(name, args[1] if len(args) > 1 and torch.is_tensor(args[1]) else None)
 
 
-_CHUNK_ELEMENTS = 1 << 20  # query rows per chunk: about 4 MB of float32 maps at a time
+_CPU_CHUNK_ELEMENTS = 1 << 20  # pieces of 4 MB of float32 maps: they stay in the caches
+_DEVICE_CHUNK_ELEMENTS = 1 << 26  # on an accelerator, pieces of 256 MB of float32 maps: few launches
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-@contextmanager
-def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCallback) -> Iterator[None]:
-    """Report ``softmax(q k^T * scale + mask)`` of timm's plain ``Attention`` in query chunks, from its q and k.
+class _AnswerAttention(TorchFunctionMode):
+    """Answers one call to ``F.scaled_dot_product_attention`` with ``_attend``; every other call passes through."""
 
-    The model's own forward keeps its fused kernel; the maps are rebuilt a few query rows at a time and
-    reduced at once, so they never exist whole (at 384 px a ViT-S layer's maps are 128 MB per batch of 16).
-    """
-    attention = probe.attention
-    state: dict[str, Optional[torch.Tensor]] = {"q": None, "mask": None}
+    def __init__(self, index: int, callback: AttentionCallback) -> None:
+        super().__init__()
+        self.index, self.callback, self.answered = index, callback, False
 
-    def remember(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state["mask"] = _mask_argument(args, kwargs, probe.mask_arg)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention or self.answered:
+            return func(*args, **kwargs)
+        self.answered = True  # a layer attends once; anything it calls later runs as it is
+        call = {**dict(zip(_SDPA_ARGUMENTS, args)), **kwargs}
+        if call.get("dropout_p") or call.get("enable_gqa"):
+            raise UnsupportedModelError("attention density is measured in eval mode, without dropout or grouped keys")
+        return _attend(call["query"], call["key"], call["value"], call.get("attn_mask"), call.get("is_causal", False),
+                       call.get("scale"), self.index, self.callback)
 
-    def keep_q(_module: nn.Module, _args: tuple, q: torch.Tensor) -> None:
-        state["q"] = q
 
-    def report(_module: nn.Module, _args: tuple, k: torch.Tensor) -> None:
-        q, mask = state["q"].float() * attention.scale, state["mask"]
-        k = k.float().contiguous().transpose(-2, -1)  # q and k are strided views of qkv: copy k once, not per chunk
-        batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[-1]
-        step = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * keys))
-        buffer = q.new_empty(batch, heads, min(step, queries), keys)  # reused: no page faults per chunk
-        for start in range(0, queries, step):
-            rows = q[:, :, start : start + step]
-            scores = torch.matmul(rows, k, out=buffer[:, :, : rows.shape[2]])
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool,
+            scale: Optional[float], index: int, callback: AttentionCallback) -> torch.Tensor:
+    """``softmax(q kᵀ * scale + mask) @ v`` as timm's explicit path computes it, in pieces of images and query
+    rows, each piece of the maps reported as soon as it is made."""
+    batch, heads, queries, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[-2]
+    dtype = torch.promote_types(q.dtype, v.dtype)  # what the fused kernel would return (autocast: half precision)
+    if is_causal:
+        mask = torch.ones(queries, keys, dtype=torch.bool, device=q.device).tril()
+    with torch.autocast(q.device.type, enabled=False):  # the maps in float32, whatever the model runs in
+        q = q.float() * (q.shape[-1] ** -0.5 if scale is None else scale)
+        k = k.float().contiguous().transpose(-2, -1)  # q, k and v are strided views of qkv: copied once, not per piece
+        v = v.float().contiguous()
+        out = q.new_empty(batch, heads, queries, v.shape[-1])
+        budget = _CPU_CHUNK_ELEMENTS if q.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+        pieces = map_pieces(batch, heads, queries, keys, budget)
+        first_images, first_rows = pieces[0] if pieces else (slice(0), slice(0))  # the first piece is the largest
+        largest = len(range(batch)[first_images]) * heads * len(range(queries)[first_rows]) * keys
+        buffers = q.new_empty(2, largest)  # scores and probabilities, reused: no page faults per piece
+        for images, rows in pieces:
+            part = q[images, :, rows]
+            shape = part.shape[:-1] + (keys,)
+            scores = torch.matmul(part, k[images], out=buffers[0, : math.prod(shape)].view(shape))
             allowed = None
             if mask is not None:
-                bias = mask[..., start : start + step, :] if mask.shape[-2] > 1 else mask
+                bias = mask[images] if mask.dim() == 4 and mask.shape[0] > 1 else mask
+                bias = bias[..., rows, :] if bias.shape[-2] > 1 else bias
                 if bias.dtype == torch.bool:
                     scores.masked_fill_(~bias, float("-inf"))
                 else:
                     scores.add_(bias)
                 allowed = allowed_from_mask(bias)
-            if allowed is None and hasattr(callback, "add_scores"):
-                callback.add_scores(index, scores, query_offset=start)  # reduces without forming the map
-                continue
-            scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # softmax in place
-            scores.div_(scores.sum(dim=-1, keepdim=True))
-            callback(index, scores, allowed, query_offset=start)
+            probs = torch.softmax(scores, dim=-1, out=buffers[1, : scores.numel()].view(shape))
+            out[images, :, rows] = torch.matmul(probs, v[images])
+            if allowed is None and hasattr(callback, "add_softmax"):
+                callback.add_softmax(index, scores, probs, query_offset=rows.start)  # overwrites the scores
+            else:
+                callback(index, probs, allowed, query_offset=rows.start)
+    return out.to(dtype)
 
+
+@contextmanager
+def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCallback) -> Iterator[None]:
+    """Compute timm's plain ``Attention`` a few images or query rows at a time, reducing each piece of its maps.
+
+    The layer's call to ``F.scaled_dot_product_attention`` is answered by the explicit computation (timm's own
+    unfused path) in cache-sized pieces, so the maps never exist whole (at 512 px a ViT-S layer's maps are
+    400 MB per batch of 16) and q·kᵀ is computed once for both the output and the measurement.
+    """
+    attention = probe.attention
+    had_flag, previous = "fused_attn" in attention.__dict__, attention.__dict__.get("fused_attn")
+    modes: list[_AnswerAttention] = []
+
+    def arm(_module: nn.Module, _args: tuple) -> None:
+        modes.append(_AnswerAttention(index, callback))
+        modes[-1].__enter__()
+
+    def disarm(_module: nn.Module, _args: tuple, _output) -> None:
+        if modes:
+            modes.pop().__exit__(None, None, None)
+
+    attention.fused_attn = True  # a user's explicit path is answered too: the same computation, in pieces
     handles = [
-        attention.register_forward_pre_hook(remember, with_kwargs=True),
-        attention.q_norm.register_forward_hook(keep_q),
-        attention.k_norm.register_forward_hook(report),
+        attention.register_forward_pre_hook(arm),
+        attention.register_forward_hook(disarm, always_call=True),
     ]
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        state.clear()
+        if had_flag:
+            attention.fused_attn = previous
+        else:
+            del attention.fused_attn
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from functools import lru_cache
 import torch
 
 from cbtool.distributed import all_reduce_sum
-from cbtool.families.base import CLASS, GLOBAL, NOT_APPLICABLE, WINDOW, TokenLayout
+from cbtool.families.base import CLASS, GLOBAL, NOT_APPLICABLE, WINDOW, TokenLayout, map_pieces
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -61,20 +61,15 @@ _CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MB of float32
 
 
 def _pieces(probs: torch.Tensor) -> list[tuple[slice, slice]]:
-    """(images, queries) slices that cut the maps into cache-sized pieces on the CPU; the whole map elsewhere.
+    """Cache-sized pieces of maps that exist whole, on the CPU; the whole map elsewhere.
 
     Reducing a map that does not fit in the CPU caches costs several times more per element (ViT-S at 224 px,
-    batch 64: a 60 MB map per layer; at 384 px one image's map alone is 8 MB), so large maps are cut by
-    images and, when one image is too large, by queries. On a GPU more pieces would only mean more launches.
+    batch 64: a 60 MB map per layer; at 384 px one image's map alone is 8 MB). On a GPU more pieces would only
+    mean more launches.
     """
-    batch, _heads, queries, _keys = probs.shape
-    if probs.device.type != "cpu" or batch == 0:
+    if probs.device.type != "cpu" or probs.shape[0] == 0:
         return [(slice(None), slice(None))]
-    per_query = max(1, probs[0, :, 0].numel())
-    query_step = max(1, min(queries, _CPU_CHUNK_ELEMENTS // per_query))
-    image_step = max(1, _CPU_CHUNK_ELEMENTS // (per_query * queries)) if query_step == queries else 1
-    return [(slice(b, b + image_step), slice(q, q + query_step))
-            for b in range(0, batch, image_step) for q in range(0, queries, query_step)]
+    return map_pieces(*probs.shape, _CPU_CHUNK_ELEMENTS)
 
 
 @lru_cache(maxsize=16)
@@ -135,19 +130,26 @@ class DensityAccumulator:
     def add_scores(self, layer: int, scores: torch.Tensor, query_offset: int = 0) -> None:
         """Add the maps ``softmax(scores)`` of unmasked attention from the pre-softmax scores (rows from ``query_offset``).
 
-        With ``e = exp(s - max s)`` and ``Z = sum e``, the entropy is ``log Z + max s - (e . s) / Z`` and the
-        distance weights are ``e`` renormalised over patch keys: no log of the map and no division pass, the
-        two costliest steps of reducing a map. ``scores`` may be overwritten.
+        ``scores`` may be overwritten.
+        """
+        scores = scores.float()
+        self.add_softmax(layer, scores, torch.softmax(scores, dim=-1, out=self._scratch_for(scores)), query_offset)
+
+    @torch.no_grad()
+    def add_softmax(self, layer: int, scores: torch.Tensor, probs: torch.Tensor, query_offset: int = 0) -> None:
+        """Add unmasked maps ``probs = softmax(scores)`` given with their float32 scores (rows from ``query_offset``).
+
+        The entropy is ``log Z - p . (s - max s)``, and ``log Z = -log(max p)`` since the largest entry is
+        ``exp(0) / Z``: two dot products per map entry and no log of the map, its costliest step. Shifting by
+        the row's maximum first keeps peaked rows exact (``log Z + max s - p . s`` loses the digits of
+        ``max s``). ``scores`` is overwritten (the products are formed in it: no map-sized buffer is allocated).
         """
         layout = self.layouts[layer]
         if layout.kind == NOT_APPLICABLE:
             return
-        scores = scores.float()
         keys = scores.shape[-1]
-        peak = scores.amax(dim=-1, keepdim=True)
-        exp = torch.sub(scores, peak, out=self._scratch_for(scores)).exp_()
-        total = exp.sum(dim=-1)
-        entropy = total.log().add_(peak.squeeze(-1)).sub_(torch.linalg.vecdot(exp, scores).div_(total))
+        shifted = scores.sub_(scores.amax(dim=-1, keepdim=True))
+        entropy = probs.amax(dim=-1).log_().neg_().sub_(shifted.mul_(probs).sum(dim=-1))
         self._add_entropy(layer, (entropy / math.log(keys)).sum(dim=(0, 2)) if keys > 1 else entropy.zero_().sum(dim=(0, 2)),
                           scores.shape[0] * scores.shape[2])
         distances = self._distances(layout, scores)
@@ -155,10 +157,10 @@ class DensityAccumulator:
         stop = query_offset + scores.shape[2]
         if distances is not None and first < stop:
             rows = distances[first - layout.prefix : stop - layout.prefix]
-            skip = first - query_offset
-            patch_exp = exp[:, :, skip:, layout.prefix :]
-            on_patches = total[:, :, skip:] - exp[:, :, skip:, : layout.prefix].sum(dim=-1)
-            self._add_distance(layer, _distance_sums(patch_exp, rows, on_patches), scores.shape[0] * (stop - first))
+            patch_probs = probs[:, :, first - query_offset :, layout.prefix :]
+            weighted = torch.mul(patch_probs, rows, out=scores[:, :, first - query_offset :, layout.prefix :])
+            per_query = weighted.sum(dim=-1).div_(patch_probs.sum(dim=-1).clamp_min_(1e-12))
+            self._add_distance(layer, per_query.sum(dim=(0, 2)), scores.shape[0] * (stop - first))
 
     def _distances(self, layout: TokenLayout, maps: torch.Tensor) -> torch.Tensor | None:
         """Pixel distances between patch tokens for this layer's key grid, or None where they are not defined."""
