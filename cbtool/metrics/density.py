@@ -93,6 +93,7 @@ class DensityAccumulator:
         self._scratch: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
+    @torch.compiler.disable  # runs eagerly under --compile: it keeps Python-side sums
     def __call__(self, layer: int, probs: torch.Tensor, allowed: torch.Tensor | None = None,
                  query_offset: int = 0) -> None:
         """Add one layer's maps: all queries, or the queries from ``query_offset`` on (maps fed in query chunks)."""
@@ -127,6 +128,7 @@ class DensityAccumulator:
             self._add_distance(layer, distance, probs.shape[0] * _patch_queries(query_offset, probs.shape[2], layout.prefix))
 
     @torch.no_grad()
+    @torch.compiler.disable  # runs eagerly under --compile: it keeps Python-side sums
     def add_scores(self, layer: int, scores: torch.Tensor, query_offset: int = 0) -> None:
         """Add the maps ``softmax(scores)`` of unmasked attention from the pre-softmax scores (rows from ``query_offset``).
 
@@ -136,6 +138,7 @@ class DensityAccumulator:
         self.add_softmax(layer, scores, torch.softmax(scores, dim=-1, out=self._scratch_for(scores)), query_offset)
 
     @torch.no_grad()
+    @torch.compiler.disable  # runs eagerly under --compile: it keeps Python-side sums
     def add_softmax(self, layer: int, scores: torch.Tensor, probs: torch.Tensor, query_offset: int = 0) -> None:
         """Add unmasked maps ``probs = softmax(scores)`` given with their float32 scores (rows from ``query_offset``).
 
