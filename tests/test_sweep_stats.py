@@ -44,7 +44,7 @@ def test_paired_t_test_by_hand():
     result = paired_t_test([1.0, 2.0, 3.0], [2.0, 4.0, 5.0])
     assert result.statistic == pytest.approx(5.0)
     assert result.p_value == pytest.approx(0.03775, abs=1e-5)  # 2 * (1 - F_t2(5))
-    assert paired_t_test([1.0, 2.0], [1.5, 2.5]).p_value == 0.0  # the same difference every time
+    assert math.isnan(paired_t_test([1.0, 2.0], [1.5, 2.5]).p_value)  # the same difference every time: undefined
     assert paired_t_test([1.0, 2.0], [1.0, 2.0]).p_value == 1.0
     with pytest.raises(ValueError, match="at least 2"):
         paired_t_test([1.0], [2.0])
@@ -101,8 +101,9 @@ def test_summary_equals_the_run_files_by_hand(fake_sweep):
     assert cb["metrics"]["entropy_mean"]["values"] == [0.85, 0.88, 0.86]
     (comparison,) = summary["comparisons"]
     top1 = comparison["metrics"]["top1"]
-    assert top1["difference"] == pytest.approx(25.0) and top1["p_value"] == 0.0  # +25 points every seed
-    assert comparison["verdicts"]["top1"] == "higher"
+    # +25 points on every seed: no spread, so no t-test; McNemar on the 12 pooled predictions decides
+    assert top1["difference"] == pytest.approx(25.0) and top1["p_value"] is None and top1["tied"]
+    assert comparison["verdicts"]["top1"] == "within noise"
     entropy = comparison["metrics"]["entropy_mean"]  # differences -0.05, -0.04, -0.05
     d = [-0.05, -0.04, -0.05]
     t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(3))
@@ -113,7 +114,8 @@ def test_summary_equals_the_run_files_by_hand(fake_sweep):
     assert (mcnemar["baseline_only"], mcnemar["current_only"], mcnemar["predictions"]) == (1, 4, 12)
     assert mcnemar["p_value"] == pytest.approx(binomial_two_sided_p(1, 5)) == mcnemar_test(1, 4).p_value
     text = summary_text(summary)
-    assert "cb-mlp vs plain over 3 seeds: top-1 +25.00 points, higher" in text
+    assert ("cb-mlp vs plain over 3 seeds: top-1 +25.00 points, within noise (the same difference on every seed: "
+            "no spread for a t-test; McNemar on 12 pooled predictions p = 0.375)") in text
     assert "50.00 ± 25.00" in text
 
 

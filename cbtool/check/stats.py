@@ -165,8 +165,8 @@ def student_t_two_sided_p(t: float, df: float) -> float:
 def paired_t_test(baseline: Sequence[float], current: Sequence[float]) -> TestResult:
     """Two-sided paired t-test that ``current - baseline`` has mean zero (pairs in order; at least two).
 
-    When every difference is the same, the test has no spread to judge by: p is 1 for no difference and 0 otherwise
-    (the statistic is then ``None``).
+    When every difference is the same, the test has no spread to judge by: p is 1 for no difference and nan
+    otherwise (undefined: a few seeds that happen to tie prove nothing); the statistic is then ``None``.
     """
     if len(baseline) != len(current):
         raise ValueError(f"paired samples differ in length: {len(baseline)} and {len(current)}")
@@ -177,6 +177,6 @@ def paired_t_test(baseline: Sequence[float], current: Sequence[float]) -> TestRe
     mean = sum(differences) / n
     variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
     if variance <= (1e-12 * max(1.0, abs(mean))) ** 2:
-        return TestResult(1.0 if abs(mean) <= 1e-12 else 0.0, "paired-t", None)
+        return TestResult(1.0 if abs(mean) <= 1e-12 else math.nan, "paired-t", None)
     t = mean / math.sqrt(variance / n)
     return TestResult(student_t_two_sided_p(t, n - 1), "paired-t", t)

@@ -4,6 +4,7 @@ the verdict in words. ``summary.json``'s layout; no torch."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,8 @@ def compare_cells(plan: SweepPlan, found: dict, baseline: Cell, cell: Cell, keys
                                  "n": len(known), "t": None, "p_value": None}  # fmt: skip
         if len(known) >= 2:
             test = paired_t_test([a for a, _ in known], [b for _, b in known])
-            entry.update(t=test.statistic, df=len(known) - 1, p_value=test.p_value)
+            tied = math.isnan(test.p_value)  # the same nonzero difference on every seed: no spread to test by
+            entry.update(t=test.statistic, df=len(known) - 1, p_value=None if tied else test.p_value, tied=tied)
         metrics[key] = entry
     mcnemar = None
     strings = [(a.get("correct"), b.get("correct")) for a, b in pairs]
@@ -152,6 +154,8 @@ def statement(comparison: dict[str, Any]) -> str:
             tests.append(f"McNemar on {mcnemar['predictions']:,} pooled predictions p = {format_p(mcnemar['p_value'])}")
         words = comparison["verdicts"][key]
         words = "no test" if words == "untested" else words
+        if entry.get("tied"):
+            tests.insert(0, "the same difference on every seed: no spread for a t-test")
         label = label.split(" (")[0]
         if words == "within noise" and mcnemar is not None and entry["p_value"] is not None and mcnemar["p_value"] < ALPHA:
             words = "within seed noise (McNemar finds the pooled predictions differ, but the seeds disagree)"
