@@ -89,3 +89,20 @@ def test_pieces_match_the_library_maps_and_output(family, elements, monkeypatch)
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)  # the fused kernel again, no mode left behind
     assert not torch.overrides._is_torch_function_mode_enabled()
+
+
+def test_ctrl_c_inside_a_layer_leaves_no_interception_behind():
+    """A KeyboardInterrupt skips always_call hooks; the capture's exit still takes its mode off the stack."""
+    model = set_qk(BUILDERS[TIMM_PLAIN[0]](), scale=12.0)
+    family = detect(model)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = model.blocks[0].attn.k_norm.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.inference_mode():
+        with family.capture_attention(model, DensityAccumulator(family.attention_layouts(model, (IMAGE, IMAGE))),
+                                      query_chunks=True):
+            model(images())
+    handle.remove()
+    assert not torch.overrides._is_torch_function_mode_enabled()

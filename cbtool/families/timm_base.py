@@ -240,6 +240,8 @@ def _chunked_attention(probe: AttentionProbe, index: int, callback: AttentionCal
     finally:
         for handle in handles:
             handle.remove()
+        while modes:  # a Ctrl-C inside the layer skips always_call hooks: never leave the mode armed
+            modes.pop().__exit__(None, None, None)
         if had_flag:
             attention.fused_attn = previous
         else:
