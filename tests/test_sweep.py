@@ -176,6 +176,9 @@ BAD = [
     (["--cb-ramp", "3"], "--cb-ramp 3 leaves no step of the runs (3 steps) at the full CB weight"),
     (["--no-finetune", "--cb-ramp", "2"], "--cb-ramp needs training, and --no-finetune runs none"),
     (["--corruptions", "fog"], "corruptions need inputs of at least 32 x 32 px"),
+    (["--train", "cb,head"], "--train cb,head trains the cbs scales, and the plain and cb runs have none"),
+    (["--devices", "gpu1"], "--devices item 'gpu1' is not a GPU index or cpu"),
+    (["--eval-split", "train"], "the runs would be evaluated on split 'train' of sample, which they train on"),
 ]
 
 
@@ -192,12 +195,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, main_cli, extra, mes
 def test_folders_that_hold_something_else_are_refused(tmp_path, main_cli):
     plan = SweepPlan([Cell("plain")], [0], {"model": "m", "lr": 0.5}, {"dataset": "sample"})
     other = tmp_path / "other"
-    other.mkdir()
+    (other / "runs" / "plain-seed0").mkdir(parents=True)
+    (other / "runs" / "plain-seed0" / "checkpoint.pt").write_bytes(b"a run has started")
     (other / "sweep.json").write_text(json.dumps(plan.to_dict()))
     before = (other / "sweep.json").read_text()
     code, err = main_cli("sweep", *MODEL, *QUICK, "-o", other)
     assert code == 2 and "holds a different sweep (" in err and len(err.strip().splitlines()) == 1, err
-    assert (other / "sweep.json").read_text() == before and sorted(p.name for p in other.iterdir()) == ["sweep.json"]
+    assert (other / "sweep.json").read_text() == before and sorted(p.name for p in other.iterdir()) == ["runs", "sweep.json"]
+    # a sweep whose runs produced nothing yet (it failed at once) may be started again with other settings
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "sweep.json").write_text(json.dumps(plan.to_dict()))
+    from cbtool.sweep.plan import claim_folder, read_plan
+    from cbtool.sweep.start import make_plan
+
+    new = make_plan("vit_tiny_patch16_224", "sample", variants="plain", seeds="0", steps=2)
+    assert claim_folder(fresh, new) and read_plan(fresh).identity() == new.identity()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -209,6 +222,45 @@ def test_folders_that_hold_something_else_are_refused(tmp_path, main_cli):
     assert code == 2 and "--epochs does nothing with --summarize" in err
     code, err = main_cli("sweep", *MODEL, "--dataset", "sample")
     assert code == 2 and "give the sweep's folder with -o/--output" in err
+
+
+def test_runs_are_never_evaluated_on_their_training_images(tmp_path, main_cli):
+    """A folder without splits trains on 90% of itself: evaluating the whole folder would score training images."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.full((28, 28, 3), 10 * i + (label == "b") * 100, dtype=np.uint8)).save(folder / label / f"{i}.png")
+    model = [MODEL[0], "--no-pretrained", "--num-classes", "2", *MODEL[4:]]
+    quick = ["--steps", "2", "--batch-size", "8", "--workers", "0", "--quiet"]
+    out = tmp_path / "sweep"
+    code, err = main_cli("sweep", *model, "--dataset", folder, *quick, "-o", out)
+    assert code == 2 and f"the runs would be evaluated on {folder}, which they train on" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    # the same folder written another way is the same data
+    code, err = main_cli("sweep", *model, "--dataset", folder, "--eval-dataset", f"{folder}/../images",
+                         *quick, "-o", out)  # fmt: skip
+    assert code == 2 and "which they train on" in err and not out.exists()
+
+
+def test_a_ramp_longer_than_the_epochs_is_refused_before_any_run(tmp_path, main_cli):
+    out = tmp_path / "sweep"
+    # --limit 200 training images (after the hold-out), batch 32: 6 steps per epoch
+    code, err = main_cli("sweep", *MODEL, "--dataset", "sample", "--limit", "200", "--batch-size", "32", "--epochs", "1",
+                         "--cb-ramp", "6", "--quiet", "-o", out)  # fmt: skip
+    assert code == 2 and "--cb-ramp 6 leaves no step of the runs (6 steps)" in err and not out.exists(), err
+
+
+def test_torchrun_processes_are_part_of_the_recipe():
+    from cbtool.sweep.plan import first_difference
+    from cbtool.sweep.start import make_plan
+
+    one = make_plan("vit_tiny_patch16_224", "sample", seeds="0", steps=2)
+    two = make_plan("vit_tiny_patch16_224", "sample", seeds="0", steps=2, processes=2)
+    assert first_difference(one.identity(), two.identity()) == "processes 1 there, 2 here"
 
 
 def test_cb_training_options_go_to_the_runs_with_cb(tmp_path):

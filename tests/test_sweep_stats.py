@@ -101,9 +101,9 @@ def test_summary_equals_the_run_files_by_hand(fake_sweep):
     assert cb["metrics"]["entropy_mean"]["values"] == [0.85, 0.88, 0.86]
     (comparison,) = summary["comparisons"]
     top1 = comparison["metrics"]["top1"]
-    # +25 points on every seed: no spread, so no t-test; McNemar on the 12 pooled predictions decides
+    # +25 points on every seed: no spread, so no t-test and no verdict (McNemar is shown, it does not decide)
     assert top1["difference"] == pytest.approx(25.0) and top1["p_value"] is None and top1["tied"]
-    assert comparison["verdicts"]["top1"] == "within noise"
+    assert comparison["verdicts"]["top1"] == "untested"
     entropy = comparison["metrics"]["entropy_mean"]  # differences -0.05, -0.04, -0.05
     d = [-0.05, -0.04, -0.05]
     t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(3))
@@ -114,7 +114,7 @@ def test_summary_equals_the_run_files_by_hand(fake_sweep):
     assert (mcnemar["baseline_only"], mcnemar["current_only"], mcnemar["predictions"]) == (1, 4, 12)
     assert mcnemar["p_value"] == pytest.approx(binomial_two_sided_p(1, 5)) == mcnemar_test(1, 4).p_value
     text = summary_text(summary)
-    assert ("cb-mlp vs plain over 3 seeds: top-1 +25.00 points, within noise (the same difference on every seed: "
+    assert ("cb-mlp vs plain over 3 seeds: top-1 +25.00 points, no test (the same difference on every seed: "
             "no spread for a t-test; McNemar on 12 pooled predictions p = 0.375)") in text
     assert "50.00 ± 25.00" in text
 

@@ -20,7 +20,7 @@ _SWEEP_OPTIONS = {
     "seeds": (str, "0", typer.Option("--seeds", help="Comma list of seeds; each seed fixes the new head, the data order and the held-out split for every variant.")),
     "output": (Optional[Path], None, typer.Option("--output", "-o", help="The sweep's folder: sweep.json, summary.json and runs/<run>/ (start the same command again to continue).", file_okay=False)),
     "eval_dataset": (Optional[str], None, typer.Option("--eval-dataset", help="Evaluate on this dataset (default: --dataset).")),
-    "eval_split": (Optional[str], None, typer.Option("--eval-split", help="Split to evaluate (default: validation, else test).")),
+    "eval_split": (Optional[str], None, typer.Option("--eval-split", help="Split to evaluate (default: validation, else test; never the split the runs train on).")),
     "eval_limit": (Optional[int], None, typer.Option("--eval-limit", min=1, help="Evaluate on a class-balanced subset of N images.")),
     "corruptions": (Optional[str], None, typer.Option("--corruptions", help="Also evaluate under ImageNet-C corruptions (as cbtool eval): all, a group or names; adds mCE.")),
     "severities": (str, "1-5", typer.Option("--severities", help="Corruption severities: 1-5, 3, or 1,3,5.")),
@@ -77,7 +77,7 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
         positions=options["positions"], layers=options["layers"], seeds=options["seeds"],
         eval_dataset=options["eval_dataset"], eval_split=options["eval_split"], eval_limit=options["eval_limit"],
         corruptions=options["corruptions"], severities=options["severities"], finetune=not options["no_finetune"],
-        **finetune_options,
+        processes=options["torchrun"] or 1, **finetune_options,
     )  # fmt: skip
     devices = [d.strip() for d in options["devices"].split(",")] if options["devices"] else None
     if devices is not None and not all(devices):

@@ -18,8 +18,6 @@ MODEL_FILE = "model.safetensors"
 EVAL_FILE = "eval.json"
 CORRUPTIONS_FILE = "eval-corruptions.json"
 FORMAT = "cbtool-sweep-1"
-# Settings that may change between two starts of the same sweep: where and how fast it runs, not what it measures.
-RUNTIME_OPTIONS = ("device", "devices", "torchrun", "workers", "quiet")
 
 
 @dataclass(frozen=True)
@@ -70,6 +68,7 @@ class SweepPlan:
     evaluation: dict[str, Any]
     finetune: bool = True
     runtime: dict[str, Any] = field(default_factory=dict)
+    processes: int = 1  # per run (--torchrun N): it sets the global batch, so it is part of the recipe
 
     @property
     def runs(self) -> list[RunSpec]:
@@ -90,7 +89,7 @@ class SweepPlan:
         """What makes two sweeps the same: everything but ``runtime``."""
         return {"format": FORMAT, "cells": [cell.to_dict() for cell in self.cells], "seeds": list(self.seeds),
                 "options": self.options, "evaluation": self.evaluation, "finetune": self.finetune,
-                "runs": [run.name for run in self.runs]}  # fmt: skip
+                "processes": self.processes, "runs": [run.name for run in self.runs]}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         from cbtool.results import SCHEMA_VERSION
@@ -104,7 +103,8 @@ class SweepPlan:
         try:
             cells = [Cell(c["variant"], c.get("position"), c.get("layers")) for c in data["cells"]]
             return cls(cells, [int(s) for s in data["seeds"]], dict(data["options"]), dict(data["evaluation"]),
-                       bool(data.get("finetune", True)), dict(data.get("runtime") or {}))  # fmt: skip
+                       bool(data.get("finetune", True)), dict(data.get("runtime") or {}),
+                       int(data.get("processes", 1)))  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise CbtoolError(f"{where} is incomplete ({error}); it was not written by this cbtool") from None
 
@@ -206,7 +206,7 @@ def claim_folder(folder: str | Path, plan: SweepPlan) -> bool:
     resumed = existing.is_file()
     if resumed:
         difference = first_difference(read_plan(folder).identity(), plan.identity())
-        if difference:
+        if difference and _has_results(folder):
             raise OutputError(f"{folder} holds a different sweep ({difference}); pick another -o folder, or "
                               "run the same command to continue it")  # fmt: skip
     elif folder.is_dir() and any(folder.iterdir()):
@@ -215,6 +215,14 @@ def claim_folder(folder: str | Path, plan: SweepPlan) -> bool:
     (folder / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
     write_json_atomic(existing, plan.to_dict())
     return resumed
+
+
+def _has_results(folder: Path) -> bool:
+    """Whether any run of the sweep in ``folder`` has a checkpoint, a model or an evaluation (a sweep that failed
+    before any of them may be started again with other settings)."""
+    names = {"checkpoint.pt", MODEL_FILE, EVAL_FILE, CORRUPTIONS_FILE}
+    runs = folder / RUNS_FOLDER
+    return runs.is_dir() and any(path.name in names for path in runs.glob("*/*"))
 
 
 def first_difference(before: Any, now: Any, path: str = "") -> str | None:

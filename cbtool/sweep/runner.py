@@ -193,6 +193,9 @@ def device_slots(devices: list[str] | None, torchrun: int | None) -> list[str | 
     hides the GPUs. Without ``devices``: one slot that keeps the environment's."""
     if not devices:
         return [None]
+    for device in devices:
+        if device != "cpu" and not device.isdigit():
+            raise CbtoolError(f"--devices item {device!r} is not a GPU index or cpu; give e.g. 0,1,2,3 or cpu,cpu")
     size = torchrun or 1
     if len(devices) % size:
         raise CbtoolError(f"--devices lists {len(devices)} devices, not a multiple of --torchrun {size}")

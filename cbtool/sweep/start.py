@@ -44,10 +44,11 @@ def make_plan(model: str, dataset: str, *, variants: str | Sequence[str] = "plai
               seeds: str | Sequence[int] = "0", eval_dataset: str | None = None, eval_split: str | None = None,
               eval_limit: int | None = None, corruptions: str | Sequence[str] | None = None,
               severities: str | Sequence[int] = "1-5", density: bool = True, finetune: bool = True,
-              **options: Any) -> SweepPlan:
+              processes: int = 1, **options: Any) -> SweepPlan:
     """The plan of a sweep of ``model`` trained on ``dataset``; ``options`` are ``cbtool finetune``'s (parameter
-    names, e.g. ``lr=1e-3, steps=2000``) and every run gets them. Checks the grid's syntax; ``check_plan`` checks
-    it against the model."""
+    names, e.g. ``lr=1e-3, steps=2000``) and every run gets them; ``processes``: per run (``--torchrun N``), part of
+    the recipe since it sets the global batch. Checks the grid's syntax; ``check_plan`` checks it against the model
+    and the data."""
     from cbtool.pipeline import check_corruption_options
 
     defaults = finetune_defaults()
@@ -72,7 +73,7 @@ def make_plan(model: str, dataset: str, *, variants: str | Sequence[str] = "plai
         if merged.get("steps") is not None and merged["cb_ramp"] >= merged["steps"]:
             raise CbtoolError(f"--cb-ramp {merged['cb_ramp']} leaves no step of the runs ({merged['steps']} steps) at "
                               "the full CB weight; use a shorter ramp or more --steps")  # fmt: skip
-    return SweepPlan(cells, seed_list, _json_values(merged), _json_values(evaluation), finetune, runtime)
+    return SweepPlan(cells, seed_list, _json_values(merged), _json_values(evaluation), finetune, runtime, processes)
 
 
 def _items(value: str | Sequence[str], parse) -> list[str]:
@@ -95,10 +96,15 @@ def check_plan(plan: SweepPlan) -> None:
 
     o = plan.options
     if plan.finetune:
+        from cbtool.optim import parse_train_parts
         from cbtool.train import FinetuneConfig
 
         FinetuneConfig.from_dict({**o, **plan.runtime_finetune_options()})  # the ranges finetune checks
         check_range("--val-fraction", o.get("val_fraction"), 0, 1, low_open=True, high_open=True)
+        if "cb" in parse_train_parts(o["train"]) and any(cell.variant != "cbs" for cell in plan.cells):
+            raise CbtoolError(f"--train {o['train']} trains the cbs scales, and the plain and cb runs have none; "
+                              "sweep only cbs, or train other parts (e.g. --train head,norm)")  # fmt: skip
+    _check_data(plan)
     model = resolve(o["model"], pretrained=False, num_classes=o["num_classes"], img_size=o["img_size"],
                     model_kwargs=o["model_kwargs"])  # fmt: skip
     for cell in plan.cells:
@@ -114,6 +120,42 @@ def check_plan(plan: SweepPlan) -> None:
             check_corruptible_size(config["input_size"])
 
 
+def _check_data(plan: SweepPlan) -> None:
+    """The data exist, the runs are not evaluated on the images they train on, and --cb-ramp fits the runs."""
+    from cbtool.data import resolve_dataset
+
+    o, ev = plan.options, plan.evaluation
+    common = dict(image_column=o.get("image_column"), label_column=o.get("label_column"),
+                  skip_bad_images=bool(o.get("skip_bad_images")))  # fmt: skip
+    evaluated = resolve_dataset(ev["dataset"], ev["split"], purpose="eval", **common)
+    if not plan.finetune:
+        return
+    from cbtool.train import resolve_training_data
+
+    trained = resolve_dataset(o["dataset"], o.get("split"), purpose="train", **common)
+    if _same_place(o["dataset"], ev["dataset"]) and evaluated.split == trained.split:
+        where = f"split {trained.split!r} of {o['dataset']}" if trained.split else str(o["dataset"])
+        raise CbtoolError(f"the runs would be evaluated on {where}, which they train on; give held-out data with "
+                          "--eval-dataset or --eval-split")  # fmt: skip
+    if o.get("cb_ramp") is not None and o.get("steps") is None:
+        train, _, _ = resolve_training_data(o["dataset"], split=o.get("split"), val_split=o.get("val_split"),
+                                            val_fraction=o.get("val_fraction"), seed=plan.seeds[0], limit=o.get("limit"),
+                                            **common)  # fmt: skip
+        per_epoch = len(train) // plan.processes // o["batch_size"] // o["grad_accum"]
+        total = (o.get("epochs") or 1) * per_epoch
+        if per_epoch and o["cb_ramp"] >= total:
+            raise CbtoolError(f"--cb-ramp {o['cb_ramp']} leaves no step of the runs ({total} steps) at the full CB "
+                              "weight; use a shorter ramp or more --epochs")  # fmt: skip
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two --dataset values name the same data (the same folder however written, or the same name)."""
+    first, second = Path(a).expanduser(), Path(b).expanduser()
+    if first.exists() and second.exists():
+        return first.resolve() == second.resolve()
+    return a == b
+
+
 def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | None = None,
               torchrun: int | None = None, note=None) -> dict[str, Any]:
     """Check the plan, claim ``root`` (a new folder, or one holding this sweep: finished runs are kept), run what is
@@ -121,6 +163,8 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
     from cbtool.sweep.runner import device_slots, run_in_subprocesses, run_sequential
 
     note = note or (lambda text: None if plan.runtime.get("quiet") else print(text, file=sys.stderr))
+    if (torchrun or 1) != plan.processes:
+        raise ValueError(f"the plan was made for {plan.processes} process(es) per run, not --torchrun {torchrun}")
     check_plan(plan)
     slots = device_slots(list(devices) if devices else None, torchrun)
     claim_folder(root, plan)

@@ -107,22 +107,25 @@ def compare_cells(plan: SweepPlan, found: dict, baseline: Cell, cell: Cell, keys
         test = mcnemar_test(b, c)
         mcnemar = {"baseline_only": b, "current_only": c, "predictions": sum(len(x) for x, _ in strings),
                    "p_value": test.p_value, "method": test.method}  # fmt: skip
-    result = {"cell": cell.name, "baseline": baseline.name, "seeds": seeds, "metrics": metrics, "mcnemar": mcnemar}
+    result = {"cell": cell.name, "baseline": baseline.name, "seeds": seeds, "metrics": metrics, "mcnemar": mcnemar,
+              "top1_differences": [b.get("top1") - a.get("top1") for a, b in pairs
+                                   if a.get("top1") is not None and b.get("top1") is not None]}  # fmt: skip
     result["verdicts"] = {key: verdict(key, metrics[key], mcnemar if key == "top1" else None) for key in keys}
     result["statement"] = statement(result)
     return result
 
 
 def verdict(key: str, entry: dict[str, Any], mcnemar: dict | None) -> str:
-    """``higher``/``lower`` (beyond noise at p < 0.05), ``within noise``, or ``untested`` (one seed, no McNemar).
+    """``higher``/``lower`` (beyond noise at p < 0.05), ``within noise``, or ``untested`` (one seed without McNemar,
+    or the same difference on every seed, where a t-test has no spread to judge by).
 
     Over two or more seeds the paired t-test decides, since it sees how much training itself varies; with one
     seed only McNemar can judge top-1, and then only the noise of the evaluation sample.
     """
-    if entry["difference"] is None:
+    if entry["difference"] is None or entry.get("tied"):  # tied: the same difference on every seed, no spread
         return "untested"
     p = entry["p_value"]
-    if p is None and mcnemar is not None:
+    if p is None and mcnemar is not None and entry["n"] < 2:
         p = mcnemar["p_value"]
     if p is None:
         return "untested"
@@ -158,7 +161,9 @@ def statement(comparison: dict[str, Any]) -> str:
             tests.insert(0, "the same difference on every seed: no spread for a t-test")
         label = label.split(" (")[0]
         if words == "within noise" and mcnemar is not None and entry["p_value"] is not None and mcnemar["p_value"] < ALPHA:
-            words = "within seed noise (McNemar finds the pooled predictions differ, but the seeds disagree)"
+            signs = {d > 0 for d in comparison.get("top1_differences") or [] if d != 0}
+            why = "the seeds disagree in sign" if len(signs) > 1 else f"not significant over {len(seeds)} seeds"
+            words = f"within seed noise (McNemar finds the pooled predictions differ, but {why})"
         parts.append(f"{label} {format_value(entry['difference'], kind, signed=True)}{unit}, {words}"
                      + (f" ({'; '.join(tests)})" if tests else ""))  # fmt: skip
     seeds_text = f"over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
