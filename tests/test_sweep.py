@@ -254,6 +254,19 @@ def test_a_ramp_longer_than_the_epochs_is_refused_before_any_run(tmp_path, main_
     assert code == 2 and "--cb-ramp 6 leaves no step of the runs (6 steps)" in err and not out.exists(), err
 
 
+def test_a_second_start_of_a_running_sweep_is_refused(tmp_path, main_cli):
+    from cbtool.sweep.start import folder_lock
+
+    out = tmp_path / "sweep"
+    code, err = main_cli("sweep", *MODEL, *QUICK, "--variants", "plain", "--seeds", "0", "-o", out)
+    assert code == 0, err
+    before = (out / "summary.json").read_text()
+    with folder_lock(out):  # as if the first start were still running
+        code, err = main_cli("sweep", *MODEL, *QUICK, "--variants", "plain", "--seeds", "0", "-o", out)
+    assert code == 2 and f"another cbtool sweep is running in {out}" in err and len(err.strip().splitlines()) == 1
+    assert (out / "summary.json").read_text() == before
+
+
 def test_torchrun_processes_are_part_of_the_recipe():
     from cbtool.sweep.plan import first_difference
     from cbtool.sweep.start import make_plan

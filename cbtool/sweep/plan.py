@@ -12,6 +12,7 @@ from cbtool.errors import CbtoolError, OutputError
 
 PLAIN = "plain"
 SWEEP_FILE = "sweep.json"
+LOCK_FILE = ".lock"  # held while a sweep runs in the folder
 SUMMARY_FILE = "summary.json"
 RUNS_FOLDER = "runs"
 MODEL_FILE = "model.safetensors"

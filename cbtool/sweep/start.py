@@ -6,13 +6,14 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from cbtool.errors import CbtoolError
+from cbtool.errors import CbtoolError, OutputError
 from cbtool.sweep.plan import (
-    PLAIN, SUMMARY_FILE, SweepPlan, claim_folder, grid, parse_layers, parse_positions, parse_seeds, parse_variants,
-    read_plan,
+    LOCK_FILE, PLAIN, SUMMARY_FILE, SweepPlan, claim_folder, grid, parse_layers, parse_positions, parse_seeds,
+    parse_variants, read_plan,
 )  # fmt: skip
 
 # finetune options that the sweep sets for each run (its cell, seed and folder), or that it cannot pass on.
@@ -168,11 +169,34 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
     check_plan(plan)
     slots = device_slots(list(devices) if devices else None, torchrun)
     claim_folder(root, plan)
-    if devices or torchrun:
-        run_in_subprocesses(plan, root, slots=slots, torchrun=torchrun, note=note)
-    else:
-        run_sequential(plan, root, quiet=bool(plan.runtime.get("quiet")), note=note)
-    return write_summary(root, plan)
+    with folder_lock(root):
+        if devices or torchrun:
+            run_in_subprocesses(plan, root, slots=slots, torchrun=torchrun, note=note)
+        else:
+            run_sequential(plan, root, quiet=bool(plan.runtime.get("quiet")), note=note)
+        return write_summary(root, plan)
+
+
+@contextmanager
+def folder_lock(root: str | Path) -> Iterator[None]:
+    """Hold ``root/.lock`` while the sweep runs, so that a second start of it is refused instead of training the
+    same runs into the same folders. Not under torchrun (every rank runs the sweep) or where flock is missing."""
+    import os
+
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    with open(Path(root) / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputError(f"another cbtool sweep is running in {root}; wait for it to end, or use another -o folder") from None
+        yield
 
 
 def write_summary(root: str | Path, plan: SweepPlan | None = None) -> dict[str, Any]:
