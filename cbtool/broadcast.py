@@ -152,4 +152,3 @@ def make_broadcast(variant: str, dim: int, scale_init: float = 0.5, token_dims: 
 
 def is_broadcast(module: nn.Module) -> bool:
     return isinstance(module, _Broadcast)
-

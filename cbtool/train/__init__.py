@@ -3,8 +3,8 @@
 ``config`` holds the settings (``FinetuneConfig``), ``prepare`` gets the model and data ready, ``loop`` is
 ``finetune`` itself, ``run`` owns the run folder (checkpoints, RNG states, the log, Ctrl-C), ``resume`` goes
 back to one, ``data`` chooses the validation split, ``record`` builds the saved ``training`` record and
-``console`` prints, and ``options`` runs one from command-line options (finetune, sweep). A run folder (``run_dir``; the CLI's default is ``runs/<timestamp>`` with ``runs/last``
-pointing at the newest) holds ``checkpoint.pt``, ``checkpoint.json`` and ``log.jsonl``.
+``console`` prints, and ``options`` runs one from command-line options (finetune, sweep). A run folder
+(``run_dir``; the CLI's default is ``runs/<timestamp>`` with ``runs/last`` pointing at the newest) holds ``checkpoint.pt``, ``checkpoint.json`` and ``log.jsonl``.
 """
 
 from cbtool.train.config import (

@@ -34,10 +34,11 @@ class FinetuneConfig:
     ``warmup_steps=None``: ``warmup_frac`` of all steps. ``train``: ``all`` or a comma list of
     ``cb``, ``head``, ``norm``. ``cb_lr``: peak learning rate of the ``cbs`` scales, on the same schedule
     (``None``: the larger of ``CB_LR`` and ``lr``). ``cb_ramp``: the CB mixing weight rises linearly from 0
-    (the plain model) to its full value over this many first steps. Augmentation is timm's ``create_transform(is_training=True)``
-    (RandomResizedCrop from ``scale``..1 of the area, flip, color jitter); ``augment=None`` turns it on for
-    inputs of 64 px and more and off below, where a random crop of a few-pixel image changes what it shows
-    (off means training on the deterministic eval transform). ``scale=None``: timm's 0.08, or 0.35 for
+    (the plain model) to its full value over this many first steps.
+    Augmentation is timm's ``create_transform(is_training=True)`` (RandomResizedCrop from ``scale``..1 of the
+    area, flip, color jitter); ``augment=None`` turns it on for inputs of 64 px and more and off below, where
+    a random crop of a few-pixel image changes what it shows (off means training on the deterministic eval
+    transform). ``scale=None``: timm's 0.08, or 0.35 for
     inputs under 64 px. ``workers=None``: 0 on CPU, else up to 8 per process.
     """
 
@@ -84,8 +85,8 @@ class FinetuneConfig:
         if self.epochs is not None and self.steps is not None:
             raise CbtoolError("give --epochs or --steps, not both")
         positive = {"epochs": self.epochs, "steps": self.steps, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "cb_ramp": self.cb_ramp, "save_every": self.save_every, "eval_every": self.eval_every,
-                    "log_every": self.log_every}  # fmt: skip
+                    "grad_accum": self.grad_accum, "cb_ramp": self.cb_ramp, "save_every": self.save_every,
+                    "eval_every": self.eval_every, "log_every": self.log_every}  # fmt: skip
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise CbtoolError(f"--{name.replace('_', '-')} must be at least 1, not {value}")

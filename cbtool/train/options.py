@@ -31,7 +31,8 @@ def train_from_options(o: dict[str, Any]):
     spec = CBSpec.from_options(o["variant"], o["position"], o["layers"], o.get("scale_init")) if o["inject_cb"] else None
     config = FinetuneConfig(
         epochs=o["epochs"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"], lr=o["lr"],
-        cb_lr=o.get("cb_lr"), cb_ramp=o.get("cb_ramp"), min_lr=o["min_lr"], weight_decay=o["weight_decay"], warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
+        cb_lr=o.get("cb_lr"), cb_ramp=o.get("cb_ramp"), min_lr=o["min_lr"], weight_decay=o["weight_decay"],
+        warmup_steps=o["warmup_steps"], warmup_frac=o["warmup_frac"],
         label_smoothing=o["label_smoothing"], clip_grad=o["clip_grad"] or None, train=o["train"], seed=o["seed"],
         workers=o["workers"], augment=o["augment"], scale=o["scale"], hflip=o["hflip"],
         color_jitter=o["color_jitter"], auto_augment=o["auto_augment"], device=o["device"], amp=o["amp"],
