@@ -299,6 +299,10 @@ def test_options_follow_finetune():
     from cbtool.cli.sweep import sweep_command
     from cbtool.sweep.start import OWNED, training_only
 
+    from cbtool.train.options import option_defaults
+
+    declared = inspect.signature(finetune_command, eval_str=True).parameters
+    assert option_defaults() == {name: p.default for name, p in declared.items() if name != "ctx"}
     finetune = set(inspect.signature(finetune_command).parameters)
     sweep = set(inspect.signature(sweep_command).parameters)
     assert finetune - sweep == set(OWNED) - {"ctx", "output", "layers"}

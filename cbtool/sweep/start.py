@@ -3,7 +3,6 @@ check before the first run, then the runs and the summary (``summary.json``)."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 from contextlib import contextmanager
@@ -27,12 +26,11 @@ RUNTIME = ("device", "workers", "quiet")
 
 
 def finetune_defaults() -> dict[str, Any]:
-    """Every option of ``cbtool finetune`` a sweep passes on, with its default (read from the command itself, so
-    that options added to finetune reach every run of a sweep)."""
-    from cbtool.cli.finetune import finetune_command
+    """Every option of ``cbtool finetune`` a sweep passes on, with its default (``train.options.option_defaults``,
+    which the tests hold equal to the command's signature: options added to finetune reach every run)."""
+    from cbtool.train.options import option_defaults
 
-    parameters = inspect.signature(finetune_command, eval_str=True).parameters
-    return {name: p.default for name, p in parameters.items() if name not in OWNED}
+    return {name: value for name, value in option_defaults().items() if name not in OWNED}
 
 
 def training_only() -> list[str]:

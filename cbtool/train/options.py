@@ -4,10 +4,28 @@ does for each of its runs."""
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from typing import Any
 
 from cbtool.errors import CbtoolError
 from cbtool.ranges import check_range
+from cbtool.train.config import FinetuneConfig
+
+# Options of ``cbtool finetune`` that are not FinetuneConfig settings: the model, the data and CB surgery.
+_MODEL_AND_DATA = {"model": None, "dataset": None, "split": None, "val_split": None, "val_fraction": None,
+                   "limit": None, "val_limit": None, "image_column": None, "label_column": None,
+                   "skip_bad_images": False, "inject_cb": False, "variant": "cb", "position": "mlp", "layers": "all",
+                   "scale_init": None, "no_pretrained": False, "checkpoint": None, "num_classes": None,
+                   "img_size": None, "model_kwargs": None}  # fmt: skip
+_CONFIG_ONLY = ("betas", "log_every", "run_info")  # settings the command does not take
+_OPTION_NAMES = {"compile": "compile_model"}  # settings the command names otherwise
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every option of ``cbtool finetune`` (by parameter name) with its default: what ``train_from_options`` reads.
+    The tests hold it equal to the command's signature."""
+    config = {_OPTION_NAMES.get(f.name, f.name): f.default for f in fields(FinetuneConfig) if f.name not in _CONFIG_ONLY}
+    return {**_MODEL_AND_DATA, **config}
 
 
 def train_from_options(o: dict[str, Any]):
@@ -18,7 +36,7 @@ def train_from_options(o: dict[str, Any]):
     from cbtool import distributed
     from cbtool.families import detect
     from cbtool.spec import CBSpec
-    from cbtool.train.config import FinetuneConfig, Interrupted
+    from cbtool.train.config import Interrupted
     from cbtool.train.data import resolve_training_data
     from cbtool.train.loop import finetune
     from cbtool.train.prepare import check_new_head, check_run_outputs, fit_head, new_model
