@@ -1,5 +1,6 @@
 """The grid of a sweep: its cells (variant x position x layers; ``plain`` once), its runs (cell x seed), their
-names and folders, and ``sweep.json``, the record that says which sweep a folder holds. No torch."""
+names and folders, what state each run's folder is in, and ``sweep.json``, the record that says which sweep a
+folder holds. No torch at import (``run_state`` reads the checkpoint's name from ``cbtool.train``)."""
 
 from __future__ import annotations
 
@@ -206,8 +207,10 @@ def claim_folder(folder: str | Path, plan: SweepPlan) -> bool:
     existing = folder / SWEEP_FILE
     resumed = existing.is_file()
     if resumed:
-        difference = first_difference(read_plan(folder).identity(), plan.identity())
-        if difference and _has_results(folder):
+        recorded = read_plan(folder)
+        difference = first_difference(recorded.identity(), plan.identity())
+        # a sweep whose runs produced nothing yet (it failed at once) may be started again with other settings
+        if difference and any(run_state(recorded, run, folder) != "start" for run in recorded.runs):
             raise OutputError(f"{folder} holds a different sweep ({difference}); pick another -o folder, or "
                               "run the same command to continue it")  # fmt: skip
     elif folder.is_dir() and any(folder.iterdir()):
@@ -218,12 +221,23 @@ def claim_folder(folder: str | Path, plan: SweepPlan) -> bool:
     return resumed
 
 
-def _has_results(folder: Path) -> bool:
-    """Whether any run of the sweep in ``folder`` has a checkpoint, a model or an evaluation (a sweep that failed
-    before any of them may be started again with other settings)."""
-    names = {"checkpoint.pt", MODEL_FILE, EVAL_FILE, CORRUPTIONS_FILE}
-    runs = folder / RUNS_FOLDER
-    return runs.is_dir() and any(path.name in names for path in runs.glob("*/*"))
+def run_state(plan: SweepPlan, run: RunSpec, root: str | Path) -> str:
+    """``done``, ``evaluate`` (the model exists), ``resume`` (a checkpoint exists) or ``start``."""
+    from cbtool.train import CHECKPOINT_NAME
+
+    folder = run.folder(root)
+    if all((folder / name).is_file() for name in eval_files(plan)):
+        return "done"
+    if (folder / MODEL_FILE).is_file():
+        return "evaluate"
+    if plan.finetune and (folder / CHECKPOINT_NAME).is_file():
+        return "resume"
+    return "start"
+
+
+def eval_files(plan: SweepPlan) -> list[str]:
+    """The evaluation files a finished run holds (``eval.json`` last: it marks the run finished)."""
+    return [EVAL_FILE, CORRUPTIONS_FILE] if plan.evaluation.get("corruptions") else [EVAL_FILE]
 
 
 def first_difference(before: Any, now: Any, path: str = "") -> str | None:

@@ -21,28 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cbtool.errors import CbtoolError, Interrupted
-from cbtool.sweep.plan import CORRUPTIONS_FILE, EVAL_FILE, MODEL_FILE, PLAIN, RunSpec, SweepPlan
+from cbtool.sweep.plan import CORRUPTIONS_FILE, EVAL_FILE, MODEL_FILE, PLAIN, RunSpec, SweepPlan, run_state
 
 Note = Callable[[str], None]
 CHILD_LOG = "sweep-run.log"
-
-
-def run_state(plan: SweepPlan, run: RunSpec, root: str | Path) -> str:
-    """``done``, ``evaluate`` (the model exists), ``resume`` (a checkpoint exists) or ``start``."""
-    from cbtool.train import CHECKPOINT_NAME
-
-    folder = run.folder(root)
-    if all((folder / name).is_file() for name in eval_files(plan)):
-        return "done"
-    if (folder / MODEL_FILE).is_file():
-        return "evaluate"
-    if plan.finetune and (folder / CHECKPOINT_NAME).is_file():
-        return "resume"
-    return "start"
-
-
-def eval_files(plan: SweepPlan) -> list[str]:
-    return [EVAL_FILE, CORRUPTIONS_FILE] if plan.evaluation.get("corruptions") else [EVAL_FILE]
 
 
 def finetune_options(plan: SweepPlan, run: RunSpec, root: str | Path, *, resume: bool) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cbtool.errors import CbtoolError
-from cbtool.sweep.plan import CORRUPTIONS_FILE, EVAL_FILE, PLAIN, Cell, SweepPlan
+from cbtool.sweep.plan import CORRUPTIONS_FILE, EVAL_FILE, PLAIN, Cell, SweepPlan, eval_files
 
 ALPHA = 0.05
 # (key, label, kind for tables.format_value, whether higher is better)
@@ -29,8 +29,7 @@ def run_metrics(plan: SweepPlan, root: str | Path, run) -> dict[str, Any] | None
     from cbtool.results import load_results
 
     folder = run.folder(root)
-    needed = [EVAL_FILE] + ([CORRUPTIONS_FILE] if plan.evaluation.get("corruptions") else [])
-    if not all((folder / name).is_file() for name in needed):
+    if not all((folder / name).is_file() for name in eval_files(plan)):
         return None
     document = load_results(folder / EVAL_FILE)
     model = document["models"][0]
