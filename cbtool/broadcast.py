@@ -4,7 +4,8 @@ An operation is registered as the child ``cb`` of the module whose output it rew
 branch) and applied there by a forward hook. The hooks are plain typed functions that reach the
 operation as ``module.cb``, so a CB model stays traceable (``torch.fx``, timm's feature extraction,
 ``torch.compile``, ``torch.export``) and, at the ``mlp`` and ``attn`` positions, scriptable
-(``torch.jit.script``; TorchScript cannot type a hook on a block that is called with keyword arguments).
+(``torch.jit.script``; TorchScript types a hook by its module's full signature, and a timm block, whose
+signature has ``attn_mask`` and ``is_causal``, is called with ``x`` alone, so no hook on a block can be scripted).
 """
 
 from typing import Any, List, Optional, Tuple

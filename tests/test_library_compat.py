@@ -155,7 +155,7 @@ def test_eager_matches_reference(position, variant):
         check(model(x), cb_reference(plain, model, x)["logits"], plain_logits(plain, x))
 
 
-@pytest.mark.parametrize("position", ["mlp", "attn"])  # hooks on a block called with kwargs cannot be typed
+@pytest.mark.parametrize("position", ["mlp", "attn"])  # a block hook: typed by the full signature, called with x
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_torchscript(position, variant):
     plain, model = cb_vit(position, variant)
