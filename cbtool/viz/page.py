@@ -18,6 +18,7 @@ from typing import Any
 from cbtool._version import __version__
 from cbtool.errors import CbtoolError
 from cbtool.files import write_text_atomic
+from cbtool.plotting import model_colours
 from cbtool.report import METRIC_HEADERS, difference_rows, format_value, label_models, metrics_row
 from cbtool.viz.svg import line_chart
 
@@ -87,8 +88,11 @@ def density_section(models: Sequence[Mapping[str, Any]]) -> str:
         return ""
     series = {key: [(str(m["label"]), list(m["density"].get(key) or [])) for m in measured]
               for key in ("entropy_per_layer", "distance_per_layer")}
-    charts = (line_chart("Attention entropy per layer", series["entropy_per_layer"], y_label="entropy (1 = uniform)")
-              + line_chart("Mean attention distance per layer", series["distance_per_layer"], y_label="pixels"))
+    colours = model_colours(m.get("label") for m in models)  # a model's colour is the same in every chart and plot
+    charts = (line_chart("Attention entropy per layer", series["entropy_per_layer"], y_label="entropy (1 = uniform)",
+                         colours=colours)
+              + line_chart("Mean attention distance per layer", series["distance_per_layer"], y_label="pixels",
+                           colours=colours))
     depth = max(len(values) for entries in series.values() for _, values in entries)
     headers = ["layer"] + [f"entropy {m['label']}" for m in measured] + [f"distance {m['label']}" for m in measured]
     kinds = {"entropy_per_layer": "entropy", "distance_per_layer": "distance"}
