@@ -89,7 +89,7 @@ def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: st
     grid_height = len(rows) * (panel + title + pad) + pad
     canvas = Image.new("RGB", (width, grid_height + bars * BAR_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=11)
+    font = ImageFont.load_default(size=TITLE_FONT)
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
             x, y = pad + c * (panel + pad), pad + r * (panel + title + pad)
@@ -112,7 +112,7 @@ def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: st
     return canvas
 
 
-LINE = 13  # pixels per title line
+LINE, TITLE_FONT = 13, 11  # pixels per title line, and the titles' font size in pixels
 MARKER = (0, 229, 255)  # cyan: stands out on every matplotlib sequential colormap
 BAR_WIDTH, BAR_BLOCK, BAR_HEIGHT = 240, 272, 4 * LINE + 18  # a colour bar, its slot, and a row of them
 
