@@ -66,7 +66,8 @@ def summary_figure(summary: Mapping[str, Any]):
     from cbtool.plotting import model_colours, pyplot
 
     plt = pyplot()
-    wanted = [(key, label) for key, label, *_ in METRICS if key in summary["metrics"] and key in ("top1", "entropy_mean", "mce")]
+    wanted = [(key, label) for key, label, *_ in METRICS
+              if key in summary["metrics"] and key in ("top1", "entropy_mean", "mce")]
     figure, axes = plt.subplots(1, len(wanted), figsize=(4.2 * len(wanted), 3.6), squeeze=False)
     names = [cell["name"] for cell in summary["cells"]]
     colours = model_colours(names)
