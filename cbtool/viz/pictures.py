@@ -145,11 +145,14 @@ def draw_colour_bar(draw, scale: ColourScale, at: tuple[int, int], *, cmap: str,
     decimals = decimals_for(scale.low, scale.high)
     left = scale.ends[0] or number(scale.low, decimals)
     right = scale.ends[1] or number(scale.high, decimals)
+    left_end, right_start = x + draw.textlength(left, font=font), x + BAR_WIDTH - draw.textlength(right, font=font)
     draw.text((x, top + 14), left, fill="black", font=font)
-    draw.text((x + BAR_WIDTH - draw.textlength(right, font=font), top + 14), right, fill="black", font=font)
+    draw.text((right_start, top + 14), right, fill="black", font=font)
     for index, (value, label) in enumerate(scale.marks):
         at_x = x + round(scale.fraction(value) * (BAR_WIDTH - 1))
-        draw.line([(at_x, top - 2), (at_x, top + 14 + LINE * (index + 1))], fill=MARKER_TICK, width=2)
+        draw.line([(at_x, top - 2), (at_x, top + 13)], fill=MARKER_TICK, width=2)
+        if left_end + 2 < at_x < right_start - 2:  # down to its label, unless that would strike out an end's value
+            draw.line([(at_x, top + 13), (at_x, top + 14 + LINE * (index + 1))], fill=MARKER_TICK, width=2)
         text_x = min(at_x + 3, x + BAR_WIDTH - draw.textlength(label, font=font))
         draw.text((text_x, top + 14 + LINE * (index + 1) - 1), label, fill="black", font=font)
 
