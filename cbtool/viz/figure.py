@@ -137,6 +137,10 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
         low, high = panel_limits(cell.heat, scales[view])
         title = f"{cell.title}\n{scale_line(cell.heat, scales[view])}"
         rows[b].append(replace(cell, title=title, low=low, high=high))
+    query_marks = [p.marker for _, view, _, p in pending if view == "query"]
+    if query_marks:  # the query patch on the image too, on the first model's grid (the image is as it sees it)
+        rows = [[replace(row[0], marker=query_marks[0], title=f"{row[0].title}\nquery ({options.query[0]},"
+                 f"{options.query[1]}) outlined"), *row[1:]] for row in rows]
     colour_bars = list(scales.values())
     if options.scale == "per-panel":
         colour_bars = [replace(colour_bars[0], name="every view")]  # one bar, "each panel's min to max", for all
