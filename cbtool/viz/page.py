@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cbtool._version import __version__
+from cbtool.check.comparison import compare_results
 from cbtool.errors import CbtoolError
 from cbtool.files import write_text_atomic
 from cbtool.plotting import model_colours
-from cbtool.check.comparison import compare_results
 from cbtool.report import METRIC_HEADERS, difference_rows, format_p, format_value, label_models, metrics_row
 from cbtool.viz.svg import line_chart
 
