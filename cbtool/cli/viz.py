@@ -55,13 +55,16 @@ def viz_command(
 
     from cbtool.errors import VizError
     from cbtool.files import check_output_folder
-
     from cbtool.viz.scales import check_scale
 
     check_output_folder(output)
     check_scale(scale)
     if discard_ratio is not None and not rollout:
         raise VizError("--discard-ratio applies to attention rollout only: add --rollout, or leave it out")
+    if rollout:  # before any model or image is read
+        from cbtool.viz.rollout import check_rollout_options
+
+        check_rollout_options(head_fusion, discard_ratio or 0.0)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
