@@ -155,3 +155,20 @@ def test_viz_command_per_panel_and_rollout(saved, tmp_path, main_cli):
     code, err = main_cli("viz", saved / "plain.safetensors", "--dataset", "sample", "--limit", "1", "--rollout",
                          "--discard-ratio", "0.5", "--scale", "per-panel", "--query", "1,1", "-o", out)
     assert code == 0 and out.is_file(), err
+
+
+def test_a_random_vit_s_looks_flat(timm_model):
+    """The issue's case: a randomly initialised ViT-S attends almost uniformly (about 1/197 everywhere)."""
+    skimage = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    model = timm_model("vit_small_patch16_224", perturb=False)
+    photo = [Image.fromarray(skimage.astronaut())]
+    (cell,) = attention_panels([model], photo, options=VizOptions())[0][1:]
+    assert 0.0040 < cell.heat.min() < cell.heat.max() < 0.0060  # a sliver around 1/197 = 0.0051
+    assert cell.low == 0.0 and cell.high >= cell.heat.max()
+    # its values take the top quarter of the colormap (0.0044..0.0058 here); per panel they would take all of it
+    assert (cell.heat.max() - cell.heat.min()) / (cell.high - cell.low) < 0.3
+    (stretched,) = attention_panels([model], photo, options=VizOptions(scale="per-panel"))[0][1:]
+    assert (stretched.low, stretched.high) == (float(cell.heat.min()), float(cell.heat.max()))
+    assert stretched.title.endswith("own scale (per panel)")
