@@ -17,6 +17,10 @@ import numpy as np
 from cbtool.errors import CbtoolError
 from cbtool.viz.scales import ColourScale, decimals_for, number
 
+LINE, TITLE_FONT = 13, 11  # pixels per title line, and the titles' font size in pixels
+MARKER, MARKER_TICK = (0, 229, 255), (0, 160, 255)  # cyan stands out on every matplotlib sequential colormap
+BAR_WIDTH, BAR_BLOCK, BAR_HEIGHT = 240, 272, 4 * LINE + 18  # a colour bar, its slot, and a row of them
+
 
 @dataclass(frozen=True)
 class Panel:
@@ -84,8 +88,11 @@ def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: st
     columns = max(len(row) for row in rows)
     lines = max(cell.title.count("\n") + 1 for row in rows for cell in row)
     title = 4 + LINE * lines
-    bars = colour_bar_rows(len(scales), columns * (panel + pad) + pad, pad)
-    width = max(columns * (panel + pad) + pad, pad + BAR_BLOCK) if scales else columns * (panel + pad) + pad
+    width = columns * (panel + pad) + pad
+    if scales:
+        width = max(width, pad + BAR_BLOCK)
+    per_row = _bars_per_row(width, pad)
+    bars = -(-len(scales) // per_row)
     grid_height = len(rows) * (panel + title + pad) + pad
     canvas = Image.new("RGB", (width, grid_height + bars * BAR_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
@@ -105,16 +112,10 @@ def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: st
             for line, text in enumerate(cell.title.split("\n")):
                 draw.text((x, y + 1 + LINE * line), _fit(draw, text, font, panel), fill="black", font=font)
     for index, scale in enumerate(scales):
-        per_row = max(1, (width - pad) // BAR_BLOCK)
         x = pad + (index % per_row) * BAR_BLOCK
         y = grid_height + (index // per_row) * BAR_HEIGHT
         draw_colour_bar(draw, scale, (x, y), cmap=cmap, font=font)
     return canvas
-
-
-LINE, TITLE_FONT = 13, 11  # pixels per title line, and the titles' font size in pixels
-MARKER = (0, 229, 255)  # cyan: stands out on every matplotlib sequential colormap
-BAR_WIDTH, BAR_BLOCK, BAR_HEIGHT = 240, 272, 4 * LINE + 18  # a colour bar, its slot, and a row of them
 
 
 def _fit(draw, text: str, font, width: int) -> str:
@@ -124,12 +125,9 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text
 
 
-def colour_bar_rows(count: int, width: int, pad: int = 4) -> int:
-    """How many rows of colour bars ``count`` bars take below a grid ``width`` pixels wide."""
-    if not count:
-        return 0
-    per_row = max(1, (max(width, pad + BAR_BLOCK) - pad) // BAR_BLOCK)
-    return -(-count // per_row)
+def _bars_per_row(width: int, pad: int) -> int:
+    """How many colour bars fit side by side below a picture ``width`` pixels wide."""
+    return max(1, (width - pad) // BAR_BLOCK)
 
 
 def draw_colour_bar(draw, scale: ColourScale, at: tuple[int, int], *, cmap: str, font) -> None:
@@ -155,9 +153,6 @@ def draw_colour_bar(draw, scale: ColourScale, at: tuple[int, int], *, cmap: str,
             draw.line([(at_x, top + 13), (at_x, top + 14 + LINE * (index + 1))], fill=MARKER_TICK, width=2)
         text_x = min(at_x + 3, x + BAR_WIDTH - draw.textlength(label, font=font))
         draw.text((text_x, top + 14 + LINE * (index + 1) - 1), label, fill="black", font=font)
-
-
-MARKER_TICK = (0, 160, 255)
 
 
 def png_bytes(picture) -> bytes:

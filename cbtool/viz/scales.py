@@ -4,7 +4,7 @@
 shown by one colour bar. Entropy uses its absolute range, 0 (one key) to 1 (uniform). Attention probabilities
 and rollout start at 0 and end at the largest value drawn, never below the uniform level 1/N, which the colour
 bar marks: attention that is nearly uniform looks nearly flat. ``per-panel`` stretches each panel between its
-own minimum and maximum (the contrast of cbtool before 0.x) and says so in every panel's title. No torch.
+own minimum and maximum (the contrast every panel had before) and says so in every panel's title. No torch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 from cbtool.errors import VizError
 
 SCALES = ("shared", "per-panel")
-# What each view's values are: probabilities over the N keys (uniform at 1/N), or normalised entropy in [0, 1].
+# The colour bar's name of each view: class, query and rollout are probabilities over N keys (uniform at 1/N);
+# entropy is normalised to [0, 1].
 VIEW_NAMES = {"class": "class attention", "query": "query attention", "entropy": "attention entropy",
               "rollout": "rollout"}
 
