@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cbtool.errors import CbtoolError
-from cbtool.plotting import pyplot
+from cbtool.plotting import model_colours, pyplot
 from cbtool.robustness.render import robustness_section
 from cbtool.tables import _table, delta, format_p, format_table, format_value, markdown_table  # noqa: F401  (names kept here)
 # The atomic writers live in files.py; they stay importable from here, where eval, compare and check found them.
@@ -258,6 +258,21 @@ def comparison_markdown(comparison: Any) -> str:
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write a PNG with per-layer entropy and attention distance, one line per model, and, where a model has
     ``cbs`` scales, their mean per CB layer with the min-max band; returns the path."""
+    path = Path(path)
+    figure = density_figure(models)
+    plt = pyplot()
+    try:
+        check_parent_folder(path)
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=120)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def density_figure(models: Sequence[Mapping[str, Any]]):
+    """The matplotlib figure of :func:`plot_density` (the caller closes it). Each model keeps one colour in every
+    panel (``plotting.model_colours``, by its place among ``models``); one legend, below the panels, covers no data."""
     with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
     with_scales = [m for m in models if m.get("cb_scales")]
     if not with_density and not with_scales:
@@ -266,10 +281,9 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    path = Path(path)
-    check_parent_folder(path)
+    colours = model_colours(m.get("label", "?") for m in models)
     panels = 2 * bool(with_density) + bool(with_scales)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), layout="constrained", squeeze=False)
     axes = list(axes[0])
     try:
         if with_density:
@@ -278,30 +292,36 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
                 label = str(model.get("label", "?"))
                 entropy = _density(model).get("entropy_per_layer") or []
                 distance = _density(model).get("distance_per_layer") or []
-                ax_entropy.plot(range(len(entropy)), entropy, marker="o", label=label)
-                ax_distance.plot(range(len(distance)), distance, marker="o", label=label)
+                ax_entropy.plot(range(len(entropy)), entropy, marker="o", label=label, color=colours[label])
+                ax_distance.plot(range(len(distance)), distance, marker="o", label=label, color=colours[label])
             ax_entropy.set(title="Attention entropy", xlabel="layer", ylabel="normalised entropy (1 = uniform)")
             ax_distance.set(title="Mean attention distance", xlabel="layer", ylabel="pixels")
         if with_scales:
-            _plot_scales(axes[-1], with_scales)
+            _plot_scales(axes[-1], with_scales, colours)
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-        with atomic_path(path) as temporary:
-            fig.savefig(temporary, format="png", dpi=120)
-    finally:
+        legend: dict[str, Any] = {}  # label -> handle, each model once across the panels
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center", fontsize="small",
+                   ncols=min(len(legend), 6), frameon=False)
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return fig
 
 
-def _plot_scales(ax, models: Sequence[Mapping[str, Any]]) -> None:
+def _plot_scales(ax, models: Sequence[Mapping[str, Any]], colours: Mapping[str, str] | None = None) -> None:
     """The learned cbs scales per block (the row's ``layer``; files from before it: the CB operations in
-    order): the mean, and the band from min to max."""
+    order): the mean, and the band from min to max, in each model's colour from ``colours``."""
+    colours = colours or model_colours(m.get("label", "?") for m in models)
     for model in models:
         rows = model["cb_scales"]
+        label = str(model.get("label", "?"))
         layers = [row["layer"] if row.get("layer") is not None else i for i, row in enumerate(rows)]
-        line, = ax.plot(layers, [r["mean"] for r in rows], marker="o", label=str(model.get("label", "?")))
-        ax.fill_between(layers, [r["min"] for r in rows], [r["max"] for r in rows], color=line.get_color(), alpha=0.15)
+        ax.plot(layers, [r["mean"] for r in rows], marker="o", label=label, color=colours[label])
+        ax.fill_between(layers, [r["min"] for r in rows], [r["max"] for r in rows], color=colours[label], alpha=0.15)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="cb (0.5)")
     ax.set(title="Learned CB_S scales", xlabel="layer", ylabel="scale (mean, min-max band)")

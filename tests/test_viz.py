@@ -14,7 +14,7 @@ from cbtool.errors import VizError
 from cbtool.families import TokenLayout
 from cbtool.viz.figure import VizOptions, attention_figure
 from cbtool.viz.maps import attention_maps
-from cbtool.viz.pictures import overlay
+from cbtool.viz.pictures import BAR_BLOCK, BAR_HEIGHT, overlay
 from cbtool.viz.rollout import attention_rollout, check_rollout
 from cbtool.viz.views import class_attention, entropy_map, fuse_heads, query_attention
 
@@ -184,11 +184,12 @@ def test_figure_is_deterministic_sized_and_follows_the_maps(timm_model, photos, 
     import cbtool
 
     cbtool.inject(cb, cbtool.CBSpec())
-    options = VizOptions(layers="0,-1", query=(1, 2), entropy=True, rollout=True)
+    options = VizOptions(layers="0,-1", query=(1, 2), entropy=True, rollout=True, scale="per-panel")
     path = tmp_path / "attn.png"
     picture = attention_figure([plain, cb], photos, path, labels=["plain", "cb"], options=options, panel=64)
     columns = 1 + 2 * (2 * 3 + 1)  # image, then per model: 2 layers x 3 views + rollout
-    assert picture.size == (columns * 68 + 4, 2 * (64 + 30 + 4) + 4)
+    # titles of 5 lines (rollout: model, heads, discard ratio, range, "own scale"); one colour bar below
+    assert picture.size == (columns * 68 + 4, 2 * (64 + 4 + 13 * 5 + 4) + 4 + BAR_HEIGHT)
     from PIL import Image
 
     with Image.open(path) as written:
@@ -197,7 +198,7 @@ def test_figure_is_deterministic_sized_and_follows_the_maps(timm_model, photos, 
     assert _png(again) == _png(picture)
     other = attention_figure([plain, timm_model(seed=1)], photos, labels=["plain", "cb"], options=options, panel=64)
     left, right = np.asarray(picture), np.asarray(other)
-    plain_end = 4 + 8 * 68  # the image and the plain model's 7 columns
+    plain_end = 4 + 8 * 68  # the image and the plain model's 7 columns: per panel, they do not depend on the other
     assert np.array_equal(left[:, :plain_end], right[:, :plain_end])
     assert not np.array_equal(left[:, plain_end:], right[:, plain_end:])  # the second model's maps changed
 
@@ -227,7 +228,8 @@ def test_viz_command_writes_the_picture(saved, tmp_path, main_cli):
     from PIL import Image
 
     with Image.open(out) as picture:
-        assert picture.size == ((1 + 2 * 3) * 164 + 4, 2 * (160 + 30 + 4) + 4)
+        # titles of 4 lines (rollout: model, heads, discard ratio, range); class and rollout colour bars below
+        assert picture.size == ((1 + 2 * 3) * 164 + 4, 2 * (160 + 4 + 13 * 4 + 4) + 4 + BAR_HEIGHT)
 
 
 def test_viz_command_on_a_dataset_per_head(saved, tmp_path, main_cli):
@@ -238,7 +240,8 @@ def test_viz_command_on_a_dataset_per_head(saved, tmp_path, main_cli):
     from PIL import Image
 
     with Image.open(out) as picture:  # the image, then 2 views x 2 heads of the last layer; 3 class-balanced images
-        assert picture.size == ((1 + 2 * 2) * 68 + 4, 3 * (64 + 30 + 4) + 4)
+        # the class and entropy colour bars (272 px each) do not fit side by side under 5 columns: one a row
+        assert picture.size == ((1 + 2 * 2) * 68 + 4, 3 * (64 + 4 + 13 * 3 + 4) + 4 + 2 * BAR_HEIGHT)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -10,11 +10,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cbtool.check.rules import DEFAULT_RULES
 from cbtool.check.stats import discordant_counts, mcnemar_test, paired_top1_test
+from cbtool.check.verdicts import check_results
 from cbtool.errors import CbtoolError
 from cbtool.report import difference_rows, label_models
 from cbtool.robustness.render import robustness_differences
-from cbtool.results import SCHEMA_VERSION, dataset_mismatches, validate_results
+from cbtool.results import SCHEMA_VERSION, dataset_mismatches, is_number, validate_results
 
 
 @dataclass
@@ -43,6 +45,22 @@ class Comparison:
             "robustness_differences": self.robustness_differences(),
         }
 
+    def top1_checks(self, *, allow_mismatch: bool = False, alpha: float = 0.05) -> list[Any]:
+        """What ``cbtool check LATER REFERENCE`` says of each later model's top-1 under its default rule: a
+        ``MetricCheck`` (p-value, test, verdict) per later model, None where a top-1 is missing. Different
+        datasets are refused as ``check`` refuses them, unless ``allow_mismatch``."""
+        rules = [rule for rule in DEFAULT_RULES if rule.metric == "top1"]
+        reference = self.models[0]
+        checks = []
+        for model in self.models[1:]:
+            if not (is_number(model["metrics"].get("top1")) and is_number(reference["metrics"].get("top1"))):
+                checks.append(None)
+                continue
+            report = check_results(_single(model), _single(reference), rules, alpha, allow_mismatch=allow_mismatch,
+                                   results_name=model["file"], baseline_name=reference["file"])
+            checks.append(report.checks[0])
+        return checks
+
     def robustness_differences(self) -> list[dict[str, Any]]:
         """``report.robustness_differences``, with McNemar p-values per cell (``cell_p_values[c][s]``)
         when all files scored the same samples."""
@@ -63,6 +81,11 @@ def _cell_p_values(reference: Mapping[str, Any], other: Mapping[str, Any]) -> di
             if isinstance(old, str) and isinstance(new, str) and old and len(old) == len(new):
                 out.setdefault(corruption, {})[severity] = mcnemar_test(*discordant_counts(old, new)).p_value
     return out
+
+
+def _single(model: Mapping[str, Any]) -> dict[str, Any]:
+    """A results document holding one labelled model (``report.label_models``' entries carry their dataset)."""
+    return {"schema_version": SCHEMA_VERSION, "dataset": model["dataset"], "models": [dict(model)]}
 
 
 def _summary(model: Mapping[str, Any]) -> dict[str, Any]:

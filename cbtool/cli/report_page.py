@@ -15,6 +15,7 @@ def report_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write (replaced atomically).", dir_okay=False)],
     pictures: Annotated[Optional[list[Path]], typer.Option("--pictures", help="PNG files to embed, e.g. from cbtool viz (repeatable).")] = None,
     title: Annotated[str, typer.Option("--title", help="Title of the page.")] = "cbtool report",
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="Report files over different samples, under a warning (as cbtool check compares them).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Write one self-contained HTML page: metrics, per-layer density, robustness, pictures and provenance."""
@@ -26,6 +27,6 @@ def report_command(
 
     check_output_folder(output)
     documents = [(str(path), load_results(path)) for path in files]
-    write_report_page(output, documents, pictures=pictures or [], title=title)
+    write_report_page(output, documents, pictures=pictures or [], title=title, allow_mismatch=allow_mismatch)
     if not quiet:
         print(f"wrote {output}", file=sys.stderr)

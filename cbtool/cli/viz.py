@@ -37,11 +37,12 @@ def viz_command(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Images taken from --dataset (class-balanced).")] = 8,
     layers: Annotated[str, typer.Option("--layers", help="Attention layers to draw: indices and ranges like 0,5,11 (negative counts from the end).")] = "-1",
     heads: Annotated[str, typer.Option("--heads", help="mean, max or min over heads, all (one picture per head), or a head index.")] = "mean",
-    query: Annotated[Optional[str], typer.Option("--query", help="Also draw the attention of the patch at ROW,COL.")] = None,
+    query: Annotated[Optional[str], typer.Option("--query", help="Also draw the attention of the patch at ROW,COL (outlined in cyan).")] = None,
     entropy: Annotated[bool, typer.Option("--entropy", help="Also draw each query's attention entropy (bright: dense, dark: sharp).")] = False,
     rollout: Annotated[bool, typer.Option("--rollout", help="Also draw attention rollout (residual ViTs only).")] = False,
     head_fusion: Annotated[str, typer.Option("--head-fusion", help="How rollout fuses heads: mean, max or min.")] = "mean",
-    discard_ratio: Annotated[float, typer.Option("--discard-ratio", help="Fraction of the weakest attention rollout drops per layer.")] = 0.9,
+    discard_ratio: Annotated[Optional[float], typer.Option("--discard-ratio", help="Rollout only: zero this fraction of each layer's weakest attention (vit-explain's variant; default 0: Abnar & Zuidema, nothing discarded).")] = None,
+    scale: Annotated[str, typer.Option("--scale", help="shared: one colour scale per view for all panels, with a colour bar (entropy 0-1; attention from 0, the uniform 1/N marked); per-panel: each panel stretched to its own min-max.")] = "shared",
     panel: Annotated[int, typer.Option("--panel", min=32, help="Pixels per picture.")] = 160,
     cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colormap of the heatmaps.")] = "inferno",
     no_pretrained: opt.NoPretrained = False,
@@ -54,8 +55,16 @@ def viz_command(
 
     from cbtool.errors import VizError
     from cbtool.files import check_output_folder
+    from cbtool.viz.scales import check_scale
 
     check_output_folder(output)
+    check_scale(scale)
+    if discard_ratio is not None and not rollout:
+        raise VizError("--discard-ratio applies to attention rollout only: add --rollout, or leave it out")
+    if rollout:  # before any model or image is read
+        from cbtool.viz.rollout import check_rollout_options
+
+        check_rollout_options(head_fusion, discard_ratio or 0.0)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
@@ -74,7 +83,7 @@ def viz_command(
         known = ds.class_names or []
         names = [str(known[label]) if 0 <= label < len(known) else f"image {i}" for i, label in enumerate(labels)]
     options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
-                         head_fusion=head_fusion, discard_ratio=discard_ratio)
+                         head_fusion=head_fusion, discard_ratio=discard_ratio or 0.0, scale=scale)
     torch_device = distributed.pick_device(device)
     loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs).to(torch_device)
               for name in models]

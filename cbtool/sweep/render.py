@@ -50,25 +50,41 @@ def plot_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     from cbtool.plotting import pyplot
 
     plt = pyplot()
-    wanted = [(key, label) for key, label, *_ in METRICS if key in summary["metrics"] and key in ("top1", "entropy_mean", "mce")]
+    figure = summary_figure(summary)
+    path = Path(path)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=110)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def summary_figure(summary: Mapping[str, Any]):
+    """The figure of :func:`plot_summary` (the caller closes it). Each cell's mean is drawn in its colour from
+    ``plotting.model_colours`` over the cells in order, as ``compare --plot`` colours models (plain first: blue)."""
+    from cbtool.plotting import model_colours, pyplot
+
+    plt = pyplot()
+    wanted = [(key, label) for key, label, *_ in METRICS
+              if key in summary["metrics"] and key in ("top1", "entropy_mean", "mce")]
     figure, axes = plt.subplots(1, len(wanted), figsize=(4.2 * len(wanted), 3.6), squeeze=False)
     names = [cell["name"] for cell in summary["cells"]]
+    colours = model_colours(names)
     for axis, (key, label) in zip(axes[0], wanted):
         for x, cell in enumerate(summary["cells"]):
             entry = cell["metrics"][key]
             values = [v for v in entry["values"] if v is not None]
             axis.scatter([x] * len(values), values, s=18, color="0.55", zorder=2)
             if entry["mean"] is not None:
-                axis.errorbar([x + 0.15], [entry["mean"]], yerr=[entry["std"] or 0.0], fmt="o", color="C1" if cell["variant"] == "plain" else "C0",
-                              capsize=4, zorder=3)  # fmt: skip
+                axis.errorbar([x + 0.15], [entry["mean"]], yerr=[entry["std"] or 0.0], fmt="o",
+                              color=colours[cell["name"]], capsize=4, zorder=3)
         axis.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        for tick, name in zip(axis.get_xticklabels(), names):
+            tick.set_color(colours[name])
         axis.set_title(label)
         axis.ticklabel_format(axis="y", useOffset=False, style="plain")
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle("per seed (grey) and mean ± std")
     figure.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return figure

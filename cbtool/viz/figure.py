@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ from torch import nn
 from cbtool.errors import VizError
 from cbtool.viz.maps import attention_maps, choose_layers, layouts_of
 from cbtool.viz.pictures import Panel, compose, save_png
-from cbtool.viz.rollout import attention_rollout, check_rollout
+from cbtool.viz.rollout import attention_rollout, check_rollout, check_rollout_options
+from cbtool.viz.scales import ColourScale, check_scale, panel_limits, scale_line, view_scale
 from cbtool.viz.views import check_heads, check_query, check_view, fuse_heads, layer_view
 
 
@@ -27,7 +28,9 @@ from cbtool.viz.views import check_heads, check_query, check_view, fuse_heads, l
 class VizOptions:
     """What to draw. ``layers``: ``--layers`` text or indices (default: the last layer); ``heads``: mean, max, min,
     all or an index; ``query``: (row, col) of a patch; ``entropy``: per-query entropy; ``rollout`` with
-    ``head_fusion`` and ``discard_ratio``; ``class_map``: the class-token (mean-query) picture."""
+    ``head_fusion`` and ``discard_ratio`` (0: Abnar & Zuidema's rollout; above 0: vit-explain's variant);
+    ``class_map``: the class-token (mean-query) picture; ``scale``: ``shared`` (one colour scale per view, with a
+    colour bar) or ``per-panel`` (each panel stretched to its own min and max, said in its title)."""
 
     layers: Sequence[int] | str | None = None
     heads: str | int = "mean"
@@ -35,8 +38,9 @@ class VizOptions:
     entropy: bool = False
     rollout: bool = False
     head_fusion: str = "mean"
-    discard_ratio: float = 0.9
+    discard_ratio: float = 0.0
     class_map: bool = True
+    scale: str = "shared"
 
     def views(self) -> list[str]:
         return (["class"] if self.class_map else []) + (["query"] if self.query else []) + (["entropy"] if self.entropy else [])
@@ -78,7 +82,17 @@ def _plan(model: nn.Module, label: str, size: tuple[int, int], options: VizOptio
 
 def attention_panels(models: Sequence[nn.Module], images: Sequence, *, labels: Sequence[str] | None = None,
                      names: Sequence[str] | None = None, options: VizOptions = VizOptions()) -> list[list[Panel]]:
-    """One row of panels per image (PIL RGB images): the image, then every model's attention pictures."""
+    """One row of panels per image (PIL RGB images): the image, then every model's attention pictures, each
+    coloured on its view's scale (:func:`attention_figure` draws the colour bars too)."""
+    return _drawn(models, images, labels, names, options)[0]
+
+
+def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] | None, names: Sequence[str] | None,
+           options: VizOptions) -> tuple[list[list[Panel]], list[ColourScale]]:
+    """The panels, scaled per view, and the colour scale of each view drawn."""
+    check_scale(options.scale)
+    if options.rollout:
+        check_rollout_options(options.head_fusion, options.discard_ratio)
     if not models:
         raise VizError("give at least one model")
     if not images:
@@ -90,6 +104,7 @@ def attention_panels(models: Sequence[nn.Module], images: Sequence, *, labels: S
     batches = [preprocess(model, images) for model in models]
     plans = [_plan(m, label, tuple(b.shape[-2:]), options) for m, label, (b, _) in zip(models, labels, batches)]
     rows: list[list[Panel]] = [[Panel(name, shown)] for name, shown in zip(names, batches[0][1])]
+    pending: list[tuple[int, str, int, Panel]] = []  # (row, view, keys N, panel before its scale is known)
     for model, label, (batch, shown), layers in zip(models, labels, batches, plans):
         size = tuple(batch.shape[-2:])
         wanted = None if options.rollout else layers  # rollout needs every layer
@@ -97,34 +112,53 @@ def attention_panels(models: Sequence[nn.Module], images: Sequence, *, labels: S
         by_layer = dict(zip(layers, maps)) if wanted is not None else {i: maps[i] for i in layers}
         layouts = dict(zip(layers, layouts_of(model, size, layers)))
         for index in layers:
+            keys = by_layer[index].shape[-1]
             for view in options.views():
                 fused = fuse_heads(layer_view(by_layer[index], layouts[index], view, options.query), options.heads)
+                where = f"query ({options.query[0]},{options.query[1]})" if view == "query" else view
+                marker = (*options.query, *fused.shape[-2:]) if view == "query" else None
                 for head in range(fused.shape[1]):
                     head_name = f"h{head}" if fused.shape[1] > 1 else str(options.heads)
-                    for b, row in enumerate(rows):
-                        heat = fused[b, head].cpu().numpy()
-                        title = f"{label}\nL{index} {view} {head_name} {_range(heat)}"
-                        row.append(Panel(title, shown[b], heat))
+                    for b in range(len(rows)):
+                        title = f"{label}\nL{index} {where} {head_name}"
+                        pending.append((b, view, keys, Panel(title, shown[b], fused[b, head].cpu().numpy(),
+                                                             marker=marker)))
         if options.rollout:
             rolled = attention_rollout(maps, layouts_of(model, size), head_fusion=options.head_fusion,
                                        discard_ratio=options.discard_ratio)
-            for b, row in enumerate(rows):
-                heat = rolled[b].cpu().numpy()
-                row.append(Panel(f"{label}\nrollout {options.head_fusion} {_range(heat)}", shown[b], heat))
-    return rows
+            title = f"{label}\nrollout, heads {options.head_fusion}\n{discard_text(options.discard_ratio)}"
+            for b in range(len(rows)):
+                pending.append((b, "rollout", maps[0].shape[-1], Panel(title, shown[b], rolled[b].cpu().numpy())))
+    scales = {}
+    for view in dict.fromkeys(view for _, view, _, _ in pending):
+        drawn = [(keys, p.heat) for _, v, keys, p in pending if v == view]
+        scales[view] = view_scale(view, [h for _, h in drawn], [k for k, _ in drawn], options.scale)
+    for b, view, _, cell in pending:
+        low, high = panel_limits(cell.heat, scales[view])
+        title = f"{cell.title}\n{scale_line(cell.heat, scales[view])}"
+        rows[b].append(replace(cell, title=title, low=low, high=high))
+    query_marks = [p.marker for _, view, _, p in pending if view == "query"]
+    if query_marks:  # the query patch on the image too, on the first model's grid (the image is as it sees it)
+        rows = [[replace(row[0], marker=query_marks[0], title=f"{row[0].title}\nquery ({options.query[0]},"
+                 f"{options.query[1]}) outlined"), *row[1:]] for row in rows]
+    colour_bars = list(scales.values())
+    if options.scale == "per-panel":
+        colour_bars = [replace(colour_bars[0], name="every view")]  # one bar, "each panel's min to max", for all
+    return rows, colour_bars
 
 
-def _range(heat: np.ndarray) -> str:
-    """The values a panel's colours span: every panel is scaled by its own minimum and maximum."""
-    return f"{float(heat.min()):.2g}..{float(heat.max()):.2g}"
+def discard_text(ratio: float) -> str:
+    """How rollout treated weak attention, for a title: all kept (Abnar & Zuidema) or vit-explain's discarding."""
+    return "discard 0 (Abnar & Zuidema)" if ratio == 0 else f"discard {ratio:g} (vit-explain)"
 
 
 def attention_figure(models: Sequence[nn.Module], images: Sequence, path: str | os.PathLike[str] | None = None, *,
                      labels: Sequence[str] | None = None, names: Sequence[str] | None = None,
                      options: VizOptions = VizOptions(), panel: int = 160, cmap: str = "inferno"):
-    """The attention picture grid as a ``PIL.Image``; written as PNG (atomically) when ``path`` is given."""
-    picture = compose(attention_panels(models, images, labels=labels, names=names, options=options), panel=panel,
-                      cmap=cmap)
+    """The attention picture grid as a ``PIL.Image``, with one colour bar per view below it; written as PNG
+    (atomically) when ``path`` is given."""
+    rows, scales = _drawn(models, images, labels, names, options)
+    picture = compose(rows, panel=panel, cmap=cmap, scales=scales)
     if path is not None:
         save_png(picture, Path(path))
     return picture

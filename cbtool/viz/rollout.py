@@ -3,6 +3,12 @@
 Rollout assumes every layer is global self-attention over one fixed token set with a residual connection
 around it (``0.5 * A + 0.5 * I``), which holds for plain ViTs only: Swin (windows, patch merging), PiT
 (pooling changes the tokens) and CaiT (class attention, talking heads) are refused in one line.
+
+By default nothing is discarded, as in Abnar & Zuidema. A ``discard_ratio`` above 0 is the variant of
+jacobgil/vit-explain: in each layer's head-fused map the weakest ``int(ratio * N * N)`` entries are zeroed,
+except the class token's attention to itself (entry [0, 0]). Unlike vit-explain's code, the rows are then
+renormalised (its ``a / a.sum(dim=-1)`` broadcasts to divide column j by row j's sum) and every image of a batch
+is discarded alike (it discards in the first image only).
 """
 
 from __future__ import annotations
@@ -27,18 +33,24 @@ def check_rollout(model: nn.Module, label: str = "the model") -> None:
                        f"{label} is {family.name}")
 
 
-def attention_rollout(maps: Sequence[torch.Tensor], layouts: Sequence[TokenLayout], *, head_fusion: str = "mean",
-                      discard_ratio: float = 0.9) -> torch.Tensor:
-    """(batch, rows, cols): the class token's (else the mean token's) rolled-out attention over the patches.
-
-    ``maps`` are every layer's probabilities from the first layer on. Per layer the heads are fused (mean, max
-    or min), the ``discard_ratio`` weakest entries of each image's map are zeroed (never a token's attention to
-    itself), the identity is added for the residual, and the rows are renormalised.
-    """
+def check_rollout_options(head_fusion: str, discard_ratio: float) -> None:
+    """Refuse, in one line, a head fusion rollout does not define or a discard ratio outside [0, 1)."""
     if head_fusion not in HEAD_FUSIONS[:3]:
         raise VizError(f"rollout fuses heads by mean, max or min, not {head_fusion!r}")
     if not 0.0 <= discard_ratio < 1.0:
         raise VizError(f"--discard-ratio must be in [0, 1), not {discard_ratio}")
+
+
+def attention_rollout(maps: Sequence[torch.Tensor], layouts: Sequence[TokenLayout], *, head_fusion: str = "mean",
+                      discard_ratio: float = 0.0) -> torch.Tensor:
+    """(batch, rows, cols): the class token's (else the mean token's) rolled-out attention over the patches.
+
+    ``maps`` are every layer's probabilities from the first layer on. Per layer the heads are fused (mean, max
+    or min); with ``discard_ratio`` > 0 the weakest entries of each image's map are zeroed (vit-explain's variant:
+    the class token's attention to itself is kept); the identity is added for the residual, and the rows are
+    renormalised. ``discard_ratio=0`` (the default) is Abnar & Zuidema's rollout.
+    """
+    check_rollout_options(head_fusion, discard_ratio)
     if not maps:
         raise VizError("rollout needs the maps of every layer")
     if any(layout.kind != "global" for layout in layouts) or len({m.shape[-1] for m in maps}) > 1:
@@ -51,10 +63,11 @@ def attention_rollout(maps: Sequence[torch.Tensor], layouts: Sequence[TokenLayou
             probs.double().amax(dim=1) if head_fusion == "max" else probs.double().amin(dim=1))
         if discard_ratio > 0:
             flat = fused.reshape(batch, -1)
-            # zeroing the k weakest = keeping the n - k strongest; topk of the few kept is much cheaper
-            keep = flat.topk(flat.shape[1] - int(flat.shape[1] * discard_ratio), dim=1).indices
-            kept = torch.zeros_like(flat).scatter_(1, keep, flat.gather(1, keep))
-            fused = kept.view_as(fused) * (1 - identity) + fused * identity  # the diagonal is kept
+            weakest = flat.topk(int(flat.shape[1] * discard_ratio), dim=1, largest=False).indices
+            drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, weakest, True)
+            if layouts[0].prefix > 0:
+                drop[:, 0] = False  # the class token's attention to itself, as vit-explain keeps it
+            fused = flat.masked_fill(drop, 0.0).view_as(fused)
         mixed = 0.5 * fused + 0.5 * identity
         mixed = mixed / mixed.sum(dim=-1, keepdim=True)
         result = mixed @ result

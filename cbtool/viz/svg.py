@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
-# matplotlib's tab10, so the page's colours match the PNG plots of `cbtool compare --plot`.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+from cbtool.plotting import PALETTE, colour  # noqa: F401  (PALETTE kept importable here)
 
 
 def _finite(value: object) -> bool:
@@ -22,8 +21,10 @@ def _ticks(low: float, high: float, count: int = 5) -> list[tuple[float, str]]:
 
 
 def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]], *, x_label: str = "layer",
-               y_label: str = "", width: int = 520, height: int = 300) -> str:
-    """An ``<svg>`` with one polyline per ``(label, values)`` over x = 0, 1, ...; missing values break the line."""
+               y_label: str = "", width: int = 520, height: int = 300, colours: Mapping[str, str] | None = None) -> str:
+    """An ``<svg>`` with one polyline per ``(label, values)`` over x = 0, 1, ...; missing values break the line.
+
+    ``colours`` (label -> colour, ``plotting.model_colours``) keeps a model's colour when some models are not drawn."""
     values = [v for _, ys in series for v in ys if _finite(v)]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     if high - low < 1e-12:
@@ -56,18 +57,18 @@ def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]],
     parts.append(f'<text x="14" y="{top + plot_h / 2}" text-anchor="middle" '
                  f'transform="rotate(-90 14 {top + plot_h / 2})">{escape(y_label)}</text>')
     for index, (label, ys) in enumerate(series):
-        colour = PALETTE[index % len(PALETTE)]
+        fill = colours[label] if colours and label in colours else colour(index)
         runs: list[list[str]] = [[]]
         for i, v in enumerate(ys):
             if _finite(v):
                 runs[-1].append(f"{x(i):.1f},{y(v):.1f}")
-                parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}"/>')
+                parts.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{fill}"/>')
             elif runs[-1]:
                 runs.append([])
-        parts += [f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(run)}"/>'
+        parts += [f'<polyline fill="none" stroke="{fill}" stroke-width="2" points="{" ".join(run)}"/>'
                   for run in runs if len(run) > 1]
         legend_y = top + plot_h + 48 + 16 * index
-        parts.append(f'<rect x="{left}" y="{legend_y - 9}" width="14" height="4" fill="{colour}"/>'
+        parts.append(f'<rect x="{left}" y="{legend_y - 9}" width="14" height="4" fill="{fill}"/>'
                      f'<text x="{left + 20}" y="{legend_y - 4}">{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
