@@ -10,7 +10,7 @@ from test_viz import GLOBAL, random_probs, saved  # noqa: F401  (saved: a fixtur
 
 from cbtool.errors import VizError
 from cbtool.viz.figure import VizOptions, attention_figure, attention_panels
-from cbtool.viz.pictures import BAR_HEIGHT, MARKER, Panel, compose
+from cbtool.viz.pictures import BAR_HEIGHT, LINE, MARKER, Panel, compose
 from cbtool.viz.rollout import attention_rollout
 from cbtool.viz.scales import range_text, view_scale
 
@@ -172,3 +172,23 @@ def test_a_random_vit_s_looks_flat(timm_model):
     (stretched,) = attention_panels([model], photo, options=VizOptions(scale="per-panel"))[0][1:]
     assert (stretched.low, stretched.high) == (float(cell.heat.min()), float(cell.heat.max()))
     assert stretched.title.endswith("own scale (per panel)")
+
+
+def test_panels_with_a_colour_bar_show_the_bars_colours_not_the_image():
+    # A striped image under a flat map: with a colour bar, the panel is the bar's colour at the map's value
+    # everywhere (the stripes of the image do not show through as "attention"); without one, the old overlay.
+    from cbtool.viz.pictures import _colormap
+    from cbtool.viz.scales import ColourScale
+
+    image = np.zeros((32, 32, 3), dtype=np.float32)
+    image[::4] = 1.0
+    heat = np.full((4, 4), 0.02)
+    panel = Panel("flat", image, heat, low=0.0, high=0.04)
+    scale = ColourScale("class attention", 0.0, 0.04)
+    with_bar = np.asarray(compose([[panel]], panel=32, scales=[scale])).astype(int)
+    title = 4 + LINE
+    inside = with_bar[4 + title + 2 : 4 + title + 30, 6:34]
+    expected = (np.asarray(_colormap("inferno")(0.5)[:3]) * 255).round()
+    assert np.abs(inside - expected).max() <= 1
+    without = np.asarray(compose([[panel]], panel=32)).astype(int)[4 + title + 2 : 4 + title + 30, 6:34]
+    assert np.ptp(without, axis=(0, 1)).max() > 50  # the stripes show through the old blend

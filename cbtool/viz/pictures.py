@@ -79,10 +79,16 @@ def overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.6, cmap: st
     return ((1 - alpha) * image.astype(np.float32) + alpha * colours).clip(0, 1)
 
 
-def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: str = "inferno", alpha: float = 0.6,
-            scales: Sequence[ColourScale] = ()):
+def compose(rows: list[list[Panel]], *, panel: int = 160, pad: int = 4, cmap: str = "inferno",
+            alpha: float | None = None, scales: Sequence[ColourScale] = ()):
     """One ``PIL.Image`` holding every panel in a grid, titled above (``\\n`` breaks lines); heatmaps overlaid;
-    below the grid, one colour bar per entry of ``scales``."""
+    below the grid, one colour bar per entry of ``scales``.
+
+    ``alpha`` (the heatmap's weight over the image) defaults to 1 when colour bars are drawn: a panel's colours
+    are then the bar's colours, and the image's own brightness cannot pass for attention (a near-uniform map is
+    one flat colour, not the object's shape); 0.6 otherwise."""
+    if alpha is None:
+        alpha = 1.0 if scales else 0.6
     from PIL import Image, ImageDraw, ImageFont
 
     columns = max(len(row) for row in rows)
