@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cbtool.errors import DatasetError
+from cbtool.metadata_check import INTERPOLATIONS  # noqa: F401  (public name kept here)
 
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
