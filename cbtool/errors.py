@@ -42,6 +42,10 @@ class TrainingError(CbtoolError):
     """Training stopped on a condition the user must act on (non-finite loss, out of memory)."""
 
 
+class OutOfMemory(CbtoolError):
+    """The machine could not give the memory a batch needs; the message names the option to lower."""
+
+
 class RegressionError(CbtoolError):
     """``cbtool check`` found a real regression."""
 

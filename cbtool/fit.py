@@ -156,8 +156,8 @@ def wrong_kwarg_types(name: str, kwargs: dict[str, Any]) -> str | None:
             continue
         if kinds <= {int, float} or (isinstance(value, str) and kinds <= {int, float, tuple, list}):
             wanted = " or ".join(sorted({_KINDS.get(kind, kind.__name__) for kind in kinds}))
-            return f"--model-kwargs {key}={value!r}: {key} takes {wanted}, not {_KINDS.get(type(value), type(value).__name__)}"
+            return f"--model-kwargs {key}={value}: {key} takes {wanted}, not {value!r}"
     return None
 
 
-_KINDS = {int: "a whole number", float: "a number", str: "text", tuple: "a tuple", list: "a list"}
+_KINDS = {int: "a whole number", float: "a number", tuple: "a tuple", list: "a list"}

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import typer
 
 from cbtool import __version__
+from cbtool.ranges import check_int_options
 from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, sweep, viz
 
 app = typer.Typer(
@@ -72,6 +73,7 @@ def interruptible(command: Callable) -> Callable:
         from cbtool.errors import Interrupted
 
         files.written.clear()
+        check_int_options(kwargs)  # every integer option against its range in cbtool.ranges, before any work
         try:
             with sigint_outside_imports():
                 return command(*args, **kwargs)
