@@ -63,6 +63,12 @@ class Interrupted(CbtoolError):
     prefix = ""
 
 
+# What the CLI prints under the traceback of an exception that is not a CbtoolError: a bug in cbtool, never the user's.
+BUG_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: neither success, a regression (1) nor bad input (2)
+BUG_REPORT_HINT = ("this is a bug in cbtool, not a problem with your input: please report it on cbtool's issue tracker "
+                   "(where you got cbtool) with the command line and the traceback above")
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first non-empty line of ``error``'s message (its type name when the message is empty), cut to ``limit``."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
