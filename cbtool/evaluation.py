@@ -98,7 +98,7 @@ def evaluate(
         if progress_bar is not None:  # cleared on errors and Ctrl-C too, so messages start on a clean line
             captures.callback(progress_bar.close)
         # An allocator's refusal in a batch (its collation in a worker, a forward) names the option to lower.
-        captures.enter_context(memory_guard("--batch-size", getattr(loader, "batch_size", None) or "as given"))
+        captures.enter_context(memory_guard("--batch-size", getattr(loader, "batch_size", None)))
         started = time.perf_counter()
         for batch in loader:
             images, targets = batch[0], batch[1]

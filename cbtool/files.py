@@ -305,12 +305,14 @@ def check_text_file(path: str | os.PathLike[str]) -> str:
         return ""
     data = path.read_bytes()
     try:
-        if b"\0" in data:
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
+        bad = data.find(b"\0")  # valid UTF-8, but no text file holds a NUL
     except UnicodeDecodeError as error:
-        raise OutputError(f"cannot append to {path}: it is not a UTF-8 text file (byte 0x{data[error.start]:02x} at "
-                          f"offset {error.start}); name a new file or a text file") from None
+        bad = error.start
+    if bad < 0:
+        return text
+    raise OutputError(f"cannot append to {path}: it is not a UTF-8 text file (byte 0x{data[bad]:02x} at offset {bad}); "
+                      "name a new file or a text file")
 
 
 def append_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -21,11 +21,13 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 @contextmanager
-def memory_guard(option: str, value: int, hint: str = "") -> Iterator[None]:
-    """Turn an allocator's refusal inside the block into ``OutOfMemory`` naming ``option`` (e.g. --batch-size)."""
+def memory_guard(option: str, value: int | None, hint: str = "") -> Iterator[None]:
+    """Turn an allocator's refusal inside the block into ``OutOfMemory`` naming ``option`` (e.g. --batch-size) and
+    its ``value`` (None: not known here)."""
     try:
         yield
     except (RuntimeError, MemoryError) as error:
         if not is_out_of_memory(error):
             raise
-        raise OutOfMemory(f"out of memory at {option} {value}: lower {option}{hint}") from None
+        at = f" at {option} {value}" if value is not None else ""
+        raise OutOfMemory(f"out of memory{at}: lower {option}{hint}") from None
