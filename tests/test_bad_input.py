@@ -401,6 +401,9 @@ CASES_19: dict[str, tuple[list[str], int, str]] = {
     "ro-sweep-folder": (["sweep", PLAIN, *TUNE, "-o", "{ro}/sweep"], 2, "cannot write the sweep folder {ro}/sweep"),
     "ro-sweep-summarize-plot": (["sweep", "--summarize", "{in}/no-sweep", "--plot", "{ro}/p.png"], 2, "cannot write {ro}/p.png"),
     "ro-finetune-run-folder": (["finetune", PLAIN, *TUNE, "-o", OUT, "--run-dir", "{ro}/run"], 2, "cannot write the run folder {ro}/run"),
+    "ro-finetune-log": (["finetune", PLAIN, *TUNE, "-o", OUT, "--log", "{ro}/log.jsonl"], 2, "cannot write the --log folder {ro}"),
+    "ro-eval-save-examples": (["eval", CB, *EVAL, "--corruptions", "fog", "--severities", "1", "--save-examples", "{ro}"], 2,
+                              "cannot write the --save-examples folder {ro}"),
     "ro-finetune-output": (["finetune", PLAIN, *TUNE, "-o", "{ro}/t.safetensors"], 2, "cannot write {ro}/t.safetensors"),
     # a full disk: refused before any work when nothing is free ...
     "full-inject": (["inject", PLAIN, "-o", "{full}/m.safetensors"], 2, "cannot write {full}/m.safetensors: no space left on the device"),
