@@ -104,14 +104,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 raise CheckpointError(f"{path} has garbled cbtool metadata ({key} is not a JSON object)")
     if "library" not in decoded[SOURCE_KEY]:
         raise CheckpointError(f"{path} has garbled cbtool metadata ({SOURCE_KEY} lacks the model library)")
-    check_source(decoded[SOURCE_KEY], str(path))  # every parsed field, before anything is built from it
-    if DATA_CONFIG_KEY in decoded:
-        check_data_config(decoded[DATA_CONFIG_KEY], str(path))
     if SPEC_KEY in decoded:
         try:  # normalised, so that readers can rely on every field
             decoded[SPEC_KEY] = CBSpec.from_dict(decoded[SPEC_KEY]).to_dict()
         except SpecError as error:
             raise CheckpointError(f"{path} has garbled cbtool metadata ({SPEC_KEY}: {error})") from None
+    check_source(decoded[SOURCE_KEY], str(path))  # every parsed field, before anything is built from it
+    if DATA_CONFIG_KEY in decoded:
+        check_data_config(decoded[DATA_CONFIG_KEY], str(path))
     return decoded
 
 
