@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import typer
 
 from cbtool import __version__
-from cbtool.ranges import check_int_options
 from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, sweep, viz
+from cbtool.ranges import check_int_options
 
 app = typer.Typer(
     name="cbtool",
