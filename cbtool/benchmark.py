@@ -27,6 +27,7 @@ from cbtool import provenance
 from cbtool._version import __version__
 from cbtool.distributed import amp_dtype, pick_device, synchronize
 from cbtool.errors import CbtoolError
+from cbtool.memory import memory_guard
 from cbtool.spec import CBSpec
 
 from cbtool.results import SCHEMA_VERSION  # noqa: E402  (one version for every JSON document cbtool writes)
@@ -211,7 +212,8 @@ def measure_overhead(
         plain = plain.to(memory_format=memory_format)
         cb_model = cb_model.to(memory_format=memory_format)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, *input_size, generator=generator).to(device, memory_format=memory_format)
+    with memory_guard("--batch-size", batch_size):
+        images = torch.randn(batch_size, *input_size, generator=generator).to(device, memory_format=memory_format)
     runners = {"plain": plain, "cb": cb_model}
     if compile:
         runners = {name: torch.compile(module) for name, module in runners.items()}
@@ -222,7 +224,7 @@ def measure_overhead(
         if threads is not None:
             torch.set_num_threads(int(threads))
         used_threads = torch.get_num_threads()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), autocast, memory_guard("--batch-size", batch_size):
             times, number = _alternate(runners, images, device, clock, repeats=repeats, warmup=warmup,
                                        number=number, max_seconds=max_seconds, compile=compile,
                                        variant=spec.variant, say=progress or (lambda _message: None))

@@ -9,14 +9,14 @@ The header is read without torch, so ``cbtool info`` stays fast.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
 
 from cbtool import provenance
 from cbtool.errors import CheckpointError, OutputError, SpecError, first_line
-from cbtool.files import atomic_path, write_safetensors  # noqa: F401  (atomic_path: public name kept here)
+from cbtool.metadata_check import check_data_config, check_source
+from cbtool.files import atomic_path, check_writable_output, write_safetensors  # noqa: F401  (atomic_path: public name kept here)
 from cbtool.spec import CBSpec, scale_stats
 
 SOURCE_KEY = provenance.SOURCE
@@ -40,9 +40,7 @@ def check_output_path(path: str | Path, *, force: bool = False) -> Path:
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
     if path.exists() and not force:
         raise OutputError(f"{path} already exists; pass --force to overwrite it")
-    if not os.access(path.parent, os.W_OK):
-        raise OutputError(f"cannot write to folder {path.parent}")
-    return path
+    return check_writable_output(path)
 
 
 # --- header, without torch ----------------------------------------------------------------------
@@ -111,6 +109,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             decoded[SPEC_KEY] = CBSpec.from_dict(decoded[SPEC_KEY]).to_dict()
         except SpecError as error:
             raise CheckpointError(f"{path} has garbled cbtool metadata ({SPEC_KEY}: {error})") from None
+    check_source(decoded[SOURCE_KEY], str(path))  # every parsed field, before anything is built from it
+    if DATA_CONFIG_KEY in decoded:
+        check_data_config(decoded[DATA_CONFIG_KEY], str(path))
     return decoded
 
 

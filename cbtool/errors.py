@@ -42,6 +42,10 @@ class TrainingError(CbtoolError):
     """Training stopped on a condition the user must act on (non-finite loss, out of memory)."""
 
 
+class OutOfMemory(CbtoolError):
+    """The machine could not give the memory a batch needs; the message names the option to lower."""
+
+
 class RegressionError(CbtoolError):
     """``cbtool check`` found a real regression."""
 
@@ -57,6 +61,12 @@ class Interrupted(CbtoolError):
 
     exit_code = 130
     prefix = ""
+
+
+# What the CLI prints under the traceback of an exception that is not a CbtoolError: a bug in cbtool, never the user's.
+BUG_EXIT_CODE = 70  # sysexits' EX_SOFTWARE: neither success, a regression (1) nor bad input (2)
+BUG_REPORT_HINT = ("this is a bug in cbtool, not a problem with your input: please report it on cbtool's issue tracker "
+                   "(where you got cbtool) with the command line and the traceback above")
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

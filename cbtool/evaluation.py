@@ -13,6 +13,7 @@ from torch import nn
 from cbtool.distributed import all_reduce_sum, amp_dtype, synchronize
 from cbtool.families import detect, require_head
 from cbtool.metrics import AccuracyAccumulator, DensityAccumulator
+from cbtool.memory import memory_guard
 
 
 @dataclass
@@ -96,6 +97,8 @@ def evaluate(
     with ExitStack() as captures:
         if progress_bar is not None:  # cleared on errors and Ctrl-C too, so messages start on a clean line
             captures.callback(progress_bar.close)
+        # An allocator's refusal in a batch (its collation in a worker, a forward) names the option to lower.
+        captures.enter_context(memory_guard("--batch-size", getattr(loader, "batch_size", None)))
         started = time.perf_counter()
         for batch in loader:
             images, targets = batch[0], batch[1]

@@ -9,6 +9,7 @@ temporaries of processes on this machine that no longer run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -90,12 +91,17 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     remove_stale_temporaries(path.parent)
     mode = _file_mode(path)
     temporary = temporary_name(path)
-    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as error:
+        raise write_error(path, error) from None
     try:
         yield temporary
         os.chmod(temporary, mode)
         os.replace(temporary, path)
         written.append(path)
+    except OSError as error:  # a full disk, a read-only or vanished folder: one line, and the old file stays
+        raise write_error(path, error) from None
     finally:
         if os.path.lexists(temporary):
             os.unlink(temporary)
@@ -181,6 +187,8 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str, hint: str) 
         os.unlink(probe)
     except OSError as error:
         raise OutputError(f"cannot write the {what} {folder}: {existing} is not writable ({error.strerror}); {hint}") from None
+    if not _has_free_space(existing):
+        raise OutputError(f"cannot write the {what} {folder}: no space left on the device of {existing}; {hint}")
     return folder
 
 
@@ -194,11 +202,8 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool =
     """Write ``text`` to ``path`` atomically; with ``append``, after the file's current content."""
     path = Path(path)
     check_parent_folder(path)
-    if append and path.is_file():
-        previous = path.read_text(encoding="utf-8")
-        if previous and not previous.endswith("\n"):
-            previous += "\n"
-        text = previous + text
+    if append:
+        return append_text(path, text)
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return path
@@ -216,4 +221,113 @@ def check_output_folder(path: str | os.PathLike[str]) -> Path:
     if path.is_dir():
         raise OutputError(f"output {path} is a folder; give a file name")
     check_parent_folder(path)
+    check_writable_output(path)
+    return path
+
+
+# --- write errors, pre-flight checks and appends ---------------------------------------------------------------
+
+# Causes a user can act on, by errno; anything else is named by the system's own words.
+_WRITE_CAUSES = {
+    errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "permission denied; write to a folder you own",
+    errno.EPERM: "permission denied; write to a folder you own",
+    errno.ENOENT: "its folder does not exist (or vanished); create it first",
+    errno.ENAMETOOLONG: "the file name is too long",
+    errno.EISDIR: "it is a folder; give a file name",
+}
+
+
+def write_error(path: str | os.PathLike[str], error: OSError) -> OutputError:
+    """One line for an ``OSError`` raised while writing ``path``: the path and what the user can do about it."""
+    cause = _WRITE_CAUSES.get(error.errno) or (error.strerror or str(error) or type(error).__name__).lower()
+    return OutputError(f"cannot write {path}: {cause}")
+
+
+@contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an ``OSError`` inside the block (a write to ``path``) into ``write_error``'s one line."""
+    try:
+        yield
+    except OSError as error:
+        raise write_error(path, error) from None
+
+
+def _has_free_space(folder: Path) -> bool:
+    if not hasattr(os, "statvfs"):
+        return True
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return True  # nothing known: the write itself will tell
+    free = stats.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else stats.f_bavail  # root may use the reserve
+    return free > 0 or stats.f_blocks == 0  # f_blocks 0: a file system that reports no sizes (procfs, some FUSE)
+
+
+def _appends_through(path: Path) -> bool:
+    """A link or a special file (a step summary's symlink, ``/proc/self/fd/N``, ``/dev/stdout``) is written through."""
+    return path.is_symlink() or (path.exists() and not path.is_file() and not path.is_dir())
+
+
+def check_writable_output(path: str | os.PathLike[str]) -> Path:
+    """Fail before any work unless ``path`` can be written: a file can be created in its folder (tried, since
+    ``os.access`` says yes to root on a read-only file system) and its device is not full. A link or special
+    file must be writable itself: it is appended through, never replaced."""
+    path = Path(path).expanduser()
+    if _appends_through(path):
+        if not os.access(path, os.W_OK):
+            raise write_error(path, OSError(errno.EROFS if _read_only(path) else errno.EACCES, ""))
+        return path
+    probe = temporary_name(path)
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as error:
+        raise write_error(path, error) from None
+    if not _has_free_space(path.parent):
+        raise write_error(path, OSError(errno.ENOSPC, ""))
+    return path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.resolve().parent).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def check_text_file(path: str | os.PathLike[str]) -> str:
+    """The UTF-8 text of the regular file ``path`` ('' when there is none); a binary file is refused in one line."""
+    path = Path(path)
+    if not path.is_file():
+        return ""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+        bad = data.find(b"\0")  # valid UTF-8, but no text file holds a NUL
+    except UnicodeDecodeError as error:
+        bad = error.start
+    if bad < 0:
+        return text
+    raise OutputError(f"cannot append to {path}: it is not a UTF-8 text file (byte 0x{data[bad]:02x} at offset {bad}); "
+                      "name a new file or a text file")
+
+
+def append_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Append ``text`` to ``path`` as GitHub's ``$GITHUB_STEP_SUMMARY`` is appended to: a new file is written
+    atomically, an existing text file is replaced atomically by its text plus ``text`` (starting on a new line), and
+    a link or special file (``/proc/self/fd/N``) is opened in append mode through it, so the link stays a link."""
+    path = Path(path)
+    previous = check_text_file(path)  # through a link too: its target must be text
+    if previous and not previous.endswith("\n"):
+        text = "\n" + text
+    if _appends_through(path):
+        with writing(path), open(path, "a", encoding="utf-8") as handle:
+            handle.write(text)
+        written.append(path)
+        return path
+    with atomic_path(path) as temporary:
+        temporary.write_text(previous + text, encoding="utf-8")
     return path

@@ -129,3 +129,35 @@ def unreadable_message(path: Path, error: BaseException) -> str:
     if path.stat().st_size == 0:
         return f"cannot read checkpoint {path}: the file is empty"
     return f"cannot read checkpoint {path} (truncated, or not a safetensors or PyTorch weights file): {first_line(error)}"
+
+
+def wrong_kwarg_types(name: str, kwargs: dict[str, Any]) -> str | None:
+    """Which ``--model-kwargs`` value has a type the timm architecture does not take (text or a fraction where its
+    classes' defaults are whole numbers), said in one clause; None when none is clearly wrong. Only asked after
+    the build failed, so that the message names the argument rather than the line of timm it broke."""
+    import inspect
+
+    import timm
+    from torch import nn
+
+    try:
+        module = inspect.getmodule(timm.models.model_entrypoint(name.split(".", 1)[0]))
+    except Exception:  # an hf-hub: name or an unknown one: nothing to compare with
+        return None
+    defaults: dict[str, set[type]] = {}
+    for cls in vars(module).values():
+        if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__ == module.__name__:
+            for parameter in inspect.signature(cls.__init__).parameters.values():
+                if parameter.default is not inspect.Parameter.empty and parameter.default is not None:
+                    defaults.setdefault(parameter.name, set()).add(type(parameter.default))
+    for key, value in kwargs.items():
+        kinds = defaults.get(key, set())
+        if not kinds or type(value) in kinds or (isinstance(value, int) and float in kinds) or isinstance(value, bool):
+            continue
+        if kinds <= {int, float} or (isinstance(value, str) and kinds <= {int, float, tuple, list}):
+            wanted = " or ".join(sorted({_KINDS.get(kind, kind.__name__) for kind in kinds}))
+            return f"--model-kwargs {key}={value}: {key} takes {wanted}, not {value!r}"
+    return None
+
+
+_KINDS = {int: "a whole number", float: "a number", tuple: "a tuple", list: "a list"}

@@ -17,7 +17,7 @@ from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, first_line
 from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_weights, is_head_key, mismatch_message,
-                        unreadable_message)
+                        unreadable_message, wrong_kwarg_types)
 from cbtool import provenance
 from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
 from cbtool.hub import hub_access
@@ -36,6 +36,8 @@ def parse_model_kwargs(items: list[str] | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
             raise ModelSourceError(f"bad --model-kwargs entry {item!r}: use key=value, e.g. patch_size=4")
+        if key in kwargs:
+            raise ModelSourceError(f"--model-kwargs gives {key} twice ({key}={kwargs[key]!r} and {item}); give it once")
         try:
             kwargs[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -83,7 +85,7 @@ def resolve(
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path} is a folder without config.json: expected a Hugging Face model folder")
-        config = json.loads((path / "config.json").read_text())
+        config = read_json_object(path / "config.json")
         if "architecture" in config and "model_type" not in config:  # a timm model saved with push_to_hub layout
             raise ModelSourceError(f"{path} holds a timm model: use its name with --checkpoint {path}/model.safetensors")
         return _resolve_transformers(str(path), local=True, pretrained=pretrained, num_classes=num_classes,
@@ -141,9 +143,12 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
             model = timm.create_model(name, pretrained=use_hub, **kwargs)
     except CbtoolError:
         raise
-    except TypeError as error:
-        raise ModelSourceError(f"bad architecture argument for {name}: {first_line(error)}") from None
     except Exception as error:  # timm asserts, divides by the patch size, ...: name what was asked for
+        wrong = wrong_kwarg_types(name, kwargs)
+        if wrong:  # the argument whose type the architecture does not take, rather than where that broke it
+            raise ModelSourceError(f"cannot build timm model {name}: {wrong}") from None
+        if isinstance(error, TypeError):
+            raise ModelSourceError(f"bad architecture argument for {name} ({' '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {first_line(error)}") from None
         raise ModelSourceError(f"cannot build timm model {name} with {' '.join(f'{k}={v!r}' for k, v in kwargs.items()) or 'its defaults'}: {first_line(error)}") from None
     if img_size is not None:
         check_input_size(model, img_size, name)
@@ -287,15 +292,40 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         "pretrained": bool(pretrained),
         "checkpoint": None,
     }
-    provenance.attach(model, source=record, data_config=hf_data_config(model.config, processor))
+    data_config = hf_data_config(model.config, processor)
+    if processor:  # the image processor's mean, std and sizes are input like any other file's
+        from cbtool.metadata_check import check_data_config
+
+        check_data_config(data_config, f"{name}/preprocessor_config.json", "its data config")
+    provenance.attach(model, source=record, data_config=data_config)
     return model
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a Hugging Face config); anything else is one line naming the
+    file and, for malformed JSON, the line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelSourceError(f"{path} is not a text file (byte {error.start} is not UTF-8); expected a JSON config") from None
+    except OSError as error:
+        raise ModelSourceError(f"cannot read {path}: {error.strerror}") from None
+    if not text.strip():
+        raise ModelSourceError(f"{path} is empty; expected a JSON config")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"{path} holds a JSON {type(value).__name__}, not an object; expected a JSON config")
+    return value
 
 
 def _image_processor_config(name: str) -> dict | None:
     """The raw ``preprocessor_config.json`` of a local folder or Hub repo, or None when it has none."""
     path = Path(name) / "preprocessor_config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json_object(path)
     if Path(name).is_dir():
         return None
     from huggingface_hub import hf_hub_download

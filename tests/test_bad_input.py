@@ -368,3 +368,344 @@ def test_a_dynamic_size_model_takes_another_multiple_of_its_patch(inputs, tmp_pa
     assert _run(["eval", str(inputs / "dynamic.safetensors"), *EVAL, "--img-size", "32", "--json", str(out)]) == 0, (
         capsys.readouterr().err)
     assert json.loads(out.read_text())["preprocessing"]["input_size"] == [3, 32, 32]
+
+
+# --- issue 19: every error a user can cause is one line -------------------------------------------------------
+# Outputs that cannot be written (a read-only file system, a full disk: small tmpfs mounts, as root), cbtool files
+# whose metadata lies, malformed Hugging Face configs, numbers past what the machine takes, --markdown onto a
+# binary file, --model-kwargs given twice or of the wrong type. Each case: its exit code, one line on stderr, no
+# traceback, no file or temporary left anywhere, and every input (and every file already on the mounts) unchanged.
+
+import errno  # noqa: E402
+import subprocess  # noqa: E402
+import typing  # noqa: E402
+
+from safetensors import safe_open  # noqa: E402
+
+SAMPLE = ["--dataset", "sample", "--limit", "20", "--workers", "0", "--quiet"]
+CASES_19: dict[str, tuple[list[str], int, str]] = {
+    # outputs on a read-only file system: refused before any work, the file already there kept
+    "ro-inject": (["inject", PLAIN, "-o", "{ro}/m.safetensors"], 2, "cannot write {ro}/m.safetensors: the file system is read-only"),
+    "ro-inject-force-over-a-file": (["inject", PLAIN, "-o", "{ro}/old.safetensors", "--force"], 2, "the file system is read-only"),
+    "ro-eval-json": (["eval", CB, *EVAL, "--json", "{ro}/old.json"], 2, "cannot write {ro}/old.json: the file system is read-only"),
+    "ro-eval-plot": (["eval", CB, *EVAL, "--density", "--plot", "{ro}/p.png"], 2, "cannot write {ro}/p.png: the file system"),
+    "ro-check-markdown": (["check", "{in}/results.json", "--baseline", "{in}/results.json", "--markdown", "{ro}/summary.md"], 2,
+                          "cannot write {ro}/summary.md: the file system is read-only"),
+    "ro-check-json": (["check", "{in}/results.json", "--baseline", "{in}/results.json", "--json", "{ro}/c.json"], 2, "read-only"),
+    "ro-compare-plot": (["compare", "{in}/results.json", "{in}/baseline.json", "--plot", "{ro}/p.png"], 2, "read-only"),
+    "ro-compare-markdown": (["compare", "{in}/results.json", "{in}/baseline.json", "--markdown", "{ro}/summary.md"], 2, "read-only"),
+    "ro-compare-json": (["compare", "{in}/results.json", "{in}/baseline.json", "--json", "{ro}/c.json"], 2, "read-only"),
+    "ro-bench-json": (["bench", PLAIN, *BENCH, "--json", "{ro}/b.json"], 2, "cannot write {ro}/b.json: the file system is read-only"),
+    "ro-report": (["report", "{in}/results.json", "-o", "{ro}/r.html"], 2, "cannot write {ro}/r.html: the file system is read-only"),
+    "ro-viz": (["viz", PLAIN, "--dataset", "sample", "--limit", "2", "-o", "{ro}/v.png"], 2, "cannot write {ro}/v.png"),
+    "ro-sweep-folder": (["sweep", PLAIN, *TUNE, "-o", "{ro}/sweep"], 2, "cannot write the sweep folder {ro}/sweep"),
+    "ro-sweep-summarize-plot": (["sweep", "--summarize", "{in}/no-sweep", "--plot", "{ro}/p.png"], 2, "cannot write {ro}/p.png"),
+    "ro-finetune-run-folder": (["finetune", PLAIN, *TUNE, "-o", OUT, "--run-dir", "{ro}/run"], 2, "cannot write the run folder {ro}/run"),
+    "ro-finetune-log": (["finetune", PLAIN, *TUNE, "-o", OUT, "--log", "{ro}/log.jsonl"], 2, "cannot write the --log folder {ro}"),
+    "ro-eval-save-examples": (["eval", CB, *EVAL, "--corruptions", "fog", "--severities", "1", "--save-examples", "{ro}"], 2,
+                              "cannot write the --save-examples folder {ro}"),
+    "ro-finetune-output": (["finetune", PLAIN, *TUNE, "-o", "{ro}/t.safetensors"], 2, "cannot write {ro}/t.safetensors"),
+    # a full disk: refused before any work when nothing is free ...
+    "full-inject": (["inject", PLAIN, "-o", "{full}/m.safetensors"], 2, "cannot write {full}/m.safetensors: no space left on the device"),
+    "full-eval-json-over-a-file": (["eval", CB, *EVAL, "--json", "{full}/keep.json"], 2, "cannot write {full}/keep.json: no space left"),
+    "full-check-json": (["check", "{in}/results.json", "--baseline", "{in}/results.json", "--json", "{full}/c.json"], 2, "no space left"),
+    "full-compare-markdown": (["compare", "{in}/results.json", "{in}/baseline.json", "--markdown", "{full}/s.md"], 2, "no space left"),
+    "full-finetune-run-folder": (["finetune", PLAIN, *TUNE, "-o", OUT, "--run-dir", "{full}/run"], 2, "no space left on the device of {full}"),
+    # ... and when the disk fills in the middle of a write (streamed safetensors, a matplotlib PNG)
+    "small-inject-mid-write": (["inject", PLAIN, "-o", "{small}/m.safetensors"], 2, "cannot write {small}/m.safetensors: no space left"),
+    "small-compare-plot-mid-write": (["compare", "{in}/results.json", "{in}/density.json", "--plot", "{small}/p.png"], 2,
+                                     "cannot write {small}/p.png: no space left"),
+    # cbtool metadata that lies: the file, the key and the value
+    "lie-std-0-eval": (["eval", "{lies}/std0.safetensors", *EVAL], 2, "std0.safetensors: cbtool_data_config.std is [0.5, 0.0, 0.5]"),
+    "lie-crop-0-viz": (["viz", "{lies}/crop0.safetensors", "--dataset", "sample", "--limit", "2", "-o", "{out}/v.png"], 2,
+                       "cbtool_data_config.crop_pct is 0, but it must be in (0, 1]"),
+    "lie-interpolation-finetune": (["finetune", "{lies}/interp.safetensors", *TUNE, "-o", OUT], 2,
+                                   "cbtool_data_config.interpolation is 'cubicle'"),
+    "lie-mean-eval": (["eval", "{lies}/mean.safetensors", *EVAL], 2, "cbtool_data_config.mean is [0.5, 'x']"),
+    "lie-mean-nan-eval": (["eval", "{lies}/mean-nan.safetensors", *EVAL], 2, "cbtool_data_config.mean is [0.5, nan, 0.5]"),
+    "lie-std-2-values": (["eval", "{lies}/std2.safetensors", *EVAL], 2, "cbtool_data_config.std is [0.5, 0.5], but it must be 3"),
+    "lie-input-size-0": (["eval", "{lies}/size0.safetensors", *EVAL], 2, "cbtool_data_config.input_size is [3, 0, 28]"),
+    "lie-crop-mode": (["eval", "{lies}/cropmode.safetensors", *EVAL], 2, "cbtool_data_config.crop_mode is 'diagonal'"),
+    "lie-model-name": (["info", "{lies}/noname.safetensors"], 2, "cbtool_source.model_name is ''"),
+    "lie-model-kwargs": (["eval", "{lies}/kwargs.safetensors", *EVAL], 2, "cbtool_source.model_kwargs is [1, 2]"),
+    "lie-library": (["eval", "{lies}/library.safetensors", *EVAL], 2, "cbtool_source.library is 'keras'"),
+    # Hugging Face folders
+    "hf-empty-config": (["eval", "{lies}/hf-empty", "--no-pretrained", *EVAL], 2, "hf-empty/config.json is empty"),
+    "hf-malformed-config": (["inject", "{lies}/hf-malformed", "--no-pretrained", "-o", OUT], 2,
+                            "hf-malformed/config.json is not valid JSON: Expecting value at line 2, column 7"),
+    "hf-list-config": (["eval", "{lies}/hf-list", "--no-pretrained", *EVAL], 2, "hf-list/config.json holds a JSON list"),
+    "hf-binary-config": (["eval", "{lies}/hf-binary", "--no-pretrained", *EVAL], 2, "hf-binary/config.json is not a text file"),
+    # numbers past what the machine or the libraries take
+    "seed-huge": (["finetune", PLAIN, *TUNE, "--seed", "99999999999999999999999", "-o", OUT], 2,
+                  "--seed must be in [0, 4294967295], not 99999999999999999999999"),
+    "seed-negative": (["finetune", PLAIN, *TUNE, "--seed", "-1", "-o", OUT], 2, "--seed must be in [0, 4294967295], not -1"),
+    "seed-2-to-the-32": (["finetune", PLAIN, *TUNE, "--seed", str(2**32), "-o", OUT], 2, "--seed must be in [0, 4294967295]"),
+    "sweep-seeds-negative": (["sweep", PLAIN, *TUNE, "--seeds", "0,-1", "-o", "{out}/sweep"], 2, "--seeds must be in [0, 4294967295], not -1"),
+    "sweep-seeds-huge": (["sweep", PLAIN, *TUNE, "--seeds", "99999999999999999999999", "-o", "{out}/sweep"], 2,
+                         "--seeds must be in [0, 4294967295]"),
+    "bench-batch-of-940-gb": (["bench", PLAIN, *BENCH[:-3], "--batch-size", "100000000", "--quiet"], 2,
+                              "out of memory at --batch-size 100000000: lower --batch-size"),
+    "bench-batch-past-int32": (["bench", PLAIN, "--batch-size", "3000000000"], 2, "--batch-size must be in [1, 2147483647]"),
+    "eval-batch-past-int32": (["eval", CB, *SAMPLE, "--batch-size", "99999999999999999999"], 2, "--batch-size must be in"),
+    "eval-workers-huge": (["eval", CB, *SAMPLE, "--workers", "100000"], 2, "--workers must be in [0, 1024], not 100000"),
+    "viz-panel-huge": (["viz", PLAIN, "--dataset", "sample", "--limit", "2", "--panel", "100000", "-o", "{out}/v.png"], 2,
+                       "--panel must be in [32, 4096]"),
+    "inject-img-size-huge": (["inject", *VIT, "--img-size", "1000000", "-o", OUT], 2, "--img-size must be in [1, 16384]"),
+    "finetune-steps-huge": (["finetune", PLAIN, *TUNE[:-3], "--steps", str(2**40), "--quiet", "-o", OUT], 2, "--steps must be in"),
+    "auto-augment-bogus": (["finetune", PLAIN, *TUNE, "--auto-augment", "bogus-policy", "-o", OUT], 2,
+                           "--auto-augment 'bogus-policy': unknown policy 'bogus'"),
+    "auto-augment-silent-section": (["finetune", PLAIN, *TUNE, "--auto-augment", "rand-mx", "-o", OUT], 2, "section 'mx' is not one of"),
+    "auto-augment-bad-number": (["finetune", PLAIN, *TUNE, "--auto-augment", "rand-m9x", "-o", OUT], 2, "timm cannot parse it"),
+    "auto-augment-sweep": (["sweep", PLAIN, *TUNE, "--auto-augment", "rand-n1000", "-o", "{out}/sweep"], 2, "n must be in [0, 64]"),
+    # --markdown onto a binary file; --model-kwargs given twice or of the wrong type
+    "check-markdown-binary": (["check", "{in}/results.json", "--baseline", "{in}/results.json", "--markdown", "{lies}/picture.md"],
+                              2, "cannot append to {lies}/picture.md: it is not a UTF-8 text file (byte 0x89 at offset 0)"),
+    "compare-markdown-binary": (["compare", "{in}/results.json", "{in}/baseline.json", "--markdown", "{lies}/nul.md"], 2,
+                                "not a UTF-8 text file (byte 0x00 at offset 2)"),
+    "kwargs-twice": (["inject", *VIT, "--model-kwargs", "patch_size=4", "patch_size=7", "-o", OUT], 2,
+                     "--model-kwargs gives patch_size twice (patch_size=4 and patch_size=7); give it once"),
+    "kwargs-text-for-a-number": (["inject", *VIT, "--model-kwargs", "embed_dim=abc", "-o", OUT], 2,
+                                 "--model-kwargs embed_dim=abc: embed_dim takes a whole number, not 'abc'"),
+    "kwargs-fraction-for-a-count": (["bench", *VIT, "--model-kwargs", *ARCH[:2], "depth=1.5", *BENCH], 2,
+                                    "--model-kwargs depth=1.5: depth takes a whole number, not 1.5"),
+}  # fmt: skip
+
+
+def _mount(folder: Path, options: str) -> None:
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def mounts(tmp_path_factory):
+    """``ro``: a read-only tmpfs holding files; ``full``: a 64 KiB tmpfs filled up (one file kept); ``small``: an empty
+    64 KiB tmpfs that fills in the middle of a larger write. Root only (chmod does not stop root)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (a read-only folder made by chmod does not stop root either)")
+    root = tmp_path_factory.mktemp("mounts")
+    made = []
+    try:
+        for name, options in (("ro", "size=1m"), ("full", "size=64k"), ("small", "size=64k")):
+            _mount(root / name, options)
+            made.append(root / name)
+    except (OSError, subprocess.CalledProcessError) as error:
+        for folder in made:
+            subprocess.run(["umount", str(folder)], check=False)
+        pytest.skip(f"cannot mount a tmpfs here ({error}); the read-only and full-disk cases need one")
+    (root / "ro" / "old.json").write_text('{"old": true}\n')
+    (root / "ro" / "summary.md").write_text("# earlier steps\n")
+    (root / "ro" / "old.safetensors").write_bytes(b"old model")
+    subprocess.run(["mount", "-o", "remount,ro", str(root / "ro")], check=True)
+    (root / "full" / "keep.json").write_text('{"keep": true}\n')
+    with pytest.raises(OSError) as filled, open(root / "full" / "filler", "wb") as handle:
+        while True:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+    assert filled.value.errno == errno.ENOSPC
+    yield {"ro": str(root / "ro"), "full": str(root / "full"), "small": str(root / "small")}
+    for folder in made:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def _edited(source: Path, target: Path, key: str, **changes) -> None:
+    """A copy of the cbtool file ``source`` whose metadata ``key`` has ``changes`` (what an edited or bit-flipped file says)."""
+    from safetensors.torch import load_file
+
+    with safe_open(str(source), "pt") as handle:
+        metadata = dict(handle.metadata())
+    record = json.loads(metadata[key])
+    record.update(changes)
+    save_file(load_file(str(source)), str(target), metadata={**metadata, key: json.dumps(record)})
+
+
+@pytest.fixture(scope="module")
+def lies(inputs, tmp_path_factory) -> Path:
+    """Files whose contents lie or are malformed: cbtool metadata, Hugging Face configs, binary summaries."""
+    folder = tmp_path_factory.mktemp("lies")
+    plain, data = inputs / "plain.safetensors", "cbtool_data_config"
+    for name, changes in {"std0": {"std": [0.5, 0.0, 0.5]}, "crop0": {"crop_pct": 0}, "interp": {"interpolation": "cubicle"},
+                          "mean": {"mean": [0.5, "x"]}, "mean-nan": {"mean": [0.5, math.nan, 0.5]},
+                          "std2": {"std": [0.5, 0.5]}, "size0": {"input_size": [3, 0, 28]},
+                          "cropmode": {"crop_mode": "diagonal"}}.items():  # fmt: skip
+        _edited(plain, folder / f"{name}.safetensors", data, **changes)
+    _edited(plain, folder / "noname.safetensors", "cbtool_source", model_name="")
+    _edited(plain, folder / "kwargs.safetensors", "cbtool_source", model_kwargs=[1, 2])
+    _edited(plain, folder / "library.safetensors", "cbtool_source", library="keras")
+    for name, content in {"hf-empty": b"", "hf-malformed": b'{"model_type": "vit",\n "x": }', "hf-list": b"[1]",
+                          "hf-binary": b"\xff\xfe{}"}.items():  # fmt: skip
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_bytes(content)
+    (folder / "picture.md").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    (folder / "nul.md").write_bytes(b"ab\0cd")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def density_results(inputs) -> None:
+    """A results file with per-layer density, so that compare --plot has something to draw."""
+    path = inputs / "density.json"
+    if not path.exists():
+        assert _run(["eval", str(inputs / "cb.safetensors"), *EVAL, "--density", "--json", str(path)]) == 0
+
+
+@pytest.mark.parametrize("case_id", CASES_19)
+def test_bad_input_19(case_id, inputs, lies, density_results, tmp_path, capsys, monkeypatch, request):
+    argv, code, phrase = CASES_19[case_id]
+    fill = {"in": str(inputs), "lies": str(lies), "out": str(tmp_path / "out")}
+    if any(f"{{{name}}}" in arg for arg in argv for name in ("ro", "full", "small")):
+        fill.update(request.getfixturevalue("mounts"))
+    monkeypatch.delenv("CBTOOL_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    watched = [Path(fill[name]) for name in ("in", "lies", "ro", "full", "small") if name in fill]
+    before = [_listing(folder) for folder in watched]
+    result = _run([arg.format(**fill) for arg in argv])
+    captured = capsys.readouterr()
+    assert result == code, captured.err
+    assert "Traceback" not in captured.out + captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cbtool: error: "), captured.err
+    assert phrase.format(**fill) in lines[0], lines[0]
+    assert list(out.iterdir()) == []  # no output, no temporary, no run folder
+    assert [_listing(folder) for folder in watched] == before  # inputs, and files already on the mounts, as they were
+
+
+def test_the_issue_19_battery_covers_every_writing_command():
+    writers = {argv[0] for case, (argv, _, _) in CASES_19.items() if case.startswith(("ro-", "full-", "small-"))}
+    assert writers == {"inject", "eval", "check", "compare", "bench", "report", "viz", "sweep", "finetune"}
+
+
+def test_every_integer_option_has_a_range():
+    """Each integer parameter of each command is named in ranges.INT_OPTIONS (which the CLI checks before any work)."""
+    from cbtool.cli.app import app
+    from cbtool.ranges import INT_OPTIONS, SEED_MAX
+
+    found = set()
+    for command in app.registered_commands:
+        function = getattr(command.callback, "__wrapped__", command.callback)
+        for name, hint in typing.get_type_hints(function, include_extras=True).items():
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            if base in (int, typing.Optional[int]):
+                found.add(name)
+    assert found and found <= set(INT_OPTIONS), sorted(found - set(INT_OPTIONS))
+    assert INT_OPTIONS["seed"] == (0, SEED_MAX) == (0, 2**32 - 1)
+
+
+def _check_markdown(inputs: Path, target: str) -> int:
+    return _run(["check", str(inputs / "results.json"), "--baseline", str(inputs / "results.json"), "--markdown", target])
+
+
+def test_markdown_appends_to_a_text_file_on_a_new_line(inputs, tmp_path, capsys):
+    summary = tmp_path / "summary.md"
+    summary.write_text("# step one")  # no final newline
+    assert _check_markdown(inputs, str(summary)) == 0
+    text = summary.read_text()
+    assert text.startswith("# step one\n### cbtool check passed\n")
+    assert _check_markdown(inputs, str(summary)) == 0
+    assert summary.read_text() == text + text[len("# step one\n"):]  # the second summary after the first
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+
+
+def test_markdown_appends_through_a_symlink(inputs, tmp_path, capsys):
+    """GitHub's step summary may be a link: the link stays a link and its target gets the summary."""
+    target, link = tmp_path / "target.md", tmp_path / "link.md"
+    target.write_text("earlier\n")
+    link.symlink_to(target)
+    assert _check_markdown(inputs, str(link)) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text().startswith("earlier\n### cbtool check passed\n")
+
+
+def test_markdown_appends_through_a_proc_self_fd_path(inputs, tmp_path, capsys):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc/self/fd on this system")
+    target = tmp_path / "summary.md"
+    target.write_text("earlier\n")
+    with open(target, "a") as handle:
+        assert _check_markdown(inputs, f"/proc/self/fd/{handle.fileno()}") == 0
+    assert target.read_text().startswith("earlier\n### cbtool check passed\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]
+
+
+def test_markdown_through_a_link_to_a_binary_file_is_refused(inputs, lies, tmp_path, capsys):
+    link = tmp_path / "link.md"
+    link.symlink_to(lies / "picture.md")
+    before = _listing(lies)
+    assert _check_markdown(inputs, str(link)) == 2
+    assert capsys.readouterr().err.strip().endswith("(byte 0x89 at offset 0); name a new file or a text file")
+    assert _listing(lies) == before and link.is_symlink()
+
+
+def test_an_existing_file_survives_a_full_disk_in_the_middle_of_a_write(mounts, capsys):
+    """The temp-and-rename layer: the old file is kept whole, the temporary removed, the error one line."""
+    from cbtool.errors import OutputError
+    from cbtool.files import atomic_path
+
+    small = Path(mounts["small"])
+    old = small / "report.json"
+    old.write_text("old\n")
+    try:
+        with pytest.raises(OutputError, match=r"cannot write .*report\.json: no space left on the device"):
+            with atomic_path(old) as temporary:
+                temporary.write_bytes(b"x" * 200_000)
+        assert old.read_text() == "old\n" and [p.name for p in small.iterdir()] == ["report.json"]
+    finally:
+        old.unlink()
+
+
+@pytest.mark.parametrize("message", ["[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                                     "you tried to allocate 940000000000 bytes.", "CUDA out of memory. Tried to allocate 9 GiB"])
+def test_eval_and_finetune_name_the_batch_size_when_memory_runs_out(message, inputs, tmp_path, capsys, monkeypatch):
+    """The allocator's refusal, where it happens (a forward), becomes one line naming --batch-size."""
+    import cbtool.evaluation
+    import cbtool.train.loop
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cbtool.evaluation, "autocast_context", refuse)
+    assert _run(["eval", str(inputs / "cb.safetensors"), *EVAL]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["cbtool: error: out of memory at --batch-size 10: lower --batch-size"]
+    monkeypatch.setattr(cbtool.train.loop, "_train_step", refuse)
+    assert _run(["finetune", str(inputs / "plain.safetensors"), *TUNE, "-o", str(tmp_path / "t.safetensors")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cbtool: error: out of memory on cpu at --batch-size 10: use a smaller --batch-size")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_a_bug_shows_its_traceback_and_where_to_report_it(inputs, capsys, monkeypatch):
+    """Only a bug in cbtool prints a traceback, and then it says where to report it; CBTOOL_DEBUG=1 re-raises."""
+    import cbtool.results
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.delenv("CBTOOL_DEBUG", raising=False)
+    monkeypatch.setattr(cbtool.results, "load_results", broken)
+    argv = ["check", str(inputs / "results.json"), "--baseline", str(inputs / "results.json")]
+    assert _run(argv) == 70
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err
+    assert err.strip().splitlines()[-1].startswith("cbtool: this is a bug in cbtool, not a problem with your input: please report it")
+    monkeypatch.setenv("CBTOOL_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(argv)
+
+
+def test_library_users_get_the_same_ranges():
+    from cbtool.errors import CbtoolError
+    from cbtool.sweep.plan import parse_seeds
+    from cbtool.train import FinetuneConfig
+
+    with pytest.raises(CbtoolError, match=r"--seed must be in \[0, 4294967295\], not -3"):
+        FinetuneConfig(seed=-3)
+    with pytest.raises(CbtoolError, match=r"--auto-augment 'rand-mx'"):
+        FinetuneConfig(auto_augment="rand-mx")
+    assert FinetuneConfig(seed=2**32 - 1, auto_augment="rand-m9-mstd0.5-tweights").seed == 2**32 - 1
+    assert parse_seeds("0,4294967295") == [0, 2**32 - 1]
+    with pytest.raises(CbtoolError, match=r"--seeds must be in"):
+        parse_seeds("4294967296")

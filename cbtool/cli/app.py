@@ -14,6 +14,7 @@ import typer
 
 from cbtool import __version__
 from cbtool.cli import bench, check, compare, eval as eval_cmd, families, finetune, info, inject, report_page, sweep, viz
+from cbtool.ranges import check_int_options
 
 app = typer.Typer(
     name="cbtool",
@@ -72,6 +73,7 @@ def interruptible(command: Callable) -> Callable:
         from cbtool.errors import Interrupted
 
         files.written.clear()
+        check_int_options(kwargs)  # every integer option against its range in cbtool.ranges, before any work
         try:
             with sigint_outside_imports():
                 return command(*args, **kwargs)
@@ -131,7 +133,8 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: known errors become one line on stderr (``CBTOOL_DEBUG=1`` shows the traceback)."""
+    """Console entry point: known errors become one line on stderr (``CBTOOL_DEBUG=1`` shows the traceback); any
+    other exception is a bug in cbtool: its traceback, then where to report it (exit 70)."""
     from cbtool.errors import CbtoolError
 
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
@@ -147,3 +150,13 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # between commands, or in Typer itself
         print("cbtool: interrupted; nothing was written", file=sys.stderr)
         sys.exit(130)
+    except Exception:  # not a user error: a bug, shown with its traceback and where to report it
+        if os.environ.get("CBTOOL_DEBUG"):
+            raise
+        import traceback
+
+        from cbtool.errors import BUG_EXIT_CODE, BUG_REPORT_HINT
+
+        traceback.print_exc()
+        print(f"cbtool: {BUG_REPORT_HINT}", file=sys.stderr)
+        sys.exit(BUG_EXIT_CODE)

@@ -65,7 +65,7 @@ def check_command(
     import sys
 
     from cbtool.check import check_results, parse_rules
-    from cbtool.files import check_output_folder, check_outputs, write_json_atomic, write_text_atomic
+    from cbtool.files import check_output_folder, check_outputs, check_text_file, write_json_atomic, write_text_atomic
     from cbtool.results import load_results
 
     rules = parse_rules(max_drop or [], max_rise or [])
@@ -73,6 +73,8 @@ def check_command(
     for path in (json_out, markdown):
         if path is not None:
             check_output_folder(path)
+    if markdown is not None:
+        check_text_file(markdown)  # appended to: a binary file there is refused before the comparison
     report = check_results(
         load_results(results),
         load_results(baseline),

@@ -27,7 +27,7 @@ def compare_command(
 
     from cbtool.check import compare_results
     from cbtool.errors import CbtoolError
-    from cbtool.files import check_output_folder, check_outputs, write_json_atomic, write_text_atomic
+    from cbtool.files import check_output_folder, check_outputs, check_text_file, write_json_atomic, write_text_atomic
     from cbtool.report import comparison_markdown, comparison_text, plot_density
     from cbtool.results import load_results
 
@@ -35,6 +35,8 @@ def compare_command(
     for path in (json_out, plot, markdown):
         if path is not None:
             check_output_folder(path)
+    if markdown is not None:
+        check_text_file(markdown)  # appended to: a binary file there is refused before the comparison
     comparison = compare_results([load_results(path) for path in files], [str(path) for path in files])
     plottable = [m for m in comparison.models if (m.get("density") or {}).get("entropy_per_layer") or m.get("cb_scales")]
     if plot is not None and not plottable:

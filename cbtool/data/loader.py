@@ -161,6 +161,11 @@ class Loader:
         self.loader, self.dataset, self.sampler = loader, dataset, sampler
         self._generator, self._seed, self._rank = generator, seed, rank
 
+    @property
+    def batch_size(self) -> int | None:
+        """Images per batch (per process), as the DataLoader was built."""
+        return self.loader.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         """Pick the training epoch: its shuffle order and its augmentation seeds."""
         if hasattr(self.sampler, "set_epoch"):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cbtool.errors import DatasetError
+from cbtool.metadata_check import INTERPOLATIONS  # noqa: F401  (public name kept here)
 
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
@@ -59,3 +59,54 @@ def build_transform(data_config: dict, *, is_training: bool = False, img_size=No
         input_size=config["input_size"], is_training=False, interpolation=config["interpolation"],
         mean=config["mean"], std=config["std"], crop_pct=config["crop_pct"], crop_mode=config["crop_mode"],
     )  # fmt: skip
+
+
+# timm's policy families (the first dash-separated section) and the numeric sections each one reads.
+_AUGMENT_SECTIONS = {"rand": ("m", "n", "p", "mstd", "mmax", "inc"), "augmix": ("m", "w", "d", "a", "b", "mstd"),
+                     "original": ("mstd",), "originalr": ("mstd",), "v0": ("mstd",), "v0r": ("mstd",), "3a": ("mstd",)}
+_AUGMENT_COUNTS = {"n": 64, "w": 64, "d": 64}  # ops per image, chains: each costs time on every training image
+
+
+def check_auto_augment(policy: str) -> str:
+    """``policy`` unchanged when timm can build it (parsed by timm itself, with a sample image size); otherwise
+    one line naming the section it does not take. timm skips a section without a number silently, so those
+    are refused here, and so are op counts that would make every image take seconds."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    sections = policy.split("-")
+    family = sections[0]
+    if family not in _AUGMENT_SECTIONS:
+        raise DatasetError(f"--auto-augment {policy!r}: unknown policy {family!r}; use rand-..., augmix-... or one of "
+                           f"{', '.join(name for name in _AUGMENT_SECTIONS if name not in ('rand', 'augmix'))} "
+                           "(e.g. rand-m9-mstd0.5)")  # fmt: skip
+    for section in sections[1:]:
+        if family == "rand" and section.startswith("t"):
+            continue  # a transform-set name, e.g. tweights
+        key, value = _split_section(section)
+        if key not in _AUGMENT_SECTIONS[family] or not value:
+            raise DatasetError(f"--auto-augment {policy!r}: section {section!r} is not one of {family}'s "
+                               f"{', '.join(name + 'N' for name in _AUGMENT_SECTIONS[family])}")
+        if key in _AUGMENT_COUNTS and not 0 <= _number(value) <= _AUGMENT_COUNTS[key]:
+            raise DatasetError(f"--auto-augment {policy!r}: {key} must be in [0, {_AUGMENT_COUNTS[key]}], not {value}")
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}  # what timm's create_transform passes
+    build = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(family, auto_augment_transform)
+    try:
+        build(policy, hparams)
+    except Exception as error:  # timm asserts, and int()/float() raise on a malformed number
+        raise DatasetError(f"--auto-augment {policy!r}: timm cannot parse it ({error or type(error).__name__})") from None
+    return policy
+
+
+def _split_section(section: str) -> tuple[str, str]:
+    """``"mstd0.5"`` -> ("mstd", "0.5"), as timm splits it (at the first digit)."""
+    import re
+
+    parts = re.split(r"(\d.*)", section, maxsplit=1)
+    return (parts[0], parts[1]) if len(parts) > 1 else (section, "")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return -2.0  # outside every count's range: refused with the count's own message

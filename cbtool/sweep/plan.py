@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cbtool.errors import CbtoolError, OutputError
+from cbtool.ranges import check_seed
 
 PLAIN = "plain"
 SWEEP_FILE = "sweep.json"
@@ -154,6 +155,7 @@ def parse_seeds(text: str) -> list[int]:
             seeds.append(int(item))
         except ValueError:
             raise CbtoolError(f"--seeds takes whole numbers like 0,1,2, not {item!r}") from None
+        check_seed("--seeds", seeds[-1])
     if len(set(seeds)) != len(seeds):
         raise CbtoolError(f"--seeds repeats a seed ({text}); each seed runs once per variant")
     return seeds

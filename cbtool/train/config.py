@@ -10,7 +10,7 @@ from torch import nn
 
 from cbtool.errors import CbtoolError
 from cbtool.optim import parse_train_parts
-from cbtool.ranges import check_range
+from cbtool.ranges import check_range, check_seed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_INFO_NAME = "checkpoint.json"
@@ -100,6 +100,11 @@ class FinetuneConfig:
                   "color_jitter": (self.color_jitter, 0, None, False, False), "workers": (self.workers, 0, None, False, False)}  # fmt: skip
         for name, (value, low, high, low_open, high_open) in ranges.items():
             check_range(f"--{name.replace('_', '-')}", value, low, high, low_open=low_open, high_open=high_open)
+        check_seed("--seed", self.seed)
+        if self.auto_augment is not None:
+            from cbtool.data.transforms import check_auto_augment
+
+            check_auto_augment(self.auto_augment)
         for beta in self.betas:
             check_range("betas", beta, 0, 1, high_open=True)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]

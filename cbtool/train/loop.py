@@ -20,6 +20,7 @@ from torch import nn
 from cbtool import distributed
 from cbtool.checkpoint import save, unwrap
 from cbtool.errors import TrainingError
+from cbtool.memory import is_out_of_memory
 from cbtool.optim import ramp_factor
 from cbtool.surgery import set_ramp
 from cbtool.train.config import FinetuneConfig, FinetuneResult, Interrupted, State
@@ -196,7 +197,9 @@ def _loop(t: _Training) -> dict | None:
         raise Interrupted(state.step, run.dir, path if t.info.is_main else None) from None
     except KeyboardInterrupt:  # a second Ctrl-C before the first was handled at a step boundary
         raise Interrupted(state.step, run.dir, None, again=True) from None
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError, or the CPU allocator's RuntimeError
+        if not is_out_of_memory(error):
+            raise
         raise TrainingError(
             f"out of memory on {t.device} at --batch-size {config.batch_size}: use a smaller --batch-size, and "
             f"--grad-accum to keep the effective batch (e.g. --batch-size {max(config.batch_size // 2, 1)} "

@@ -199,6 +199,8 @@ def check_run_outputs(output, *, save_best=None, log=None, run_dir=None, resume=
         check_output_path(save_best, force=force)
     folder = run_dir or (find_checkpoint(resume).parent if resume else "runs")
     check_writable_folder(folder, "run folder", "pick another with --run-dir, or run from a writable folder")
+    if log is not None:  # appended to at every step: a full or read-only folder must fail now, not mid-run
+        check_writable_folder(Path(log).expanduser().parent, "--log folder", "pick another --log file")
 
 
 def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, force: bool, *, resuming: bool) -> None:

@@ -37,6 +37,7 @@ def load_run(path: str | Path) -> tuple[nn.Module, dict]:
     """
     from cbtool import provenance
     from cbtool.architectures import rebuild
+    from cbtool.metadata_check import check_data_config, check_source
     from cbtool.spec import CBSpec
     from cbtool.surgery import inject
 
@@ -44,6 +45,10 @@ def load_run(path: str | Path) -> tuple[nn.Module, dict]:
     record = info.get("record") or {}
     if not record.get("source"):
         raise CbtoolError(f"the run in {path} does not say how to rebuild the model (it was trained from a model without a cbtool source)")
+    where = str(find_checkpoint(path).with_name(CHECKPOINT_INFO_NAME))
+    check_source(record["source"], where, "record.source")
+    if record.get("data_config"):
+        check_data_config(record["data_config"], where, "record.data_config")
     model = rebuild(record["source"])
     if record.get("spec"):
         inject(model, CBSpec.from_dict(record["spec"]))

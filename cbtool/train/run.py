@@ -23,6 +23,7 @@ from torch import nn
 from cbtool import distributed
 from cbtool.checkpoint import atomic_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
+from cbtool.files import writing
 from cbtool.train.config import CHECKPOINT_FORMAT, CHECKPOINT_INFO_NAME, CHECKPOINT_NAME, LOG_NAME, FinetuneConfig, State
 
 
@@ -95,8 +96,8 @@ class Run:
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "total_steps": total_steps,
         }
-        with atomic_path(path) as temporary:
-            torch.save(payload, temporary)
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+            torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
         summary = {"step": state.step, "epoch": state.epoch, "pos": state.pos, "time": time.time(),
                    "world_size": self.info.world_size, "config": self.config.to_dict(), "run_info": self.config.run_info,
                    "record": record}  # fmt: skip
@@ -212,7 +213,7 @@ class RunLog:
     def write(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
+        with writing(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str) + "\n")
 
 
