@@ -479,13 +479,13 @@ def _mount(folder: Path, options: str) -> None:
 @pytest.fixture(scope="module")
 def mounts(tmp_path_factory):
     """``ro``: a read-only tmpfs holding files; ``full``: a 64 KiB tmpfs filled up (one file kept); ``small``: an empty
-    64 KiB tmpfs that fills in the middle of a larger write. Root only (chmod does not stop root)."""
+    16 KiB tmpfs that fills in the middle of a larger write. Root only (chmod does not stop root)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (a read-only folder made by chmod does not stop root either)")
     root = tmp_path_factory.mktemp("mounts")
     made = []
     try:
-        for name, options in (("ro", "size=1m"), ("full", "size=64k"), ("small", "size=64k")):
+        for name, options in (("ro", "size=1m"), ("full", "size=64k"), ("small", "size=16k")):
             _mount(root / name, options)
             made.append(root / name)
     except (OSError, subprocess.CalledProcessError) as error:
