@@ -22,6 +22,7 @@ from cbtool.errors import CbtoolError
 # squeue's states of a job that is still SLURM's to run: a second job for its run would train it twice.
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD")  # fmt: skip
+MAX_REQUEUES = 20
 TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 
 
@@ -162,7 +163,9 @@ def executor(folder: str | Path, options: SlurmOptions, name: str, cluster: str 
     local executor (the same submission code, processes on this machine)."""
     import submitit
 
-    made = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    # submitit counts a signal within 10 min of a short limit as a time-out and stops requeueing after
+    # max_num_timeout of them (3 by default); a long run under short limits needs more, and resumes each time.
+    made = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_REQUEUES)
     made.update_parameters(name=name, **options.executor_parameters())
     return made
 
