@@ -216,3 +216,102 @@ def test_an_unreachable_controller_is_one_line(tmp_path, slurm, main_cli, monkey
     code, err = main_cli("sweep", *MODEL, *QUICK, "-o", tmp_path / "sweep", *ONE_CPU)
     assert code == 2 and "SLURM is not reachable (sinfo:" in err, err
     assert not (tmp_path / "sweep").exists()
+
+
+# Without a SLURM cluster: the checks, and the submission code through submitit's local executor.
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30", 2), ("1:30:00", 90), ("2-00", 2880), ("1-2:30", 1590),
+                                           ("0-0:0:30", 1)])  # fmt: skip
+def test_slurm_time_limits_read_as_minutes(text, minutes):
+    from cbtool.cluster import parse_time
+
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("text, message", [("1h", "is not a SLURM time limit"), ("0", "gives the job no time"),
+                                           ("1:2:3:4", "is not a SLURM time limit")])  # fmt: skip
+def test_bad_time_limits_are_refused(text, message):
+    from cbtool.cluster import parse_time
+    from cbtool.errors import CbtoolError
+
+    with pytest.raises(CbtoolError, match=message):
+        parse_time(text)
+
+
+def test_slurm_params_become_sbatch_flags():
+    from cbtool.cluster import SlurmOptions, parse_params
+
+    options = SlurmOptions(partition="gpu", time=90, nodes=2, gpus_per_node=4, mem="64G",
+                           params=parse_params(["mail-type=END", "exclusive=user"]))  # fmt: skip
+    assert options.tasks == 8
+    assert options.sbatch_flags() == ["--partition=gpu", "--time=90", "--nodes=2", "--ntasks-per-node=4",
+                                      "--gpus-per-node=4", "--mem=64G", "--mail-type=END", "--exclusive=user"]  # fmt: skip
+    assert options.executor_parameters() == {
+        "timeout_min": 90, "nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4, "slurm_partition": "gpu",
+        "slurm_mem": "64G", "slurm_additional_parameters": {"mail_type": "END", "exclusive": "user"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--slurm-partition", "gpu"], "--slurm-partition is for jobs submitted with --slurm; add --slurm or drop it"),
+    (["--slurm", "--devices", "cpu,cpu"], "--devices spreads runs over this machine; with --slurm each run is a job"),
+    (["--slurm", "--torchrun", "2"], "--torchrun spreads runs over this machine"),
+    (["--slurm", "--slurm-time", "soon"], "--slurm-time 'soon' is not a SLURM time limit"),
+    (["--slurm", "--slurm-param", "mail-type"], "--slurm-param 'mail-type' is not KEY=VALUE"),
+])  # fmt: skip
+def test_bad_slurm_options_are_one_line(tmp_path, main_cli, args, message):
+    out = tmp_path / "sweep"
+    code, err = main_cli("sweep", *MODEL, *QUICK, "-o", out, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_no_submitit_or_no_slurm_is_one_line_before_anything_is_written(tmp_path, main_cli, monkeypatch):
+    out = tmp_path / "sweep"
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit fails
+    code, err = main_cli("sweep", *MODEL, *QUICK, "-o", out, "--slurm")
+    assert code == 2 and "submitit, which is not installed: pip install 'cbtool[slurm]'" in err, err
+    code, err = main_cli("finetune", *MODEL, "--dataset", "sample", "-o", tmp_path / "m.safetensors", "--slurm")
+    assert code == 2 and "not installed" in err, err
+    monkeypatch.delitem(sys.modules, "submitit")
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    code, err = main_cli("sweep", *MODEL, *QUICK, "-o", out, "--slurm")
+    assert code == 2 and "--slurm needs SLURM's commands (sbatch, sinfo, squeue not found on PATH)" in err, err
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_status_refuses_other_options_and_folders_without_a_sweep(tmp_path, main_cli):
+    code, err = main_cli("sweep", "--status", tmp_path)
+    assert code == 2 and "holds no sweep" in err, err
+    code, err = main_cli("sweep", "--status", tmp_path, "--seeds", "0,1")
+    assert code == 2 and "--seeds does nothing with --status, which reads the sweep folder" in err, err
+
+
+@pytest.mark.slow
+def test_local_executor_runs_the_array_and_the_last_job_summarizes(tmp_path, job_env, monkeypatch):
+    """submitit's local executor (processes here) runs the same submission and job code: every run finishes,
+    the last job writes the summary, a second submission finds nothing to do, --status reads it."""
+    pytest.importorskip("submitit")
+    from cbtool.cluster import SlurmOptions
+    from cbtool.sweep.slurm import status_text, submit_sweep, sweep_status
+    from cbtool.sweep.start import make_plan
+
+    options = dict(no_pretrained=True, num_classes=10, img_size=28,
+                   model_kwargs=["patch_size=7", "embed_dim=32", "depth=2", "num_heads=2"], limit=200, val_limit=60,
+                   steps=3, batch_size=32, workers=0, quiet=True)  # fmt: skip
+    plan = make_plan("vit_tiny_patch16_224", "sample", variants="plain,cb", seeds="0", eval_limit=100, **options)
+    out = tmp_path / "sweep"
+    notes: list[str] = []
+    submitted = submit_sweep(plan, out, SlurmOptions(time=10), cluster="local", note=notes.append)
+    assert [r["run"] for r in submitted] == ["plain-seed0", "cb-mlp-seed0"] and all(r["cluster"] == "local" for r in submitted)
+    assert notes == [f"run 1/2 plain-seed0: submitted as job {submitted[0]['job']} (to train)",
+                     f"run 2/2 cb-mlp-seed0: submitted as job {submitted[1]['job']} (to train)"]  # fmt: skip
+    wait_for_jobs(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [cell["name"] for cell in summary["cells"]] == ["plain", "cb-mlp"] and summary["missing"] == []
+    again = make_plan("vit_tiny_patch16_224", "sample", variants="plain,cb", seeds="0", eval_limit=100, **options)
+    assert submit_sweep(again, out, SlurmOptions(time=10), cluster="local") == []
+    rows = sweep_status(out)
+    assert [(row["run"], row["state"], row["step"]) for row in rows] == [("plain-seed0", "finished", 3), ("cb-mlp-seed0", "finished", 3)]
+    assert status_text(rows).splitlines()[-1] == "2 finished"
