@@ -315,3 +315,15 @@ def test_local_executor_runs_the_array_and_the_last_job_summarizes(tmp_path, job
     rows = sweep_status(out)
     assert [(row["run"], row["state"], row["step"]) for row in rows] == [("plain-seed0", "finished", 3), ("cb-mlp-seed0", "finished", 3)]
     assert status_text(rows).splitlines()[-1] == "2 finished"
+
+
+def test_a_local_sweep_is_refused_while_the_folders_jobs_run(tmp_path, main_cli):
+    """Starting the sweep here while its jobs are queued or running would train their runs twice."""
+    from cbtool.sweep.slurm import _write_jobs
+
+    out = tmp_path / "sweep"
+    (out / "slurm").mkdir(parents=True)
+    _write_jobs(out, [{"run": "plain-seed0", "job": str(os.getpid()), "cluster": "local", "submitted": 0.0}])
+    code, err = main_cli("sweep", *MODEL, *QUICK, "-o", out)
+    assert code == 2 and f"has 1 SLURM job(s) queued or running (run plain-seed0: job {os.getpid()} is running)" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["slurm"]

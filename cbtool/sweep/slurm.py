@@ -95,6 +95,21 @@ def submit_sweep(plan: SweepPlan, root: str | Path, options: SlurmOptions, *, cl
     return new
 
 
+def refuse_if_jobs_run(root: str | Path) -> None:
+    """A local sweep in a folder whose SLURM jobs are queued or running would train their runs twice: refused.
+    Where SLURM's commands are missing (the folder was copied off the cluster), its jobs cannot run here."""
+    import shutil
+
+    records = read_jobs(root)
+    if not records or (shutil.which("squeue") is None and any(r.get("cluster") != "local" for r in records)):
+        return
+    active = _active(records)
+    if active:
+        run, (job, state) = next(iter(active.items()))
+        raise CbtoolError(f"{root} has {len(active)} SLURM job(s) queued or running (run {run}: job {job} is "
+                          f"{state.lower()}); wait for them (cbtool sweep --status {root}), or scancel them first")  # fmt: skip
+
+
 def read_jobs(root: str | Path) -> list[dict[str, Any]]:
     path = Path(root) / JOBS_FOLDER / JOBS_FILE
     if not path.is_file():
