@@ -23,6 +23,7 @@ from cbtool.errors import CbtoolError
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD")  # fmt: skip
 MAX_REQUEUES = 20
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
 
 
@@ -82,7 +83,7 @@ def parse_time(text: str | int) -> int:
     """A SLURM time limit (``90``, ``1:30:00``, ``2-00``) -> whole minutes, rounded up."""
     if isinstance(text, int):
         return text
-    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    match = _TIME.fullmatch(text.strip())
     if not match:
         raise CbtoolError(f"--slurm-time {text!r} is not a SLURM time limit: give {TIME_FORMATS}")
     days, first, second, third = (int(g) if g is not None else None for g in match.groups())
@@ -136,7 +137,7 @@ def check_cluster(options: SlurmOptions) -> None:
         raise CbtoolError(f"unknown SLURM partition {options.partition!r}: this cluster has "
                           f"{', '.join(sorted(k for k in limits if k)) or 'none'}")  # fmt: skip
     limit = limits.get(options.partition)
-    if limit and limit not in ("infinite", "n/a") and options.time > parse_time(limit):
+    if limit and _TIME.fullmatch(limit) and options.time > parse_time(limit):  # not "infinite"
         where = f"partition {options.partition!r}" if options.partition else "the default partition"
         raise CbtoolError(f"--slurm-time {options.time} min is over the {limit} limit of {where}; ask for less time "
                           "(runs resume when requeued)")  # fmt: skip
@@ -193,8 +194,9 @@ def requeue_on_preemption() -> Iterator[None]:
     preempted = []
 
     def stop_at_next_step(signum, frame):
+        if not preempted:  # once: a second Ctrl-C would cut the checkpoint short
+            os.kill(os.getpid(), signal.SIGINT)  # the training loop's deferred Ctrl-C: save at the step boundary
         preempted.append(signum)
-        os.kill(os.getpid(), signal.SIGINT)  # the training loop's deferred Ctrl-C: save at the step boundary
 
     signal.signal(preempt, stop_at_next_step)
     try:
