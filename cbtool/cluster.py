@@ -250,9 +250,14 @@ def job_ended(folder: str | Path, job_id: str) -> tuple[bool, str]:
     return paths.result_pickle.exists(), log_tail(paths.stderr)
 
 
+_PROGRESS_BAR = re.compile(r"[^|\r\n]*\d+%\|[^|]*\|[^\]]*\]")  # tqdm: "finetune:  27%|██▋  | 398/1500 [...]"
+
+
 def log_tail(path: Path, lines: int = 3) -> str:
+    """The last ``lines`` lines of a job's log, progress bars left out."""
     try:
-        text = [line.rstrip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        text = _PROGRESS_BAR.sub("\n", path.read_text(errors="replace"))
     except OSError:
         return ""
-    return " | ".join(text[-lines:])
+    kept = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(kept[-lines:])

@@ -208,6 +208,14 @@ def test_requests_slurm_refuses_are_one_line_and_write_nothing(tmp_path, slurm, 
     assert not out.exists()
 
 
+def test_a_refused_finetune_job_writes_nothing(tmp_path, slurm, main_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = main_cli("finetune", *MODEL, "--dataset", "sample", "-o", "m.safetensors", *ONE_CPU,
+                         "--slurm-partition", "nosuch")  # fmt: skip
+    assert code == 2 and "unknown SLURM partition 'nosuch'" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unreachable_controller_is_one_line(tmp_path, slurm, main_cli, monkeypatch):
     conf = tmp_path / "slurm.conf"
     text = slurm.conf.read_text().replace("SlurmctldPort=", f"SlurmctldPort={slurm_cluster._free_port()}\n#")
@@ -327,3 +335,15 @@ def test_a_local_sweep_is_refused_while_the_folders_jobs_run(tmp_path, main_cli)
     code, err = main_cli("sweep", *MODEL, *QUICK, "-o", out)
     assert code == 2 and f"has 1 SLURM job(s) queued or running (run plain-seed0: job {os.getpid()} is running)" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["slurm"]
+
+
+def test_a_failed_jobs_log_tail_leaves_out_progress_bars(tmp_path):
+    from cbtool.cluster import log_tail
+
+    log = tmp_path / "1_0_log.err"
+    log.write_text("loading\nstep 396/1500: val top-1 56.67%\n\rfinetune:  26%|██▋       | 396/1500 [00:20<00:44, "
+                   "24.98step/s, loss=0.88]\rfinetune:  27%|██▋       | 398/1500 [00:20<00:51, 21.52step/s]"
+                   "srun: error: vm: task 0: Killed\nsrun: Force Terminated StepId=3.0\n")  # fmt: skip
+    assert log_tail(log) == ("step 396/1500: val top-1 56.67% | srun: error: vm: task 0: Killed | "
+                             "srun: Force Terminated StepId=3.0")  # fmt: skip
+    assert log_tail(tmp_path / "missing.err") == ""

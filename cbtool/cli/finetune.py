@@ -105,12 +105,7 @@ def finetune_or_submit(ctx: typer.Context, **options: Any) -> None:
     (multi-node, multi-GPU DDP through submitit) instead of running it here."""
     from cbtool.cli._slurm import pop_slurm_options
 
-    def typed(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-    flag = lambda name: _FLAGS.get(name, "--" + name.replace("_", "-"))  # noqa: E731
-    slurm = pop_slurm_options(options, {name for name in options if typed(name)}, flag)
+    slurm = pop_slurm_options(options, {name for name in options if _typed(ctx, name)}, _flag)
     if slurm is None:
         return finetune_command(ctx, **options)
     from cbtool.train.slurm import submit_finetune
@@ -154,11 +149,17 @@ def _resume_options(ctx: typer.Context, given: dict[str, Any]) -> dict[str, Any]
     """The options the run started with; options typed now must agree with them, except the runtime ones."""
     from cbtool.train import resume_options
 
-    def typed(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    return resume_options(given, lambda name: _typed(ctx, name), _flag)
 
-    return resume_options(given, typed, lambda name: _FLAGS.get(name, "--" + name.replace("_", "-")))
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _flag(name: str) -> str:
+    """How the user types option ``name``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _entry_signature():

@@ -167,10 +167,23 @@ def sweep_status(root: str | Path) -> list[dict[str, Any]]:
             from cbtool.cluster import job_ended
 
             returned, tail = job_ended(Path(root) / JOBS_FOLDER, record["job"])
+            saved = _checkpoint_step(run.folder(root))
             row["state"] = "failed"
-            row["detail"] = ("" if returned else "killed (no result from the job); ") + (tail or "no log")
+            row["detail"] = "; ".join(filter(None, [
+                None if returned else "killed (no result from the job)",
+                None if saved is None else f"resumes from its checkpoint at step {saved} when submitted again",
+                tail or "no log"]))  # fmt: skip
         rows.append(row)
     return rows
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    from cbtool.train.config import CHECKPOINT_INFO_NAME
+
+    try:
+        return int(json.loads((folder / CHECKPOINT_INFO_NAME).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _last_step(folder: Path) -> int | None:
