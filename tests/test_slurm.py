@@ -176,18 +176,21 @@ def _queued(job: str) -> bool:
 
 
 @pytest.mark.slow
-def test_finetune_job_with_two_tasks_equals_torchrun(tmp_path, slurm, job_env):
-    """finetune --slurm with two tasks joins DDP from submitit's task environment: the weights equal torchrun's."""
-    common = [*MODEL, "--dataset", "sample", "--limit", "120", "--val-limit", "40", "--steps", "4", "--batch-size",
+def test_a_preempted_two_task_finetune_job_equals_torchrun(tmp_path, slurm, job_env):
+    """finetune --slurm with two tasks joins DDP from submitit's task environment; the preemption signal reaches
+    both, they stop at the same step, rank 0 saves and requeues; the weights equal an uninterrupted torchrun's."""
+    common = [*MODEL, "--dataset", "sample", "--limit", "120", "--val-limit", "40", "--steps", "300", "--batch-size",
               "8", "--workers", "0", "--device", "cpu", "--quiet"]  # fmt: skip
-    submitted = cbtool("finetune", *common, "-o", tmp_path / "slurm.safetensors", "--run-dir", tmp_path / "run-slurm",
-                       *ONE_CPU, "--slurm-tasks-per-node", "2")  # fmt: skip
+    run = tmp_path / "run-slurm"
+    submitted = cbtool("finetune", *common, "-o", tmp_path / "slurm.safetensors", "--run-dir", run, *ONE_CPU,
+                       "--slurm-tasks-per-node", "2")  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.split("submitted job ")[1].split()[0]
-    wait_until(lambda: not _queued(job), timeout=300, what="the finetune job")
-    log = next((tmp_path / "run-slurm" / "slurm").glob("*_0_log.err")).read_text()
-    assert (tmp_path / "slurm.safetensors").exists(), log[-2000:]
-    assert json.loads((tmp_path / "run-slurm" / "checkpoint.json").read_text())["world_size"] == 2
+    wait_until(lambda: (run / "log.jsonl").exists() and "train" in events(run), timeout=120, what="training")
+    slurm.run("scancel", "--signal=USR2", job)
+    wait_until(lambda: not _queued(job) and (tmp_path / "slurm.safetensors").exists(), timeout=300, what="the job")
+    assert events(run).count("interrupted") == 1 and events(run).count("resume") == 1, events(run)
+    assert json.loads((run / "checkpoint.json").read_text())["world_size"] == 2
 
     here = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                            "cbtool", "finetune", *common, "-o", tmp_path / "torchrun.safetensors", "--run-dir",
