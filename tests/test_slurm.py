@@ -65,10 +65,10 @@ def cbtool(*args, timeout: float = 180) -> subprocess.CompletedProcess:
 
 def wait_for_jobs(folder: Path, timeout: float = 300) -> None:
     """Until none of the sweep's jobs is queued or running."""
-    from cbtool.sweep.slurm import _active, read_jobs
+    from cbtool.sweep.jobs import active_jobs, read_jobs
 
     deadline = time.monotonic() + timeout
-    while _active(read_jobs(folder)):
+    while active_jobs(read_jobs(folder)):
         assert time.monotonic() < deadline, f"jobs still running after {timeout}s"
         time.sleep(1)
 
@@ -330,11 +330,11 @@ def test_local_executor_runs_the_array_and_the_last_job_summarizes(tmp_path, job
 
 def test_a_local_sweep_is_refused_while_the_folders_jobs_run(tmp_path, main_cli):
     """Starting the sweep here while its jobs are queued or running would train their runs twice."""
-    from cbtool.sweep.slurm import _write_jobs
+    from cbtool.sweep.jobs import write_jobs
 
     out = tmp_path / "sweep"
     (out / "slurm").mkdir(parents=True)
-    _write_jobs(out, [{"run": "plain-seed0", "job": str(os.getpid()), "cluster": "local", "submitted": 0.0}])
+    write_jobs(out, [{"run": "plain-seed0", "job": str(os.getpid()), "cluster": "local", "submitted": 0.0}])
     code, err = main_cli("sweep", *MODEL, *QUICK, "-o", out)
     assert code == 2 and f"has 1 SLURM job(s) queued or running (run plain-seed0: job {os.getpid()} is running)" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["slurm"]

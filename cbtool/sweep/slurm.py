@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cbtool.cluster import SlurmOptions
-from cbtool.errors import CbtoolError
+from cbtool.sweep.jobs import JOBS_FOLDER, active_jobs, latest_jobs, write_jobs, read_jobs
 from cbtool.sweep.plan import SweepPlan, read_plan, run_state
 
-JOBS_FOLDER = "slurm"
-JOBS_FILE = "jobs.json"
 
 
 class SweepRun:
@@ -67,7 +65,7 @@ def submit_sweep(plan: SweepPlan, root: str | Path, options: SlurmOptions, *, cl
     claim_folder(root, plan)
     with folder_lock(root):
         records = read_jobs(root)
-        active = _active(records)
+        active = active_jobs(records)
         todo = []
         for number, run in enumerate(plan.runs, 1):
             head = f"run {number}/{len(plan.runs)} {run.name}"
@@ -88,61 +86,11 @@ def submit_sweep(plan: SweepPlan, root: str | Path, options: SlurmOptions, *, cl
             jobs = [submitter.submit(SweepRun(str(root), run.name)) for _, run, _ in todo]
         new = [{"run": run.name, "job": str(job.job_id), "cluster": cluster, "submitted": round(time.time(), 3)}
                for (_, run, _), job in zip(todo, jobs)]  # fmt: skip
-        _write_jobs(root, records + new)
+        write_jobs(root, records + new)
         for (head, _, state), record in zip(todo, new):
             what = {"start": "to train", "resume": "to resume from its checkpoint", "evaluate": "to evaluate"}[state]
             note(f"{head}: submitted as job {record['job']} ({what})")
     return new
-
-
-def refuse_if_jobs_run(root: str | Path) -> None:
-    """A local sweep in a folder whose SLURM jobs are queued or running would train their runs twice: refused.
-    Where SLURM's commands are missing (the folder was copied off the cluster), its jobs cannot run here."""
-    import shutil
-
-    records = read_jobs(root)
-    if not records or (shutil.which("squeue") is None and any(r.get("cluster") != "local" for r in records)):
-        return
-    active = _active(records)
-    if active:
-        run, (job, state) = next(iter(active.items()))
-        raise CbtoolError(f"{root} has {len(active)} SLURM job(s) queued or running (run {run}: job {job} is "
-                          f"{state.lower()}); wait for them (cbtool sweep --status {root}), or scancel them first")  # fmt: skip
-
-
-def read_jobs(root: str | Path) -> list[dict[str, Any]]:
-    path = Path(root) / JOBS_FOLDER / JOBS_FILE
-    if not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text(encoding="utf-8"))["jobs"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CbtoolError(f"cannot read {path} ({error}); it was not written by this cbtool") from None
-
-
-def _write_jobs(root: Path, records: list[dict[str, Any]]) -> None:
-    from cbtool.files import write_json_atomic
-
-    write_json_atomic(root / JOBS_FOLDER / JOBS_FILE, {"jobs": records})
-
-
-def _latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each run's last submitted job."""
-    return {record["run"]: record for record in records}
-
-
-def _active(records: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
-    """run -> (job, SLURM state) for the runs whose last job is still queued or running."""
-    from cbtool.cluster import job_states
-
-    latest = _latest(records)
-    by_cluster: dict[str, list[str]] = {}
-    for record in latest.values():
-        by_cluster.setdefault(record.get("cluster", "slurm"), []).append(record["job"])
-    states = {}
-    for cluster, jobs in by_cluster.items():
-        states |= job_states(jobs, cluster)
-    return {run: (record["job"], states[record["job"]]) for run, record in latest.items() if record["job"] in states}
 
 
 def sweep_status(root: str | Path) -> list[dict[str, Any]]:
@@ -151,7 +99,7 @@ def sweep_status(root: str | Path) -> list[dict[str, Any]]:
     log reached and its job."""
     plan = read_plan(root)
     records = read_jobs(root)
-    latest, active = _latest(records), _active(records)
+    latest, active = latest_jobs(records), active_jobs(records)
     rows = []
     for run in plan.runs:
         record = latest.get(run.name)

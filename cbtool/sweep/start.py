@@ -160,7 +160,7 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
     """Check the plan, claim ``root`` (a new folder, or one holding this sweep: finished runs are kept), run what is
     left and write ``summary.json``; returns the summary. ``devices``/``torchrun`` run each run in a subprocess."""
     from cbtool.sweep.runner import device_slots, run_in_subprocesses, run_sequential
-    from cbtool.sweep.slurm import refuse_if_jobs_run
+    from cbtool.sweep.jobs import refuse_if_jobs_run
 
     note = note or (lambda text: None if plan.runtime.get("quiet") else print(text, file=sys.stderr))
     if (torchrun or 1) != plan.processes:
