@@ -56,7 +56,8 @@ def _memory_mb() -> int:
 
 def start(root: str | Path, *, cpus: int | None = None, timeout: float = 30) -> Cluster:
     """Start munged, slurmctld and slurmd with their state, logs, pid files and sockets under ``root``."""
-    missing = [name for name in PROGRAMS if shutil.which(name) is None and not Path("/usr/sbin", name).exists()]
+    found = {name: shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") for name in PROGRAMS}
+    missing = [name for name, path in found.items() if path is None]
     if missing:
         raise Unavailable(f"SLURM is not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
@@ -105,16 +106,16 @@ PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=60 State=UP
     env = {"SLURM_CONF": str(conf)}
     cluster = Cluster(root, conf, env)
     try:
-        _run(["mungekey", "--create", "--force", f"--keyfile={key}"])
+        _run([found["mungekey"], "--create", "--force", f"--keyfile={key}"])
         os.chmod(key, 0o600)
-        _run(["munged", f"--socket={sock}", f"--key-file={key}", f"--pid-file={root / 'run' / 'munged.pid'}",
+        _run([found["munged"], f"--socket={sock}", f"--key-file={key}", f"--pid-file={root / 'run' / 'munged.pid'}",
               f"--log-file={root / 'log' / 'munged.log'}", f"--seed-file={root / 'munge' / 'seed'}", "--force"])
         cluster.pid_files.append(root / "run" / "munged.pid")
         _wait(lambda: sock.exists(), timeout, "munged did not create its socket", root / "log" / "munged.log")
         for daemon, flags in (("slurmctld", ["-i"]), ("slurmd", [])):
             # -D: stay in the foreground, so that this process owns them (and can end them by their ids)
             log = open(root / "log" / f"{daemon}.out", "ab")
-            cluster.processes.append(subprocess.Popen([daemon, "-D", *flags], env={**os.environ, **env},
+            cluster.processes.append(subprocess.Popen([found[daemon], "-D", *flags], env={**os.environ, **env},
                                                       stdout=log, stderr=subprocess.STDOUT,
                                                       start_new_session=True))  # fmt: skip
         _wait(lambda: _idle(cluster), timeout, "the node did not become idle", root / "log" / "slurmd.log")
