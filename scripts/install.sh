@@ -6,5 +6,5 @@ python="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[hf,plot,test]"
+.venv/bin/python -m pip install -q -e ".[hf,plot,slurm,test]"
 echo "installed: $(.venv/bin/cbtool --version)"

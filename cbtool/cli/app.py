@@ -85,7 +85,7 @@ def interruptible(command: Callable) -> Callable:
 
 
 for _name, _command in (("inject", inject.inject_command), ("info", info.info_command), ("eval", eval_cmd.eval_command),
-                        ("finetune", finetune.finetune_command), ("sweep", sweep.sweep_command),
+                        ("finetune", finetune.finetune_or_submit), ("sweep", sweep.sweep_command),
                         ("check", check.check_command),
                         ("compare", compare.compare_command), ("bench", bench.bench_command),
                         ("families", families.families_command), ("viz", viz.viz_command),

@@ -79,18 +79,40 @@ def finetune_command(
     """
     options = {name: value for name, value in locals().items() if name != "ctx"}
     from cbtool import distributed
+
+    options = _complete(ctx, options)
+    try:
+        _run(options)
+    finally:
+        distributed.teardown()
+
+
+def _complete(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options with a resumed run's settings merged in; an output, a model and data are required."""
     from cbtool.errors import CbtoolError
 
-    if resume is not None:
+    if options["resume"] is not None:
         options = _resume_options(ctx, options)
     if options["output"] is None:
         raise CbtoolError("give the output file with -o/--output (e.g. -o tuned.safetensors)")
     if options["model"] is None or options["dataset"] is None:
         raise CbtoolError("give a MODEL and --dataset (or --resume a run folder)")
-    try:
-        _run(options)
-    finally:
-        distributed.teardown()
+    return options
+
+
+def finetune_or_submit(ctx: typer.Context, **options: Any) -> None:
+    """``cbtool finetune``: finetune_command's options, plus --slurm to submit the fine-tune as one SLURM job
+    (multi-node, multi-GPU DDP through submitit) instead of running it here."""
+    from cbtool.cli._slurm import pop_slurm_options
+
+    slurm = pop_slurm_options(options, {name for name in options if _typed(ctx, name)}, _flag)
+    if slurm is None:
+        return finetune_command(ctx, **options)
+    from cbtool.train.slurm import submit_finetune
+
+    job, run_dir, log = submit_finetune(_complete(ctx, options), slurm)
+    typer.echo(f"submitted job {job} to SLURM: it trains into {run_dir} and writes {options['output']}; its log is "
+               f"{log} (a preempted or timed-out job saves a checkpoint and requeues itself)")  # fmt: skip
 
 
 def _run(o: dict[str, Any]) -> None:
@@ -127,8 +149,30 @@ def _resume_options(ctx: typer.Context, given: dict[str, Any]) -> dict[str, Any]
     """The options the run started with; options typed now must agree with them, except the runtime ones."""
     from cbtool.train import resume_options
 
-    def typed(name: str) -> bool:
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    return resume_options(given, lambda name: _typed(ctx, name), _flag)
 
-    return resume_options(given, typed, lambda name: _FLAGS.get(name, "--" + name.replace("_", "-")))
+
+def _typed(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _flag(name: str) -> str:
+    """How the user types option ``name``."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _entry_signature():
+    import inspect
+
+    from cbtool.cli._slurm import SLURM_OPTIONS
+
+    own = inspect.signature(finetune_command, eval_str=True)
+    slurm = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
+             for name, (kind, default, info) in SLURM_OPTIONS.items()]  # fmt: skip
+    return own.replace(parameters=[*own.parameters.values(), *slurm])
+
+
+finetune_or_submit.__signature__ = _entry_signature()  # type: ignore[attr-defined]
+finetune_or_submit.__annotations__ = {name: p.annotation for name, p in finetune_or_submit.__signature__.parameters.items()}
+finetune_or_submit.__doc__ = finetune_command.__doc__  # the command's help

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._slurm import SLURM_OPTIONS
 from cbtool.cli.finetune import finetune_command
 
 _SWEEP_OPTIONS = {
@@ -31,10 +32,13 @@ _SWEEP_OPTIONS = {
     "plot": (Optional[Path], None, opt.Plot.__metadata__[0]),
     "json_out": (bool, False, typer.Option("--json", help="Print the summary as JSON on stdout instead of the table.")),
     "summarize": (Optional[Path], None, typer.Option("--summarize", help="Rebuild summary.json and the table from this sweep folder, without training.", file_okay=False)),
+    "status": (Optional[Path], None, typer.Option("--status", help="Show each run's state in this sweep folder (finished, pending, running, failed with its log's last lines, not submitted).", file_okay=False)),
     "only": (Optional[str], None, typer.Option("--only", hidden=True, help="Run this one run of the sweep in -o (what --devices starts).")),
+    **SLURM_OPTIONS,
 }  # fmt: skip
 # Options that still mean something with --summarize, --only or --no-finetune.
 _SUMMARY_OPTIONS = {"summarize", "plot", "json_out", "quiet"}
+_STATUS_OPTIONS = {"status", "json_out"}
 _CHILD_OPTIONS = {"only", "output", "quiet"}
 
 
@@ -45,6 +49,9 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
     from cbtool.errors import CbtoolError
 
     typed = {name for name in options if _typed(ctx, name)}
+    if options["status"] is not None:
+        _refuse_others(ctx, typed, _STATUS_OPTIONS, "--status")
+        return _show_status(options["status"], options["json_out"])
     if options["only"] is not None:
         _refuse_others(ctx, typed, _CHILD_OPTIONS, "--only")
         from cbtool.sweep.start import run_child
@@ -70,6 +77,7 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
     if options["device"] is not None and options["devices"] is not None:
         raise CbtoolError("give --device (one device for every run) or --devices (runs spread over devices), not both")
     _check_plot(options["plot"], options["output"])
+    slurm = _slurm(ctx, options, typed)
     sweep_names = set(_SWEEP_OPTIONS) - {"density"}
     finetune_options = {k: v for k, v in options.items() if k not in sweep_names}
     plan = make_plan(
@@ -77,12 +85,55 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
         positions=options["positions"], layers=options["layers"], seeds=options["seeds"],
         eval_dataset=options["eval_dataset"], eval_split=options["eval_split"], eval_limit=options["eval_limit"],
         corruptions=options["corruptions"], severities=options["severities"], finetune=not options["no_finetune"],
-        processes=options["torchrun"] or 1, **finetune_options,
+        processes=slurm.tasks if slurm else options["torchrun"] or 1, **finetune_options,
     )  # fmt: skip
+    if slurm is not None:
+        return _submit(plan, options, slurm)
     devices = [d.strip() for d in options["devices"].split(",")] if options["devices"] else None
     if devices is not None and not all(devices):
         raise CbtoolError(f"--devices {options['devices']!r} has an empty item; give e.g. 0,1,2,3 or cpu,cpu")
     _show(run_sweep(plan, options["output"], devices=devices, torchrun=options["torchrun"]), options)
+
+
+def _slurm(ctx: typer.Context, options: dict, typed: set[str]):
+    """The SLURM request with --slurm (None without); --devices and --torchrun belong to a local sweep."""
+    from cbtool.cli._slurm import pop_slurm_options
+    from cbtool.errors import CbtoolError
+
+    slurm = pop_slurm_options(options, typed, lambda name: _flag(ctx, name))
+    if slurm is not None:
+        for name in ("devices", "torchrun"):
+            if options[name] is not None:
+                raise CbtoolError(f"{_flag(ctx, name)} spreads runs over this machine; with --slurm each run is a job "
+                                  "(use --slurm-nodes, --slurm-gpus-per-node or --slurm-tasks-per-node)")  # fmt: skip
+        if options["plot"] is not None:
+            raise CbtoolError("--plot is drawn from the summary, which the last job writes; use --summarize DIR --plot")
+    return slurm
+
+
+def _submit(plan, options: dict, slurm) -> None:
+    """Submit the unfinished runs; say what was submitted and how to follow the sweep."""
+    import sys
+
+    from cbtool.sweep.slurm import submit_sweep
+
+    note = (lambda text: None) if options["quiet"] else (lambda text: print(text, file=sys.stderr))
+    submitted = submit_sweep(plan, options["output"], slurm, note=note)
+    folder = options["output"]
+    if submitted:
+        typer.echo(f"submitted {len(submitted)} job(s) to SLURM; follow them with: cbtool sweep --status {folder} "
+                   f"(the last job writes {folder}/summary.json)")  # fmt: skip
+    else:
+        typer.echo(f"nothing to submit: every run of {folder} is finished, queued or running (cbtool sweep --status {folder})")
+
+
+def _show_status(folder: Path, json_out: bool) -> None:
+    import json
+
+    from cbtool.sweep.slurm import status_text, sweep_status
+
+    rows = sweep_status(folder)
+    typer.echo(json.dumps(rows, indent=2) if json_out else status_text(rows))
 
 
 def _show(summary: dict, options: dict) -> None:
@@ -121,7 +172,8 @@ def _refuse_others(ctx: typer.Context, typed: set[str], allowed: set[str], mode:
 
     others = sorted(typed - allowed)
     if others:
-        what = "rebuilds the summary from the folders" if mode == "--summarize" else "runs one run as recorded in -o"
+        what = {"--summarize": "rebuilds the summary from the folders", "--status": "reads the sweep folder"}.get(
+            mode, "runs one run as recorded in -o")
         raise CbtoolError(f"{_flag(ctx, others[0])} does nothing with {mode}, which {what}; drop it")
 
 
