@@ -294,3 +294,33 @@ def test_impulse_noise_as_strong_as_imagecorruptions(reference_photos):
                               for image in reference_photos]) / 255.0  # fmt: skip
         ours = corrupt(x, "impulse_noise", severity, range(4)).permute(0, 2, 3, 1).double().numpy()
         assert np.abs(ours - clean).mean() == pytest.approx(np.abs(reference - clean).mean(), rel=0.05)
+
+
+# --- sizes other than 224 px --------------------------------------------------------------------------
+
+
+def mean_displacement(size: int, severity: int) -> float:
+    """Mean displacement of ``elastic_transform`` as a fraction of the side, read from the pixels: the image is its
+    own coordinates (red = column, green = row, both 0-1), which bilinear sampling reproduces exactly, so each output
+    pixel says where it came from. The outer eighth is left out (the reflecting borders fold coordinates back)."""
+    from cbtool.robustness._ops import SampleRNG, size_scale
+    from cbtool.robustness.corruptions import FUNCTIONS
+
+    cols = torch.linspace(0, 1, size).view(1, size).expand(size, size)
+    rows = torch.linspace(0, 1, size).view(size, 1).expand(size, size)
+    x = torch.stack([cols, rows, torch.full_like(cols, 0.5)])[None].repeat(4, 1, 1, 1)
+    rng = SampleRNG(range(4), f"elastic_transform/{severity}", torch.device("cpu"))
+    out = FUNCTIONS["elastic_transform"](x, severity, rng, size_scale(size, size))
+    margin = size // 8
+    moved = (out[:, :2] - x[:, :2]).square().sum(1).sqrt()[:, margin:-margin, margin:-margin]
+    return moved.mean().item()
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_elastic_displacement_is_a_fraction_of_the_image(severity):
+    """docs/robustness.md: pixel-sized parameters are a fixed fraction of the image. Before, severity 5 moved pixels
+    9.5% of the side at 32 px and 1.75% at 224 px (a fixed number of pixels)."""
+    reference = mean_displacement(224, severity)
+    assert reference > 0.01  # the warp does move pixels
+    for size in (32, 64, 448):
+        assert mean_displacement(size, severity) == pytest.approx(reference, rel=0.06), size
