@@ -127,8 +127,8 @@ def test_same_key_same_pixels_at_any_batch_size(name, fashion):
 def test_normalized_batches_and_numpy_keys(fashion):
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     m, s = torch.tensor(mean)[None, :, None, None], torch.tensor(std)[None, :, None, None]
-    out = corrupt_normalized((fashion - m) / s, "snow", 2, np.arange(4), mean, std)
-    torch.testing.assert_close(out * s + m, corrupt(fashion, "snow", 2, [0, 1, 2, 3]), rtol=0, atol=1e-5)
+    out = corrupt_normalized((fashion - m) / s, "snow", 2, np.arange(4), mean, std, jpeg_quality=None)
+    torch.testing.assert_close(out * s + m, corrupt(fashion, "snow", 2, [0, 1, 2, 3], jpeg_quality=None), rtol=0, atol=1e-5)
 
 
 def test_glass_blur_scrambles_like_the_reference_loop():
@@ -292,7 +292,7 @@ def test_impulse_noise_as_strong_as_imagecorruptions(reference_photos):
     for severity in range(1, 6):
         reference = np.stack([reference_corrupt(imagecorruptions, image, "impulse_noise", severity)
                               for image in reference_photos]) / 255.0  # fmt: skip
-        ours = corrupt(x, "impulse_noise", severity, range(4)).permute(0, 2, 3, 1).double().numpy()
+        ours = corrupt(x, "impulse_noise", severity, range(4), jpeg_quality=None).permute(0, 2, 3, 1).double().numpy()
         assert np.abs(ours - clean).mean() == pytest.approx(np.abs(reference - clean).mean(), rel=0.05)
 
 
@@ -324,3 +324,32 @@ def test_elastic_displacement_is_a_fraction_of_the_image(severity):
     assert reference > 0.01  # the warp does move pixels
     for size in (32, 64, 448):
         assert mean_displacement(size, severity) == pytest.approx(reference, rel=0.06), size
+
+
+# --- ImageNet-C's JPEG quality-85 files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "fog", "jpeg_compression"])
+def test_corrupted_images_are_saved_as_jpeg_85_by_default(name, fashion):
+    """As make_imagenet_c.py saved its files: ``Image.fromarray(np.uint8(255 * x)).save(f, quality=85,
+    optimize=True)``, read back. ``jpeg_quality=None`` leaves the corruption's own pixels."""
+    import io
+
+    from PIL import Image
+
+    raw = corrupt(fashion[:2], name, 3, [5, 6], jpeg_quality=None)
+    expected = []
+    for image in raw.permute(0, 2, 3, 1).double().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(np.uint8(image * 255 + 1e-4)).save(buffer, "JPEG", quality=85, optimize=True)
+        expected.append(np.asarray(Image.open(buffer).convert("RGB")) / 255.0)
+    default = corrupt(fashion[:2], name, 3, [5, 6])
+    assert torch.equal(default, corrupt(fashion[:2], name, 3, [5, 6], jpeg_quality=85))
+    np.testing.assert_allclose(default.permute(0, 2, 3, 1).double().numpy(), np.stack(expected), atol=1e-6)
+    assert (default - raw).abs().mean() > 1 / 255  # re-encoding changes the pixels
+
+
+@pytest.mark.parametrize("quality", [0, 96, 85.0, True, "85"])
+def test_bad_jpeg_quality_is_refused(quality, fashion):
+    with pytest.raises(CorruptionError, match="jpeg_quality"):
+        corrupt(fashion[:1], "fog", 1, [0], jpeg_quality=quality)
