@@ -170,23 +170,30 @@ def robustness_differences(models: Sequence[Mapping[str, Any]]) -> list[dict[str
     return rows
 
 
-def robustness_section(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
-    """Every robustness cell of every model (``robustness.render.robustness_table``, one table per set of
-    severities), then one line per later model with its mCE difference from the first; ``""`` without records."""
+def comparable_groups(models: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The models with a robustness record, grouped by their severities (one table each), each record's
+    ``relative_to_first`` recomputed against the first model given here, not the first of its own eval run."""
     robust = [m for m in models if _robustness(m)]
-    if len(robust) > 1:  # "CE vs first": against the first model compared here, not the first of its own eval run
+    if len(robust) > 1:
         robust = [{**m, "robustness": {**_robustness(m), "relative_to_first": versus(
             _robustness(m), _robustness(robust[0]), robust[0].get("label"))}} for m in robust]
     groups: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
     for model in robust:
         groups.setdefault(tuple(_robustness(model).get("severities") or ()), []).append(model)
-    parts = [robustness_table(group, markdown=markdown) for group in groups.values()]
+    return list(groups.values())
+
+
+def robustness_section(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
+    """Every robustness cell of every model (``robustness.render.robustness_table``, one table per set of
+    severities), then one line per later model with its mCE (or mean corruption error) difference from the first;
+    ``""`` without records."""
+    parts = [robustness_table(group, markdown=markdown) for group in comparable_groups(models)]
     for diff in robustness_differences(models):
-        parts.append(f"- {_difference_line(diff)}" if markdown else _difference_line(diff))
+        parts.append(f"- {difference_line(diff)}" if markdown else difference_line(diff))
     return "\n".join(part for part in parts if part)
 
 
-def _difference_line(diff: Mapping[str, Any]) -> str:
+def difference_line(diff: Mapping[str, Any]) -> str:
     """One later model against the first: mCE when both have one, else the mean corruption error in points."""
     label, reference = diff["label"], diff["reference"]
     if diff["mce"] is not None:
