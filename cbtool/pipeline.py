@@ -108,9 +108,11 @@ def evaluate_dataset(
         if corruptions:
             from cbtool.robustness.record import add_relative_to_first, robustness_record
 
+            # The source's size tells ImageNet-1k validation (50,000 images) from other sets under --limit.
+            identity = {**dataset_record, "source_images": ds.source_size() if ds.holdout is None else None}
             for record, result in zip(records, found):
                 record["robustness"] = robustness_record(result.extra["corruptions"], result.metrics["top1"],
-                                                         corruptions, severities, dataset=dataset_record,
+                                                         corruptions, severities, dataset=identity,
                                                          jpeg_quality=jpeg_quality)
             add_relative_to_first([record["robustness"] for record in records], models)
         return results.results_document(

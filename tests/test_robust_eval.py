@@ -221,3 +221,29 @@ def test_imagenet_a_and_r_keep_their_200_classes(tmp_path):
     labels, ds = _label_of_each_class(root, 1000)
     assert labels == {s: i for i, s in enumerate(synsets)}
     assert ds.class_subset == [synset_to_index()[s] for s in synsets]
+
+
+def test_mce_on_imagenet_validation_images_under_limit(tmp_path, monkeypatch):
+    """A folder of ImageNet synsets in the 1,000-class space whose size is ImageNet-1k validation's (made 6 here)
+    gets CE and mCE, also under --limit (the source's size tells), with the sample named in the reason; the same
+    folder of another size gets none."""
+    from cbtool.robustness import baseline
+
+    synsets = ["n01440764", "n01443537", "n15075141"]
+    root = write_folder(tmp_path / "val", [(i, i % 3) for i in range(6)], synsets)
+    torch.manual_seed(0)
+    model = save(tiny_vit(num_classes=1000), tmp_path / "in1k.safetensors")
+    for size, has_mce in ((6, True), (7, False)):
+        monkeypatch.setattr(baseline, "IMAGENET_VAL_IMAGES", size)
+        out = tmp_path / f"r{size}.json"
+        code, output = run_eval(model, "--dataset", root, "--limit", 3, "--corruptions", "fog,saturate",
+                                "--batch-size", 8, "--json", out)
+        assert code == 0, output
+        record = json.loads(out.read_text())["models"][0]["robustness"]
+        assert (record["mce"] is not None) is has_mce and record["complete"] is False
+        if has_mce:
+            assert record["mce_over"] == ["fog"] and record["mean_corruption_error_over"] == ["fog", "saturate"]
+            assert record["mce"] == pytest.approx(100 * record["mean_error"]["fog"] / 100 / 0.819324)
+            assert "in % of AlexNet's" in output and "mCE over 1 corruptions" in output
+        else:
+            assert "cannot tell it is ImageNet-1k validation" in record["incomplete_reason"]

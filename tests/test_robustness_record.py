@@ -31,6 +31,8 @@ VAL = {"name": "imagenet-1k", "kind": "hub", "split": "validation", "num_samples
          "200-class subset of ImageNet-1k"),
         ({"kind": "folder", "name": "v2", "num_samples": 10_000}, "cannot tell it is ImageNet-1k validation"),
         ({"kind": "folder", "name": "val", "limit": 500, "num_samples": 500}, "this run: --limit 500"),
+        ({"kind": "folder", "name": "val", "limit": 500, "num_samples": 500, "source_images": 50_000}, None),
+        ({"kind": "folder", "name": "v2", "limit": 500, "num_samples": 500, "source_images": 10_000}, "--limit 500"),
     ],
 )
 def test_alexnet_applies_only_to_imagenet_validation(change, reason):

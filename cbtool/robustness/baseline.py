@@ -37,9 +37,12 @@ def alexnet_comparability(dataset: Mapping[str, Any] | None) -> str | None:
             return f"split {split!r} of ImageNet-1k, not its validation images (AlexNet's errors are on validation)"
         return None
     # A folder or saved set in the 1,000-class space: ImageNet-1k validation has 50,000 images (V2 has 10,000,
-    # the training set 1.28 M). Without that count (after --limit) cbtool cannot tell which images these are.
+    # the training set 1.28 M). Under --limit only the source's size (``source_images``, passed by the eval
+    # pipeline, not stored) tells; without it cbtool cannot tell which images these are.
     total = (dataset.get("num_samples") or 0) + (dataset.get("bad_images") or 0)
     if dataset.get("limit") is None and total == IMAGENET_VAL_IMAGES:
+        return None
+    if dataset.get("limit") is not None and dataset.get("source_images") == IMAGENET_VAL_IMAGES:
         return None
     what = f"{total:,} images" if dataset.get("limit") is None else f"--limit {dataset.get('limit')}"
     return (f"'{name}' is in ImageNet-1k's label space but cbtool cannot tell it is ImageNet-1k validation "
