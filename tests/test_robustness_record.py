@@ -100,3 +100,15 @@ def test_upgrading_an_imagenet_record_keeps_its_numbers():
     assert upgraded["mce"] == new["mce"] and upgraded["ce"] == new["ce"] and upgraded["jpeg_quality"] is None
     assert upgraded["relative_to_first"]["mean"] == 100.0 and upgraded["relative_to_first"]["mean_over"] == list(CORRUPTIONS)
     assert upgrade_record(upgraded, {"num_classes": 10}) == upgraded  # today's layout is left alone
+
+
+def test_vs_first_says_which_corruptions_its_mean_leaves_out():
+    dataset = {**VAL, "name": "sample", "num_classes": 10}
+    perfect = cells(0)
+    perfect["fog"] = {s: {"top1": 100.0, "correct": None} for s in range(1, 6)}  # the first model: no fog error
+    records = [robustness_record(c, 80.0, CORRUPTIONS, [1, 2, 3, 4, 5], dataset=dataset) for c in (perfect, cells(1))]
+    add_relative_to_first(records, ["plain", "cb"])
+    second = records[1]["relative_to_first"]
+    assert second["ce"]["fog"] is None and "fog" not in second["mean_over"] and len(second["mean_over"]) == 18
+    table = robustness_table([{"label": "plain", "robustness": records[0]}, {"label": "cb", "robustness": records[1]}])
+    assert "vs first of cb: its mean leaves out fog" in table

@@ -76,6 +76,13 @@ def _notes(robust: Sequence[Mapping[str, Any]], several: bool) -> list[str]:
     if several:
         notes.append(f"vs first: summed error in % of {robust[0].get('label')}'s, per corruption; its mean is over the "
                      "same corruptions as the mean row")
+        for model in robust:
+            record = model["robustness"]
+            versus_over = (record.get("relative_to_first") or {}).get("mean_over")
+            left_out = [c for c in record["corruptions"] if versus_over is not None and c not in versus_over]
+            if left_out:
+                notes.append(f"vs first of {model.get('label')}: its mean leaves out {', '.join(left_out)} "
+                             "(the first model made no error there, so there is no ratio)")
     for reason in dict.fromkeys(m["robustness"].get("incomplete_reason") for m in robust):
         if reason:
             notes.append(f"complete: false: {reason}")
