@@ -112,3 +112,9 @@ def test_vs_first_says_which_corruptions_its_mean_leaves_out():
     assert second["ce"]["fog"] is None and "fog" not in second["mean_over"] and len(second["mean_over"]) == 18
     table = robustness_table([{"label": "plain", "robustness": records[0]}, {"label": "cb", "robustness": records[1]}])
     assert "vs first of cb: its mean leaves out fog" in table
+
+
+def test_without_the_jpeg_step_the_mce_is_not_the_published_one():
+    record = robustness_record(cells(0), 80.0, CORRUPTIONS, [1, 2, 3, 4, 5], dataset=VAL, jpeg_quality=None)
+    assert record["mce"] is not None and record["complete"] is False
+    assert "not saved as JPEG quality 85" in record["incomplete_reason"]

@@ -68,6 +68,9 @@ def _with_averages(record: dict[str, Any], dataset: Mapping[str, Any] | None) ->
         if missing:
             reason = (f"mCE over {len(summary.ce)} of the 15 ImageNet-C corruptions (missing: {', '.join(missing)}): "
                       "not the published mCE")
+        elif record.get("jpeg_quality") != JPEG_QUALITY:
+            reason = (f"corrupted images not saved as JPEG quality {JPEG_QUALITY} as ImageNet-C's were "
+                      f"(jpeg_quality {record.get('jpeg_quality')}): close to, but not, the published mCE")
         else:
             reason = sample_note(dataset or {})
         record["complete"] = reason is None
