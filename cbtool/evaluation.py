@@ -59,6 +59,7 @@ def evaluate(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     corruption_seed: int = 0,
+    corruption_jpeg_quality: int | None = 85,
 ) -> list[ModelResult]:
     """Evaluate ``models`` on the batches of ``loader`` (``(images, labels[, indices])``), all on the same batches.
 
@@ -67,7 +68,8 @@ def evaluate(
 
     With ``corruptions`` every batch is also corrupted at each of ``severities`` (``corrupt_normalized`` with the
     loader's ``mean`` and ``std``, keyed by the batch's dataset indices, so the pixels do not depend on the batch
-    size or rank) and each model's accuracy per cell lands in ``extra["corruptions"][name][severity]``.
+    size or rank) and each model's accuracy per cell lands in ``extra["corruptions"][name][severity]``. The corrupted
+    images are re-encoded as JPEG at ``corruption_jpeg_quality`` (ImageNet-C's 85; ``None``: not re-encoded).
     """
     device = torch.device(device)
     families = [detect(model) for model in models]
@@ -128,7 +130,8 @@ def evaluate(
                     raise ValueError("corruptions need batches of (images, labels, dataset indices)")
                 keys = indices.tolist()  # the dataset index: the same pixels on every rank and batch size
                 for cell in cells:
-                    corrupted = corrupt_normalized(clean, cell[0], cell[1], keys, mean, std, seed=corruption_seed)
+                    corrupted = corrupt_normalized(clean, cell[0], cell[1], keys, mean, std, seed=corruption_seed,
+                                                   jpeg_quality=corruption_jpeg_quality)
                     if channels_last:
                         corrupted = corrupted.contiguous(memory_format=torch.channels_last)
                     for i, (runner, family) in enumerate(zip(runners, families)):

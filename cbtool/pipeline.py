@@ -39,15 +39,17 @@ def evaluate_dataset(
     compile: bool = False,
     progress: bool = True,
     corruptions: Sequence[str] | str | None = None,
-    severities: Sequence[int] | str = (1, 2, 3, 4, 5),
+    severities: Sequence[int] | str | None = None,
     save_examples: str | None = None,
+    jpeg_quality: int | None = 85,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (cbtool files, timm names, HF ids or folders) on ``dataset``, all on the same batches.
 
     Returns the results document on every rank (metrics are reduced over ranks under torchrun). Options mean
     what the ``cbtool eval`` options of the same names mean. With ``corruptions`` (names, or a string such as
-    ``"all"`` or ``"fog,noise"``) each model also gets a ``robustness`` record (cbtool.robustness.record), and
-    ``save_examples`` names a folder for one picture per corruption (main rank only).
+    ``"all"`` or ``"fog,noise"``) each model also gets a ``robustness`` record (cbtool.robustness.record) at
+    ``severities`` (default 1-5), the corrupted images re-encoded as JPEG at ``jpeg_quality`` (ImageNet-C's 85;
+    ``None``: not), and ``save_examples`` names a folder (created) for one picture per corruption (main rank only).
     """
     from cbtool import data, distributed, results, sources
     from cbtool.evaluation import evaluate
@@ -56,7 +58,7 @@ def evaluate_dataset(
 
     models = list(models)
     corruptions, severities = check_corruption_options(corruptions, severities, density=density,
-                                                       save_examples=save_examples)
+                                                       save_examples=save_examples, jpeg_quality=jpeg_quality)
     dist_info, torch_device = distributed.setup(device)
     try:
         loaded = [sources.resolve(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
@@ -80,8 +82,8 @@ def evaluate_dataset(
 
                 first = next(iter(data.build_loader(ds.with_transform(data.build_transform(preprocessing)),
                                                     batch_size=4, workers=0, rank=0, world_size=1)))
-                write_examples(save_examples, first[0], first[2].tolist(), corruptions,
-                               preprocessing["mean"], preprocessing["std"])
+                write_examples(save_examples, first[0], first[2].tolist(), corruptions, preprocessing["mean"],
+                               preprocessing["std"], severities=severities, jpeg_quality=jpeg_quality)
         loader = data.build_loader(
             ds.with_transform(data.build_transform(preprocessing)), batch_size=batch_size, workers=workers,
             rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=torch_device.type == "cuda",
@@ -93,6 +95,7 @@ def evaluate_dataset(
             labels=models, amp=amp, channels_last=channels_last, compile=compile, density=density,
             class_subset=ds.class_subset, progress=progress and dist_info.is_main, total_batches=total,
             corruptions=corruptions, severities=severities, mean=preprocessing["mean"], std=preprocessing["std"],
+            corruption_jpeg_quality=jpeg_quality,
         )
         dataset_record = ds.describe()
         # describe() counts this rank's bad images only; under torchrun both counts need every rank's.
@@ -105,9 +108,12 @@ def evaluate_dataset(
         if corruptions:
             from cbtool.robustness.record import add_relative_to_first, robustness_record
 
+            # The source's size tells ImageNet-1k validation (50,000 images) from other sets under --limit.
+            identity = {**dataset_record, "source_images": ds.source_size() if ds.holdout is None else None}
             for record, result in zip(records, found):
                 record["robustness"] = robustness_record(result.extra["corruptions"], result.metrics["top1"],
-                                                         corruptions, severities)
+                                                         corruptions, severities, dataset=identity,
+                                                         jpeg_quality=jpeg_quality)
             add_relative_to_first([record["robustness"] for record in records], models)
         return results.results_document(
             dataset=dataset_record,
@@ -123,18 +129,28 @@ def evaluate_dataset(
         distributed.teardown()
 
 
-def check_corruption_options(corruptions: Sequence[str] | str | None, severities: Sequence[int] | str, *,
-                             density: bool = False, save_examples: str | None = None) -> tuple[list[str], list[int]]:
-    """The corruption names and severities to evaluate (empty without ``corruptions``); one-line errors for the
-    combinations that cannot work, before any model or image is loaded."""
-    from cbtool.robustness import check_corruption, check_severity, parse_corruptions, parse_severities
+def check_corruption_options(corruptions: Sequence[str] | str | None, severities: Sequence[int] | str | None = None, *,
+                             density: bool = False, save_examples: str | None = None,
+                             jpeg_quality: int | None = 85) -> tuple[list[str], list[int]]:
+    """The corruption names and severities (``None``: 1-5) to evaluate (empty without ``corruptions``); one-line
+    errors for the combinations that cannot work, and for corruption options given without corruptions, before
+    any model or image is loaded."""
+    from cbtool.robustness import SEVERITIES, check_corruption, check_severity, parse_corruptions, parse_severities
+    from cbtool.robustness.registry import JPEG_QUALITY, check_jpeg_quality
 
     if not corruptions:
-        if save_examples is not None:
-            raise CbtoolError("--save-examples shows what corruptions do; give them with --corruptions (e.g. all)")
+        given = [flag for flag, used in (("--severities", severities is not None),
+                                         ("--save-examples", save_examples is not None),
+                                         ("--no-jpeg", jpeg_quality != JPEG_QUALITY)) if used]
+        if given:
+            raise CbtoolError(f"{' and '.join(given)} only apply to corrupted images; give --corruptions too "
+                              "(e.g. --corruptions all), or leave them out")
         return [], []
+    check_jpeg_quality(jpeg_quality)
     names = list(parse_corruptions(corruptions)) if isinstance(corruptions, str) else [
         check_corruption(name) for name in corruptions]
+    if severities is None:
+        severities = SEVERITIES
     levels = list(parse_severities(severities)) if isinstance(severities, str) else [
         check_severity(level) for level in severities]
     if density:

@@ -233,7 +233,7 @@ def _comparison_sections(comparison: Any, markdown: bool) -> list[str]:
         ("Metrics", metrics_table, {}),
         ("Attention density per layer", density_table, {}),
         (f"Differences from {reference['label']}", difference_table, {"p_values": comparison.p_values}),
-        ("Robustness (top-1 error %, CE in % of AlexNet's)", robustness_section, {}),
+        ("Robustness (top-1 error %; CE and mCE only where AlexNet's figures apply: see the notes)", robustness_section, {}),
     ]
     parts = []
     for title, table, kwargs in sections:

@@ -22,8 +22,10 @@ from cbtool.errors import CbtoolError
 
 # The layout version of every JSON document cbtool writes: eval results, check verdicts, compare and bench records.
 # 2 added the per-model ``robustness`` record (cbtool eval --corruptions); readers accept 1, which is 2 without it.
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+# 3 changed that record: CE and mCE only where AlexNet's ImageNet-1k errors apply, the mean corruption error in
+# points, the corruptions each average is over, ``jpeg_quality``; readers upgrade a version 2 record on reading.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -109,7 +111,18 @@ def validate_results(results: Any, name: str = "results") -> dict[str, Any]:
             if value is not None and not is_number(value):
                 raise CbtoolError(f"{name}: models[{index}].metrics.{key} is {value!r}, not a finite number; "
                                   "re-run cbtool eval to get usable results")  # fmt: skip
+    if version < 3:
+        _upgrade_robustness(results)
     return results
+
+
+def _upgrade_robustness(results: dict[str, Any]) -> None:
+    """Version 2 robustness records in today's layout (``robustness.record.upgrade_record``), in place."""
+    from cbtool.robustness.record import upgrade_record
+
+    for model in results["models"]:
+        if isinstance(model.get("robustness"), dict):
+            model["robustness"] = upgrade_record(model["robustness"], results.get("dataset"))
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:

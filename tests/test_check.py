@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cbtool.check import (
+    SCHEMA_VERSION,
     CheckReport,
     Rule,
     binomial_two_sided_p,
@@ -327,7 +328,7 @@ def test_boundary_change_is_within_bounds():
     [
         (lambda r: r["models"][0].update(density=None), "no attention density for entropy_mean; evaluate with --density"),
         (lambda r: r["models"][0]["metrics"].update(throughput=None), "no model_images_per_s"),
-        (lambda r: r.update(schema_version=3), "schema_version 3"),
+        (lambda r: r.update(schema_version=99), "schema_version 99"),
         (lambda r: r.pop("models"), "'models' is missing"),
         (lambda r: r["models"][0]["metrics"].update(correct="01x"), "string of 0s and 1s"),
     ],
@@ -551,10 +552,13 @@ def robust(document: dict, cells: dict, *, mce: float | None = 60.0, relative_mc
         "correct": {c: {str(s): v for s, v in by_s.items()} for c, by_s in cells.items()},
         "mean_error": {c: sum(e.values()) / len(e) for c, e in error.items()},
         "ce": {}, "relative_ce": {},
-        "mce": mce, "relative_mce": relative_mce,
-        "complete": False, "relative_to_first": None,
+        "mce": mce, "relative_mce": relative_mce, "mce_over": list(cells),
+        "mean_corruption_error": sum(sum(e.values()) / len(e) for e in error.values()) / len(error),
+        "mean_corruption_error_over": list(cells), "jpeg_quality": 85,
+        "complete": False, "incomplete_reason": "mCE over 1 of the 15 ImageNet-C corruptions", "relative_to_first": None,
     }  # fmt: skip
-    document["schema_version"] = 2
+    document["dataset"].update(name="imagenet-1k", split="validation", num_classes=1000)  # where mCE exists
+    document["schema_version"] = SCHEMA_VERSION
     return document
 
 
@@ -639,24 +643,41 @@ def test_cli_robustness_exit_codes(tmp_path):
     within["models"][0]["robustness"]["mce"] = 60.5
     files["within"] = write(tmp_path, "within.json", within)
     no_mce = copy.deepcopy(current)
-    no_mce["models"][0]["robustness"].update(mce=None, relative_mce=None, severities=[3])
+    no_mce["models"][0]["robustness"].update(mce=None, relative_mce=None, severities=[3], mce_over=[],
+                                             incomplete_reason="CE and mCE need severities 1-5")
     files["no_mce"] = write(tmp_path, "no-mce.json", no_mce)
+    # A schema-2 file wrote an mCE on any dataset: on a 10-class one it is dropped on reading, with the reason.
+    old = copy.deepcopy(current)
+    old["dataset"].update(name="sample", split="test", num_classes=10)
+    old["schema_version"] = 2
+    for key in ("mce_over", "mean_corruption_error", "mean_corruption_error_over", "jpeg_quality", "incomplete_reason"):
+        del old["models"][0]["robustness"][key]
+    files["old"] = write(tmp_path, "old.json", old)
+    other = copy.deepcopy(current)
+    other["models"][0]["robustness"].update(mce_over=["fog", "snow"], mean_corruption_error_over=["fog", "snow"])
+    files["other"] = write(tmp_path, "other.json", other)
     plain = copy.deepcopy(current)
     del plain["models"][0]["robustness"]
     files["none"] = write(tmp_path, "none.json", plain)
     cases = [
         ("cb", ["--max-rise", "mce=1.0"], 1, "cbtool: error: regression: mce +2.00 (rise 1.00 allowed)"),
         ("within", ["--max-rise", "mce=1.0"], 0, ""),
-        ("no_mce", ["--max-rise", "mce=1.0"], 2, "has no mce (CE needs severities 1-5"),
+        ("no_mce", ["--max-rise", "mce=1.0"], 2, "has no mce (CE and mCE need severities 1-5); bound mean_corrupt"),
+        ("old", ["--max-rise", "mce=1.0"], 2, "has no mce ('sample' has 10 classes, not ImageNet-1k's 1,000"),
+        ("other", ["--max-rise", "mce=1.0"], 2, "mce of 'cb.safetensors' averages 2 corruptions in"),
+        ("other", ["--max-rise", "mean_corruption_error"], 2, "(snow differ)"),
+        ("cb", ["--max-rise", "mean_corruption_error=1.0"], 1, "regression: mean_corruption_error +"),
+        ("cb", ["--max-rise", "mean_corruption_error=5"], 0, ""),
         ("none", ["--max-rise", "mce"], 2, "has no robustness record for mce; evaluate with --corruptions"),
         ("cb", ["--max-rise", "error:snow:3"], 2, "has no snow errors for error:snow:3 (evaluated: fog)"),
         ("cb", ["--max-rise", "error:fog:2"], 2, "has no fog severity 2 for error:fog:2"),
         ("cb", ["--max-drop", "mce=1"], 2, "mce is an error (lower is better)"),
     ]
     for name, extra, code, stderr in cases:
-        proc = _run("check", str(files[name]), "--baseline", str(files["plain"]), *extra)
+        base = files["old" if name == "old" else "plain"]  # the old file against itself: same dataset
+        proc = _run("check", str(files[name]), "--baseline", str(base), *extra)
         assert proc.returncode == code, (name, extra, proc.stdout, proc.stderr)
         if code == 0:
-            assert proc.stderr == "" and "mce" in proc.stdout
+            assert proc.stderr == "" and extra[1].split("=")[0] in proc.stdout
         else:
             assert stderr in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

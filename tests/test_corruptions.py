@@ -127,8 +127,8 @@ def test_same_key_same_pixels_at_any_batch_size(name, fashion):
 def test_normalized_batches_and_numpy_keys(fashion):
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     m, s = torch.tensor(mean)[None, :, None, None], torch.tensor(std)[None, :, None, None]
-    out = corrupt_normalized((fashion - m) / s, "snow", 2, np.arange(4), mean, std)
-    torch.testing.assert_close(out * s + m, corrupt(fashion, "snow", 2, [0, 1, 2, 3]), rtol=0, atol=1e-5)
+    out = corrupt_normalized((fashion - m) / s, "snow", 2, np.arange(4), mean, std, jpeg_quality=None)
+    torch.testing.assert_close(out * s + m, corrupt(fashion, "snow", 2, [0, 1, 2, 3], jpeg_quality=None), rtol=0, atol=1e-5)
 
 
 def test_glass_blur_scrambles_like_the_reference_loop():
@@ -292,5 +292,64 @@ def test_impulse_noise_as_strong_as_imagecorruptions(reference_photos):
     for severity in range(1, 6):
         reference = np.stack([reference_corrupt(imagecorruptions, image, "impulse_noise", severity)
                               for image in reference_photos]) / 255.0  # fmt: skip
-        ours = corrupt(x, "impulse_noise", severity, range(4)).permute(0, 2, 3, 1).double().numpy()
+        ours = corrupt(x, "impulse_noise", severity, range(4), jpeg_quality=None).permute(0, 2, 3, 1).double().numpy()
         assert np.abs(ours - clean).mean() == pytest.approx(np.abs(reference - clean).mean(), rel=0.05)
+
+
+# --- sizes other than 224 px --------------------------------------------------------------------------
+
+
+def mean_displacement(size: int, severity: int) -> float:
+    """Mean displacement of ``elastic_transform`` as a fraction of the side, read from the pixels: the image is its
+    own coordinates (red = column, green = row, both 0-1), which bilinear sampling reproduces exactly, so each output
+    pixel says where it came from. The outer eighth is left out (the reflecting borders fold coordinates back)."""
+    from cbtool.robustness._ops import SampleRNG, size_scale
+    from cbtool.robustness.corruptions import FUNCTIONS
+
+    cols = torch.linspace(0, 1, size).view(1, size).expand(size, size)
+    rows = torch.linspace(0, 1, size).view(size, 1).expand(size, size)
+    x = torch.stack([cols, rows, torch.full_like(cols, 0.5)])[None].repeat(4, 1, 1, 1)
+    rng = SampleRNG(range(4), f"elastic_transform/{severity}", torch.device("cpu"))
+    out = FUNCTIONS["elastic_transform"](x, severity, rng, size_scale(size, size))
+    margin = size // 8
+    moved = (out[:, :2] - x[:, :2]).square().sum(1).sqrt()[:, margin:-margin, margin:-margin]
+    return moved.mean().item()
+
+
+@pytest.mark.parametrize("severity", [1, 3, 5])
+def test_elastic_displacement_is_a_fraction_of_the_image(severity):
+    """docs/robustness.md: pixel-sized parameters are a fixed fraction of the image. Before, severity 5 moved pixels
+    9.5% of the side at 32 px and 1.75% at 224 px (a fixed number of pixels)."""
+    reference = mean_displacement(224, severity)
+    assert reference > 0.01  # the warp does move pixels
+    for size in (32, 64, 448):
+        assert mean_displacement(size, severity) == pytest.approx(reference, rel=0.06), size
+
+
+# --- ImageNet-C's JPEG quality-85 files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "fog", "jpeg_compression"])
+def test_corrupted_images_are_saved_as_jpeg_85_by_default(name, fashion):
+    """As make_imagenet_c.py saved its files: ``Image.fromarray(np.uint8(255 * x)).save(f, quality=85,
+    optimize=True)``, read back. ``jpeg_quality=None`` leaves the corruption's own pixels."""
+    import io
+
+    from PIL import Image
+
+    raw = corrupt(fashion[:2], name, 3, [5, 6], jpeg_quality=None)
+    expected = []
+    for image in raw.permute(0, 2, 3, 1).double().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(np.uint8(image * 255 + 1e-4)).save(buffer, "JPEG", quality=85, optimize=True)
+        expected.append(np.asarray(Image.open(buffer).convert("RGB")) / 255.0)
+    default = corrupt(fashion[:2], name, 3, [5, 6])
+    assert torch.equal(default, corrupt(fashion[:2], name, 3, [5, 6], jpeg_quality=85))
+    np.testing.assert_allclose(default.permute(0, 2, 3, 1).double().numpy(), np.stack(expected), atol=1e-6)
+    assert (default - raw).abs().mean() > 1 / 255  # re-encoding changes the pixels
+
+
+@pytest.mark.parametrize("quality", [0, 96, 85.0, True, "85"])
+def test_bad_jpeg_quality_is_refused(quality, fashion):
+    with pytest.raises(CorruptionError, match="jpeg_quality"):
+        corrupt(fashion[:1], "fog", 1, [0], jpeg_quality=quality)

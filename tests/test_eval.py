@@ -438,7 +438,7 @@ def test_json_provenance(models, folder, tmp_path):
 
     document = cli_eval(models["cb"], "--dataset", folder, "--density", "--plot", tmp_path / "density.png",
                         json_path=tmp_path / "out.json")  # fmt: skip
-    assert document["schema_version"] == 2
+    assert document["schema_version"] == 3
     assert document["dataset"]["name"] == str(folder)
     assert document["dataset"]["kind"] == "folder"
     assert document["dataset"]["split"] is None

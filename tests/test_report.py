@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from cbtool import report
 from cbtool.cli.app import app
 from cbtool.errors import CbtoolError, OutputError
+from cbtool.results import SCHEMA_VERSION
 from cbtool.report import (
     density_table,
     difference_rows,
@@ -327,20 +328,30 @@ def with_robustness(entry: dict, fog: dict[int, str], mce: float | None, relativ
         "mean_error": {"fog": sum(error.values()) / len(error)},
         "ce": {"fog": mce} if mce is not None else {}, "relative_ce": {"fog": relative_mce} if mce is not None else {},
         "mce": mce, "relative_mce": relative_mce, "complete": False, "relative_to_first": None,
+        "mce_over": ["fog"] if mce is not None else [], "jpeg_quality": 85,
+        "mean_corruption_error": sum(error.values()) / len(error), "mean_corruption_error_over": ["fog"],
+        "incomplete_reason": "mCE over 1 of the 15 ImageNet-C corruptions: not the published mCE",
     }  # fmt: skip
     return {**entry, "robustness": record}
+
+
+def imagenet(document: dict) -> dict:
+    """``document`` as a schema-3 run on ImageNet-1k validation, where AlexNet's figures apply."""
+    document["dataset"].update(name="imagenet-1k", split="validation", num_classes=1000, limit=None)
+    return {**document, "schema_version": SCHEMA_VERSION}
 
 
 def test_compare_shows_robustness_section(tmp_path):
     five = range(1, 6)
     plain = with_robustness(PLAIN, {s: "1" * (80 - 5 * s) + "0" * (20 + 5 * s) for s in five}, 50.0, 70.0)
     cb = with_robustness(CB, {s: "1" * (78 - 5 * s) + "0" * (22 + 5 * s) for s in five}, 52.5, 71.0)
-    a, b = write(tmp_path, "plain.json", results(plain)), write(tmp_path, "cb.json", results(cb))
+    a, b = write(tmp_path, "plain.json", imagenet(results(plain))), write(tmp_path, "cb.json", imagenet(results(cb)))
     result = runner.invoke(app, ["compare", str(a), str(b), "--json", str(tmp_path / "c.json"),
                                  "--markdown", str(tmp_path / "c.md")])  # fmt: skip
     assert result.exit_code == 0, result.output
     section = result.output.split("Robustness")[1]
-    assert "corruption" in section and "s5" in section and "fog" in section and "CE vs first" in section
+    assert "corruption" in section and "s5" in section and "fog" in section and "vs first" in section
+    assert "rel CE" in section and "in % of AlexNet's ImageNet-1k validation error" in section
     assert "mCE cb vs plain: +2.50 (relative mCE +1.00)" in section
     assert "105.71" in section  # CE vs first: the first model compared, 100 * 185 / 175
     assert "- mCE cb vs plain: +2.50" in (tmp_path / "c.md").read_text()
@@ -350,12 +361,43 @@ def test_compare_shows_robustness_section(tmp_path):
     assert diff["mce"] == pytest.approx(2.5) and diff["mean_error"]["fog"] == pytest.approx(2.0)
     # Paired samples: McNemar per cell; cb lost 2 images at each severity and gained none.
     assert diff["cell_p_values"]["fog"]["3"] == pytest.approx(0.5)
-    assert record == json.loads(json.dumps(report_compare([results(plain), results(cb)], [str(a), str(b)])))
+    assert record == json.loads(json.dumps(report_compare([imagenet(results(plain)), imagenet(results(cb))],
+                                                          [str(a), str(b)])))
     plain_only = runner.invoke(app, ["compare", str(write(tmp_path, "p.json", results(PLAIN))), str(a)])
     assert plain_only.exit_code == 0 and " vs plain:" not in plain_only.output  # one record: table, no difference line
     assert "Robustness" in plain_only.output
     neither = runner.invoke(app, ["compare", str(write(tmp_path, "q.json", results(CB))), str(tmp_path / "p.json")])
     assert neither.exit_code == 0 and "Robustness" not in neither.output
+
+
+def test_old_files_outside_imagenet_lose_their_mce(tmp_path):
+    """Schema 2 wrote mCE "in % of AlexNet's" for any dataset: read back on the 10-class sample, it is dropped, the
+    reason shown, and the mean corruption error (in points, over the corruptions named) takes its place."""
+    five = range(1, 6)
+    plain = with_robustness(PLAIN, {s: "1" * (80 - 5 * s) + "0" * (20 + 5 * s) for s in five}, 50.0, 70.0)
+    cb = with_robustness(CB, {s: "1" * (78 - 5 * s) + "0" * (22 + 5 * s) for s in five}, 52.5, 71.0)
+    old = []
+    for entry in (plain, cb):
+        document = {**results(entry), "schema_version": 2}
+        document["dataset"]["num_classes"] = 10
+        for key in ("mce_over", "jpeg_quality", "mean_corruption_error", "mean_corruption_error_over",
+                    "incomplete_reason"):
+            del document["models"][0]["robustness"][key]
+        old.append(document)
+    a, b = write(tmp_path, "plain.json", old[0]), write(tmp_path, "cb.json", old[1])
+    result = runner.invoke(app, ["compare", str(a), str(b), "--json", str(tmp_path / "c.json")])
+    assert result.exit_code == 0, result.output
+    section = result.output.split("Robustness")[1]
+    assert "rel CE" not in section and "in % of AlexNet's" not in section and "mCE cb" not in section
+    assert "complete: false: 'sample' has 10 classes, not ImageNet-1k's 1,000" in section
+    assert "mean corruption error cb vs plain: +2.00 points over 1 corruptions" in section
+    assert "not re-encoded as JPEG" in section
+    record = json.loads((tmp_path / "c.json").read_text())
+    robust = record["models"][1]["robustness"]
+    assert robust["mce"] is None and robust["ce"] == {} and robust["complete"] is False
+    assert robust["mean_corruption_error"] == pytest.approx(37.0) and robust["mean_corruption_error_over"] == ["fog"]
+    (diff,) = record["robustness_differences"]
+    assert diff["mce"] is None and diff["mean_corruption_error"] == pytest.approx(2.0)
 
 
 def report_compare(documents, names):

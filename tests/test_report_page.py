@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import time
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -114,15 +115,73 @@ def test_page_numbers_match_the_json_and_render_fast(evaluated, tmp_path):
     assert html.count("<svg") == 2 and "plain.safetensors" in html and "vit_tiny_patch16_224" in html  # provenance
 
 
-def test_robustness_tables_from_a_hand_made_record():
+def test_generic_tables_from_a_hand_made_record():
     html = generic_tables(ROBUSTNESS)
     cells = [(k, v) for k, v, _ in parse(f"<table id='r'></table>{html}").tables[None]]
     assert ("mce", 0.7321) in cells and ("ce:fog", 0.5513) in cells and ("mean_error:gaussian_noise", 0.61) in cells
     assert ("gaussian_noise:5", 0.85) in cells
-    document = {"schema_version": 1, "dataset": {"name": "x"}, "robustness": ROBUSTNESS,
-                "models": [{"label": "m", "metrics": {"top1": 50.0}, "robustness": {"mce": 0.5}}]}
-    page = report_page([("robust.json", document)])
-    assert 'id="robustness"' in page and "gaussian_noise" in page and 'data-value="0.5"' in page
+    record = {**ROBUSTNESS, "correct": {"fog": {"1": "01" * 20}}}
+    document = {"schema_version": 1, "dataset": {"name": "x"},
+                "models": [{"label": "m", "metrics": {"top1": 50.0}, "robustness": {"mce": 0.5}},
+                           {"label": "n", "metrics": {"top1": 50.0}, "robustness": record}]}
+    page = report_page([("robust.json", document)])  # not records cbtool wrote: their averages, said to be partial
+    averages = {key: value for key, value, _ in parse(page).tables["robustness-averages"]}
+    assert averages["mce"] == 0.7321 and averages["n:fog:ce"] == 0.5513 and averages["n:gaussian_noise:mean_error"] == 0.61
+    assert 'data-value="0.5"' in page and "only the averages" in page and "01" * 20 not in page
+
+
+def robust_document(document: dict) -> dict:
+    """``document`` (10-class sample) with robustness records made by cbtool's own ``robustness_record`` for its two
+    models: all 19 corruptions, severities 1-5, a ``correct`` string per cell."""
+    import copy
+    import random
+
+    from cbtool.robustness import CORRUPTIONS
+    from cbtool.robustness.record import add_relative_to_first, robustness_record
+
+    document = copy.deepcopy(document)
+    records = []
+    for index, model in enumerate(document["models"]):
+        rng = random.Random(index)
+        n = model["metrics"]["num_samples"]
+        cells = {}
+        for c in CORRUPTIONS:
+            cells[c] = {}
+            for s in range(1, 6):
+                correct = "".join(rng.choice("01") for _ in range(n))
+                cells[c][s] = {"top1": 100.0 * correct.count("1") / n, "correct": correct}
+        records.append(robustness_record(cells, model["metrics"]["top1"], CORRUPTIONS, [1, 2, 3, 4, 5],
+                                         dataset=document["dataset"]))
+        model["robustness"] = records[-1]
+    add_relative_to_first(records, [m["label"] for m in document["models"]])
+    return document
+
+
+def test_robustness_is_the_cli_table_and_plot(evaluated):
+    """The section is the CLI's table (ImageNet-C order, errors per severity, the honest averages and the notes)
+    and one chart per corruption; no per-sample vectors, no JSON keys or list indices."""
+    from cbtool.robustness import CORRUPTIONS
+    from cbtool.robustness.render import robustness_table
+
+    document = robust_document(json.loads(evaluated.read_text()))
+    html = report_page([(str(evaluated), document)])
+    section = html[html.index('<div id="robustness">'):html.index("<h2>Provenance")]
+    cells = parse(html).tables["robustness-table"]
+    for model in document["models"]:
+        record, label = model["robustness"], model["label"]
+        shown = [key.split(":")[1] for key, _, _ in cells if key.startswith(f"{label}:") and key.endswith(":s1")]
+        assert shown == list(CORRUPTIONS)  # ImageNet-C order, as the CLI
+        for c in CORRUPTIONS:
+            for s in range(1, 6):
+                assert (f"{label}:{c}:s{s}", record["error"][c][str(s)], format_value(record["error"][c][str(s)])) in cells
+            assert record["correct"][c]["1"] not in html  # per-sample vectors stay in the JSON
+        assert (f"{label}:mean of 19 corruptions:mean", record["mean_corruption_error"],
+                format_value(record["mean_corruption_error"])) in cells
+    text = robustness_table(document["models"])
+    for note in text.splitlines()[-4:]:
+        assert escape(note) in section
+    assert "CE and mCE in % of AlexNet" not in section and "has 10 classes, not ImageNet-1k" in section
+    assert section.count("<svg") == 19 and "mean_corruption_error_over" not in section and ">18<" not in section
 
 
 def test_write_is_atomic_and_bad_pictures_are_one_line(evaluated, tmp_path):
@@ -176,7 +235,7 @@ def test_page_in_headless_chromium(evaluated, tmp_path):
     photo = Image.new("RGB", (32, 32), (120, 80, 40))
     attention_figure([cbtool.load(evaluated.with_name("plain.safetensors"))], [photo], picture)
     page = tmp_path / "report.html"
-    document["models"][0]["robustness"] = ROBUSTNESS
+    document = robust_document(document)
     write_report_page(page, [(str(evaluated), document)], pictures=[picture])
 
     dumped = chromium("--dump-dom", page.as_uri())
@@ -205,3 +264,23 @@ def test_report_command_imports_no_torch(evaluated, tmp_path, cli_env):
     proc = subprocess.run([sys.executable, "-c", code, "report", str(evaluated), "-o", str(out)], env=cli_env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "clean" in proc.stdout and out.is_file(), proc.stderr
+
+
+@needs_chromium
+def test_robustness_section_fits_the_page_in_chromium(evaluated, tmp_path):
+    """Laid out by a real browser at 1200 px: nothing overflows to the right, the table text is readable, and the
+    section of two models with 19 corruptions is a table and charts, not a 5,000 px dump."""
+    document = robust_document(json.loads(evaluated.read_text()))
+    probe = ("<script>const section = document.getElementById('robustness');"
+             "const rights = [...section.querySelectorAll('*')].map(e => e.getBoundingClientRect().right);"
+             "const td = section.querySelector('#robustness-table td');"
+             "document.body.dataset.layout = JSON.stringify({view: document.documentElement.clientWidth,"
+             " right: Math.max(...rights), height: section.getBoundingClientRect().height,"
+             " font: parseFloat(getComputedStyle(td).fontSize)});</script></body>")
+    page = tmp_path / "report.html"
+    page.write_text(report_page([(str(evaluated), document)]).replace("</body>", probe))
+    dumped = chromium("--window-size=1200,900", "--dump-dom", page.as_uri())
+    assert dumped.returncode == 0 and not console_problems(dumped.stderr), dumped.stderr[-2000:]
+    layout = json.loads(__import__("html").unescape(dumped.stdout.split('data-layout="')[1].split('"')[0]))
+    assert layout["right"] <= layout["view"], layout  # every table cell, note and chart inside the viewport
+    assert layout["font"] >= 12 and layout["height"] < 3500, layout

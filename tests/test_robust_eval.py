@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from cbtool import data
 from cbtool.checkpoint import save
+from cbtool.results import SCHEMA_VERSION
 from cbtool.cli.app import app
 from cbtool.robustness import corrupt, summarize
 from cbtool.sources import resolve
@@ -57,7 +58,8 @@ def document(models, folder, tmp_path_factory) -> dict:
                             "--severities", "1-5", "--batch-size", "7", "--json", out / "r.json",
                             "--plot", out / "robust.png")  # fmt: skip
     assert code == 0, output
-    assert "gaussian_noise" in output and "mCE" in output and "CE vs first" in output
+    assert "gaussian_noise" in output and "vs first" in output and "mean of 2 corruptions" in output
+    assert "in % of AlexNet's" not in output and "no CE or mCE" in output and "has 10 classes" in output
     assert (out / "robust.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads((out / "r.json").read_text())
 
@@ -66,24 +68,30 @@ def independent_cells(model_path: Path, folder: Path, config: dict, corruption: 
     """Corrupt un-normalised images with ``corrupt`` (keys: dataset indices), normalise, run the model, count hits.
 
     ``config``: the preprocessing record of the document, handed to timm's own ``create_transform``."""
-    from timm.data import create_transform
-
     model = resolve(str(model_path)).eval()
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    steps = create_transform(**config, is_training=False).transforms
-    to_unit = [t for t in steps if type(t).__name__ != "Normalize"]  # resize, crop, ToTensor
-    ds = data.resolve_dataset(str(folder), None, purpose="eval", num_model_classes=10)
-    pictures, labels = zip(*(ds[i] for i in range(len(ds))))
-    unit = torch.stack([_compose(to_unit, p) for p in pictures])
+    unit, labels = unit_images(folder, config)
     mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(config["std"]).view(1, 3, 1, 1)
     found = {}
     with torch.no_grad():
         for severity in severities:
-            images = (corrupt(unit, corruption, severity, list(range(len(ds)))) - mean) / std
+            images = (corrupt(unit, corruption, severity, list(range(len(labels)))) - mean) / std
             hits = model(images).argmax(1).eq(torch.tensor(labels))
             found[severity] = "".join("1" if h else "0" for h in hits.tolist())
     return found
+
+
+def unit_images(folder: Path, config: dict) -> tuple[torch.Tensor, list[int]]:
+    """The folder's images resized and cropped by timm's own ``create_transform`` (from the document's
+    ``preprocessing`` record), in [0, 1] before normalisation, and their labels."""
+    from timm.data import create_transform
+
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    steps = create_transform(**config, is_training=False).transforms
+    to_unit = [t for t in steps if type(t).__name__ != "Normalize"]  # resize, crop, ToTensor
+    ds = data.resolve_dataset(str(folder), None, purpose="eval", num_model_classes=10)
+    pictures, labels = zip(*(ds[i] for i in range(len(ds))))
+    return torch.stack([_compose(to_unit, p) for p in pictures]), list(labels)
 
 
 def _compose(steps, picture):
@@ -93,7 +101,7 @@ def _compose(steps, picture):
 
 
 def test_cells_equal_an_independent_computation(document, models, folder):
-    assert document["schema_version"] == 2
+    assert document["schema_version"] == SCHEMA_VERSION == 3
     for model, path in zip(document["models"], [models["plain"], models["cb"]]):
         record = model["robustness"]
         assert record["corruptions"] == CORRUPTIONS and record["severities"] == [1, 2, 3, 4, 5]
@@ -106,16 +114,20 @@ def test_cells_equal_an_independent_computation(document, models, folder):
         assert record["clean_error"] == pytest.approx(100.0 - model["metrics"]["top1"])
 
 
-def test_mce_fields_agree_with_summarize(document):
+def test_no_mce_outside_imagenet_but_the_mean_corruption_error(document):
+    """Digits (10 classes) are not ImageNet-1k validation: no CE, no mCE, the reason in the record; the mean
+    corruption error is the mean of the per-corruption means, in points, and names the corruptions it averages."""
     for model in document["models"]:
         record = model["robustness"]
         table = {c: {int(s): e / 100 for s, e in record["error"][c].items()} for c in CORRUPTIONS}
         summary = summarize(table, clean_error=record["clean_error"] / 100)
-        assert record["mce"] == pytest.approx(100 * summary.mce)
-        assert record["relative_mce"] == pytest.approx(100 * summary.relative_mce)
-        assert record["ce"] == pytest.approx({c: 100 * v for c, v in summary.ce.items()})
         assert record["mean_error"] == pytest.approx({c: 100 * v for c, v in summary.mean_error.items()})
-        assert record["complete"] is False  # 2 of the 15 ImageNet-C corruptions
+        assert record["mean_corruption_error"] == pytest.approx(np.mean([record["mean_error"][c] for c in CORRUPTIONS]))
+        assert record["mean_corruption_error_over"] == CORRUPTIONS
+        assert record["ce"] == {} and record["relative_ce"] == {} and record["mce_over"] == []
+        assert record["mce"] is None and record["relative_mce"] is None and record["complete"] is False
+        assert "has 10 classes, not ImageNet-1k's 1,000" in record["incomplete_reason"]
+        assert record["jpeg_quality"] == 85
 
 
 def test_ce_relative_to_the_first_model(document):
@@ -125,7 +137,9 @@ def test_ce_relative_to_the_first_model(document):
     for c in CORRUPTIONS:
         ratio = sum(second["error"][c].values()) / sum(first["error"][c].values())
         assert second["relative_to_first"]["ce"][c] == pytest.approx(100 * ratio)
-    assert second["relative_to_first"]["mce"] == pytest.approx(np.mean(list(second["relative_to_first"]["ce"].values())))
+    assert second["relative_to_first"]["mean"] == pytest.approx(np.mean(list(second["relative_to_first"]["ce"].values())))
+    assert second["relative_to_first"]["mean_over"] == second["mean_corruption_error_over"] == CORRUPTIONS
+    assert "mce" not in second["relative_to_first"]  # it averages all corruptions evaluated: not an mCE
 
 
 def test_cells_do_not_depend_on_the_batch_size(document, models, folder, tmp_path):
@@ -136,18 +150,26 @@ def test_cells_do_not_depend_on_the_batch_size(document, models, folder, tmp_pat
         document["models"][0]["robustness"]["correct"])
 
 
-def test_fewer_severities_give_errors_but_no_ce_and_examples_are_written(models, folder, tmp_path):
-    examples = tmp_path / "examples"
-    examples.mkdir()
-    code, output = run_eval(models["cb"], "--dataset", folder, "--corruptions", "fog", "--severities", "3",
+def test_fewer_severities_give_errors_but_no_ce_and_labelled_examples_are_written(models, folder, tmp_path):
+    examples = tmp_path / "new" / "examples"  # created, parents too
+    code, output = run_eval(models["cb"], "--dataset", folder, "--corruptions", "fog,snow", "--severities", "1,3",
                             "--batch-size", "8", "--json", tmp_path / "r.json", "--save-examples", examples)
     assert code == 0, output
     record = json.loads((tmp_path / "r.json").read_text())["models"][0]["robustness"]
-    assert set(record["error"]["fog"]) == {"3"} and record["ce"] == {} and record["mce"] is None
-    assert "CE and mCE need severities 1-5" in output
-    picture = Image.open(examples / "fog.png")
-    assert picture.size == (6 * 32 + 5 * 2, 4 * 32 + 3 * 2)  # clean + 5 severities across, 4 images down
-    assert [p.name for p in examples.iterdir()] == ["fog.png"]  # no temporary left
+    assert set(record["error"]["fog"]) == {"1", "3"} and record["ce"] == {} and record["mce"] is None
+    assert "complete: false: 'digits" not in output and "has 10 classes" in output
+    assert sorted(p.name for p in examples.iterdir()) == ["fog.png", "snow.png"]  # no temporary left
+    picture = np.asarray(Image.open(examples / "fog.png").convert("RGB"))
+    header = 2 * 14 + 6  # two lines of labels, then clean + the 2 asked severities across, 4 images down at 96 px
+    assert picture.shape == (header + 4 * 96 + 3 * 2, 3 * 96 + 2 * 2, 3)
+    assert (picture[:header] < 128).any(axis=2).sum() > 200  # the labels are drawn
+    # The tiles are the pixels the model saw, enlarged 3x (nearest): image 1 clean and at severity 3.
+    config = json.loads((tmp_path / "r.json").read_text())["preprocessing"]
+    unit, _ = unit_images(folder, config)
+    for column, pixels in [(0, unit[1]), (2, corrupt(unit[1:2], "fog", 3, [1])[0])]:
+        expected = (pixels * 255).round().to(torch.uint8).permute(1, 2, 0).numpy().repeat(3, 0).repeat(3, 1)
+        top, left = header + 96 + 2, column * (96 + 2)
+        assert np.abs(picture[top:top + 96, left:left + 96].astype(int) - expected).max() <= 1, column
 
 
 @pytest.mark.parametrize(
@@ -155,7 +177,9 @@ def test_fewer_severities_give_errors_but_no_ce_and_examples_are_written(models,
     [
         (["--corruptions", "fogg"], "unknown corruption 'fogg'"),
         (["--corruptions", "fog", "--severities", "6"], "severit"),
-        (["--save-examples", "."], "--save-examples shows what corruptions do"),
+        (["--save-examples", "."], "--save-examples only apply to corrupted images; give --corruptions too"),
+        (["--severities", "1,3"], "--severities only apply to corrupted images; give --corruptions too"),
+        (["--no-jpeg"], "--no-jpeg only apply to corrupted images"),
         (["--corruptions", "fog", "--density"], "--density measures clean images"),
     ],
 )
@@ -197,3 +221,29 @@ def test_imagenet_a_and_r_keep_their_200_classes(tmp_path):
     labels, ds = _label_of_each_class(root, 1000)
     assert labels == {s: i for i, s in enumerate(synsets)}
     assert ds.class_subset == [synset_to_index()[s] for s in synsets]
+
+
+def test_mce_on_imagenet_validation_images_under_limit(tmp_path, monkeypatch):
+    """A folder of ImageNet synsets in the 1,000-class space whose size is ImageNet-1k validation's (made 6 here)
+    gets CE and mCE, also under --limit (the source's size tells), with the sample named in the reason; the same
+    folder of another size gets none."""
+    from cbtool.robustness import baseline
+
+    synsets = ["n01440764", "n01443537", "n15075141"]
+    root = write_folder(tmp_path / "val", [(i, i % 3) for i in range(6)], synsets)
+    torch.manual_seed(0)
+    model = save(tiny_vit(num_classes=1000), tmp_path / "in1k.safetensors")
+    for size, has_mce in ((6, True), (7, False)):
+        monkeypatch.setattr(baseline, "IMAGENET_VAL_IMAGES", size)
+        out = tmp_path / f"r{size}.json"
+        code, output = run_eval(model, "--dataset", root, "--limit", 3, "--corruptions", "fog,saturate",
+                                "--batch-size", 8, "--json", out)
+        assert code == 0, output
+        record = json.loads(out.read_text())["models"][0]["robustness"]
+        assert (record["mce"] is not None) is has_mce and record["complete"] is False
+        if has_mce:
+            assert record["mce_over"] == ["fog"] and record["mean_corruption_error_over"] == ["fog", "saturate"]
+            assert record["mce"] == pytest.approx(100 * record["mean_error"]["fog"] / 100 / 0.819324)
+            assert "in % of AlexNet's" in output and "mCE over 1 corruptions" in output
+        else:
+            assert "cannot tell it is ImageNet-1k validation" in record["incomplete_reason"]

@@ -10,16 +10,19 @@ from cbtool.errors import CbtoolError
 
 
 def robustness_value(model: Mapping[str, Any], metric: str, name: str) -> float:
-    """``mce``, ``relative_mce``, ``error:<c>`` or ``error:<c>:<s>`` of one model; missing is bad input."""
+    """``mce``, ``relative_mce``, ``mean_corruption_error``, ``error:<c>`` or ``error:<c>:<s>`` of one model;
+    missing is bad input (mCE is missing wherever AlexNet's errors do not apply: the record says why)."""
     record, label = model.get("robustness"), model["label"]
     if not isinstance(record, dict):
         raise CbtoolError(f"{name}: model {label!r} has no robustness record for {metric}; evaluate with --corruptions")
     cell = robustness_cell(metric)
-    if cell is None:  # mce, relative_mce
+    if cell is None:  # mce, relative_mce, mean_corruption_error
         value = record.get(metric)
         if value is None:
-            raise CbtoolError(f"{name}: model {label!r} has no {metric} (CE needs severities 1-5 of corruptions with "
-                              f"an AlexNet error; it has severities {record.get('severities')})")  # fmt: skip
+            why = record.get("incomplete_reason") or (f"CE needs severities 1-5 of corruptions with an AlexNet error; "
+                                                      f"it has severities {record.get('severities')}")
+            raise CbtoolError(f"{name}: model {label!r} has no {metric} ({why}); "
+                              "bound mean_corruption_error or error:<corruption> instead")  # fmt: skip
         return value
     corruption, severity = cell
     if corruption not in (record.get("mean_error") or {}):
@@ -41,3 +44,19 @@ def cell_correct(model: Mapping[str, Any], corruption: str, severity: int) -> st
         raise CbtoolError(f"model {model['label']!r}: robustness.correct.{corruption}.{severity} "
                           "must be a string of 0s and 1s")  # fmt: skip
     return correct
+
+
+# The average metrics and the field naming the corruptions each one averages.
+AVERAGED_OVER = {"mce": "mce_over", "relative_mce": "mce_over", "mean_corruption_error": "mean_corruption_error_over"}
+
+
+def same_average(current: Mapping[str, Any], base: Mapping[str, Any], metric: str, names: tuple[str, str]) -> None:
+    """Refuse to compare an average over one set of corruptions with an average over another (bad input)."""
+    key = AVERAGED_OVER.get(metric)
+    if key is None:
+        return
+    new, old = ((model.get("robustness") or {}).get(key) for model in (current, base))
+    if new is not None and old is not None and list(new) != list(old):
+        raise CbtoolError(f"{metric} of {current['label']!r} averages {len(new)} corruptions in {names[0]} but "
+                          f"{len(old)} in {names[1]} ({', '.join(sorted(set(new) ^ set(old)))} differ); "
+                          "evaluate the same --corruptions, or bound error:<corruption>")

@@ -37,8 +37,10 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("model_images_per_s", "throughput", 5.0, default_relative=True),
         MetricInfo("end_to_end_images_per_s", "throughput", 5.0, default_relative=True),
         # Robustness (``cbtool eval --corruptions``): errors and CEs in percent, lower is better (--max-rise).
+        # mce and relative_mce exist only where AlexNet's ImageNet-1k errors apply; mean_corruption_error everywhere.
         MetricInfo("mce", "error", 1.0),
         MetricInfo("relative_mce", "error", 1.0),
+        MetricInfo("mean_corruption_error", "error", 1.0),
     )
 }
 ALIASES = {"entropy_per_layer": "entropy_layer", "distance_per_layer": "distance_layer"}

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cbtool.check.rules import DEFAULT_RULES, DROP, Rule, robustness_cell
-from cbtool.check.robust_values import cell_correct, robustness_value
+from cbtool.check.robust_values import cell_correct, robustness_value, same_average
 from cbtool.check.stats import (
     TestResult,
     discordant_counts,
@@ -83,7 +83,7 @@ def _values(model: Mapping[str, Any], metric: str, name: str) -> list[tuple[str,
     """``[(display name, value)]`` of ``metric`` in one model: one entry, or one per layer."""
     metrics, density = model["metrics"], model.get("density")
     label = model["label"]
-    if metric in ("mce", "relative_mce") or robustness_cell(metric) is not None:
+    if metric in ("mce", "relative_mce", "mean_corruption_error") or robustness_cell(metric) is not None:
         return [(metric, robustness_value(model, metric, name))]
     if metric in ("top1", "top5", "loss"):
         return [(metric, metrics.get(metric))]
@@ -319,6 +319,7 @@ def check_results(
         for rule in rules:
             new_values = _values(current, rule.metric, results_name)
             old_values = _values(base, rule.metric, baseline_name)
+            same_average(current, base, rule.metric, names)
             if len(new_values) != len(old_values):
                 raise CbtoolError(
                     f"{rule.metric}: model {current['label']!r} has {len(new_values)} layers in {results_name} "

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
-from cbtool.errors import OutputError
 
 
 def eval_command(
@@ -35,8 +34,9 @@ def eval_command(
     channels_last: opt.ChannelsLast = False,
     compile: opt.Compile = False,
     corruptions: Annotated[Optional[str], typer.Option("--corruptions", help="Also evaluate on corrupted images (ImageNet-C): all, common, a group (noise, blur, weather, digital, extra) or names, comma-separated.")] = None,
-    severities: Annotated[str, typer.Option("--severities", help="Corruption severities: 1-5, 3, or 1,3,5.")] = "1-5",
-    save_examples: Annotated[Optional[Path], typer.Option("--save-examples", help="Write one picture per corruption (clean, then each severity across; the first images down) to this folder.")] = None,
+    severities: Annotated[Optional[str], typer.Option("--severities", help="Corruption severities: 1-5, 3, or 1,3,5 (default 1-5; needs --corruptions).")] = None,
+    no_jpeg: Annotated[bool, typer.Option("--no-jpeg", help="Do not save corrupted images as JPEG quality 85 and read them back, as ImageNet-C's files were (then errors are not comparable with ImageNet-C's).")] = False,
+    save_examples: Annotated[Optional[Path], typer.Option("--save-examples", help="Write one labelled picture per corruption (clean, then each severity across; the first images down) to this folder (created).")] = None,
     json_out: opt.JsonOut = None,
     plot: opt.Plot = None,
     quiet: opt.Quiet = False,
@@ -46,11 +46,11 @@ def eval_command(
     from cbtool.files import check_outputs, check_writable_folder
     from cbtool.pipeline import check_corruption_options
     from cbtool.report import check_output_folder
+    from cbtool.robustness.registry import JPEG_QUALITY
 
-    check_corruption_options(corruptions, severities, density=density,
+    jpeg_quality = None if no_jpeg else JPEG_QUALITY
+    check_corruption_options(corruptions, severities, density=density, jpeg_quality=jpeg_quality,
                              save_examples=str(save_examples) if save_examples is not None else None)
-    if save_examples is not None and not save_examples.is_dir():
-        raise OutputError(f"--save-examples {save_examples}: no such folder; create it first")
     if save_examples is not None:
         check_writable_folder(save_examples, "--save-examples folder", "pass a folder you can write to")
 
@@ -70,6 +70,7 @@ def eval_command(
         checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs, device=device, amp=amp,
         channels_last=channels_last, compile=compile, progress=not quiet, corruptions=corruptions,
         severities=severities, save_examples=str(save_examples) if save_examples is not None else None,
+        jpeg_quality=jpeg_quality,
     )
     if not distributed.is_main_process():
         return
@@ -97,8 +98,8 @@ def _print_summary(document: dict, report, quiet: bool) -> None:
         typer.echo("")
         typer.echo(report.density_table(document["models"]))
     if any(model.get("robustness") for model in document["models"]):
-        from cbtool.robustness.render import robustness_table
+        from cbtool.robustness.render import robustness_table, robustness_title
 
         typer.echo("")
-        typer.echo("Top-1 error (%) under corruptions; CE and mCE in % of AlexNet's")
+        typer.echo(robustness_title(document["models"]))
         typer.echo(robustness_table(document["models"]))

@@ -152,6 +152,10 @@ class ResolvedDataset:
             record["holdout"] = dict(self.holdout)
         return record
 
+    def source_size(self) -> int | None:
+        """Samples in the whole source, before ``limit`` and held-out splits (``None`` for a stream)."""
+        return None if self.streaming or self._source is None else len(self._source)
+
     def _num_evaluated(self) -> int | None:
         """Samples minus the bad images skipped so far (a stream counts its ``limit``, or None)."""
         total = self.limit if self.streaming else len(self)

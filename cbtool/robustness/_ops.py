@@ -216,3 +216,20 @@ def gray(x: torch.Tensor) -> torch.Tensor:
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Round to the 256 levels of an 8-bit image (values stay floats in [0, 1])."""
     return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def jpeg_round_trip(pixels: torch.Tensor, quality: int, *, optimize: bool = False) -> torch.Tensor:
+    """Encode 8-bit ``pixels`` (B, 3, H, W) as JPEG at ``quality`` with PIL, decode, and return floats in [0, 1] on
+    their device (PIL's default 4:2:0 chroma subsampling, as ImageNet-C's files and imagecorruptions have)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for image in pixels.permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "JPEG", quality=quality, optimize=optimize)
+        out.append(np.asarray(Image.open(buffer).convert("RGB")))
+    return torch.from_numpy(np.stack(out)).to(pixels.device).permute(0, 3, 1, 2).float() / 255
+

@@ -1,16 +1,14 @@
 """Digital and colour corruptions: contrast, brightness, saturate, elastic transform, pixelate and
-JPEG compression (Hendrycks & Dietterich's parameters). Elastic displacements and their smoothness
-are in pixels and scale with the image, as do pixelate's cells; colour changes are per pixel, and
+JPEG compression (Hendrycks & Dietterich's parameters). Elastic displacements are the same fraction of
+the image at every size, as are pixelate's cells; colour changes are per pixel, and
 JPEG works on 8 x 8 pixel blocks at every size (so it is milder on larger inputs).
 """
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 from cbtool.robustness import _ops
 from cbtool.robustness._ops import SampleRNG
@@ -56,7 +54,13 @@ def _affine_inverse(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def elastic_transform(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> torch.Tensor:
     """A random affine warp, then smooth random displacements (ImageNet-C's make_imagenet_c.py; the
-    reference's 244 is its own, for 224 px images)."""
+    reference's 244 is its own, for 224 px images).
+
+    Both parts move pixels by the same fraction of the image at every size: the affine jitter scales with the
+    side, and the smooth field is drawn and smoothed on the image's 224 px grid, resampled to the image and
+    scaled to its pixels. (Scaling alpha and sigma with the side instead would keep the displacement a fixed
+    number of pixels: smoothing divides the noise by about sigma.) At 224 x 224 this is the reference's field.
+    """
     alpha, sigma, jitter = (
         (244 * 2, 244 * 0.7, 244 * 0.1),
         (244 * 2, 244 * 0.08, 244 * 0.2),
@@ -64,7 +68,7 @@ def elastic_transform(x: torch.Tensor, severity: int, rng: SampleRNG, scale: flo
         (244 * 0.07, 244 * 0.01, 244 * 0.02),
         (244 * 0.12, 244 * 0.01, 244 * 0.02),
     )[severity - 1]
-    alpha, sigma, jitter = alpha * scale, sigma * scale, jitter * scale
+    jitter = jitter * scale
     batch, _, height, width = x.shape
     center, square = np.array([height // 2, width // 2], dtype=np.float64), min(height, width) // 3
     points = np.stack([center + square, [center[0] + square, center[1] - square], center - square])
@@ -76,7 +80,10 @@ def elastic_transform(x: torch.Tensor, severity: int, rng: SampleRNG, scale: flo
     source_cols = maps[:, 0, 0] * cols + maps[:, 0, 1] * rows + maps[:, 0, 2]
     source_rows = maps[:, 1, 0] * cols + maps[:, 1, 1] * rows + maps[:, 1, 2]
     x = _ops.sample_bilinear(x, source_rows, source_cols, "reflect101")
-    shifts = _ops.gaussian(rng.uniform((2, height, width), -1, 1), sigma, mode="reflect", truncate=3) * alpha
+    grid = (max(1, round(height / scale)), max(1, round(width / scale)))  # the image's side in 224 px units
+    shifts = _ops.gaussian(rng.uniform((2, *grid), -1, 1), sigma, mode="reflect", truncate=3) * alpha
+    if grid != (height, width):  # point-sample the field (no antialiasing): the displacements keep their sizes
+        shifts = F.interpolate(shifts, size=(height, width), mode="bilinear", align_corners=False) * scale
     return _ops.sample_bilinear(x, rows + shifts[:, 1], cols + shifts[:, 0], "reflect")
 
 
@@ -92,10 +99,5 @@ def pixelate(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> to
 def jpeg_compression(x: torch.Tensor, severity: int, rng: SampleRNG, scale: float) -> torch.Tensor:
     """Encode as JPEG at a low quality with PIL (as the reference) and decode; runs on the CPU."""
     quality = (25, 18, 15, 10, 7)[severity - 1]
-    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = []
-    for image in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "JPEG", quality=quality)
-        out.append(np.asarray(Image.open(buffer).convert("RGB")))
-    return torch.from_numpy(np.stack(out)).to(x.device).permute(0, 3, 1, 2).to(x.dtype) / 255
+    pixels = torch.round(x.clamp(0, 1) * 255).to(torch.uint8)
+    return _ops.jpeg_round_trip(pixels, quality).to(x.dtype)

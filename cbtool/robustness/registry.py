@@ -16,6 +16,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
 COMMON: tuple[str, ...] = GROUPS["noise"] + GROUPS["blur"] + GROUPS["weather"] + GROUPS["digital"]
 CORRUPTIONS: tuple[str, ...] = COMMON + GROUPS["extra"]
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
+# ImageNet-C's files were saved as JPEG at this quality after corruption (make_imagenet_c.py); cbtool re-encodes
+# the same way by default so that its errors are comparable with published ImageNet-C numbers.
+JPEG_QUALITY = 85
 # Selections that name several corruptions at once.
 SUBSETS: dict[str, tuple[str, ...]] = {"all": CORRUPTIONS, "common": COMMON, **GROUPS}
 
@@ -38,6 +41,15 @@ def check_severity(severity: object) -> int:
     if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
         raise CorruptionError(f"severity must be an integer from 1 to 5, got {severity!r}")
     return severity
+
+
+def check_jpeg_quality(quality: object) -> int | None:
+    """``quality`` if it is None (no re-encoding) or a JPEG quality from 1 to 95, else CorruptionError."""
+    if quality is None:
+        return None
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+        raise CorruptionError(f"jpeg_quality must be None (no re-encoding) or an integer from 1 to 95, got {quality!r}")
+    return quality
 
 
 def parse_corruptions(text: str) -> tuple[str, ...]:

@@ -11,39 +11,105 @@ from typing import Any
 from cbtool.errors import CbtoolError
 from cbtool.files import atomic_path, check_parent_folder
 from cbtool.plotting import pyplot
+from cbtool.robustness.record import versus
 from cbtool.tables import delta, format_table, format_value, markdown_table
 
 
-def robustness_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
-    """Top-1 error per corruption (rows) and severity (columns) for each model, with its mean, CE, relative CE and
-    (with several models) the CE relative to the first; then clean error, mCE and relative mCE lines."""
+Cell = tuple[Any, str]  # (the JSON value, its text)
+
+
+def table_rows(models: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Cell]], list[str]]:
+    """Headers, rows of ``(value, text)`` cells and notes of :func:`robustness_table` (the report page draws the same).
+
+    One row per model and corruption, in ImageNet-C order: top-1 error per severity and its mean; CE and relative
+    CE only when a model has AlexNet-relative figures; with several models "vs first" (summed error in % of the
+    first model's). Then per model: clean error, the mean corruption error (and mean "vs first") over the
+    corruptions it names, and the mCE over the ones it names. The notes say what each average covers and why
+    figures are missing."""
     robust = [m for m in models if m.get("robustness")]
     if not robust:
-        return ""
+        return [], [], []
     severities = robust[0]["robustness"]["severities"]
     several = len(robust) > 1
-    headers = ["model", "corruption", *[f"s{s}" for s in severities], "mean", "CE", "rel CE"]
-    headers += ["CE vs first"] if several else []
-    rows: list[list[Any]] = []
+    alexnet = any(m["robustness"].get("mce") is not None for m in robust)
+    headers = ["model", "corruption", *[f"s{s}" for s in severities], "mean"]
+    headers += ["CE", "rel CE"] if alexnet else []
+    headers += ["vs first"] if several else []
+    blank = [(None, "")] * len(severities)
+    rows: list[list[Cell]] = []
     for model in robust:
         record, label = model["robustness"], str(model.get("label", "?"))
-        versus = (record.get("relative_to_first") or {}).get("ce") or {}
+        versus = record.get("relative_to_first") or {}
         for name in record["corruptions"]:
-            row = [label, name, *[format_value(record["error"][name][str(s)]) for s in severities],
-                   format_value(record["mean_error"][name]), format_value(record["ce"].get(name)),
-                   format_value(record["relative_ce"].get(name))]
-            rows.append(row + ([format_value(versus.get(name))] if several else []))
-        summary_cells = [format_value(record["clean_error"]), format_value(record["mce"]),
-                         format_value(record["relative_mce"])]
-        extra = [format_value((record.get("relative_to_first") or {}).get("mce"))] if several else []
-        rows.append([label, "clean err, mCE, rel mCE", *[""] * len(severities), *summary_cells, *extra])
-    table = markdown_table(headers, rows) if markdown else format_table(headers, rows)
+            row = [(label, label), (name, name), *[_cell(record["error"][name].get(str(s))) for s in severities],
+                   _cell(record["mean_error"][name])]
+            row += [_cell(record["ce"].get(name)), _cell(record["relative_ce"].get(name))] if alexnet else []
+            rows.append(row + ([_cell((versus.get("ce") or {}).get(name))] if several else []))
+        over = record.get("mean_corruption_error_over") or record["corruptions"]
+        summaries = [("clean error", _cell(record["clean_error"]), None, None),
+                     (f"mean of {len(over)} corruptions", _cell(record.get("mean_corruption_error")), None,
+                      _cell(versus.get("mean", versus.get("mce"))))]
+        if record.get("mce") is not None:
+            summaries.append((f"mCE over {len(record.get('mce_over') or record['ce'])} corruptions", None,
+                              (_cell(record["mce"]), _cell(record["relative_mce"])), None))
+        for title, mean, alexnet_cells, first in summaries:
+            row = [(label, label), (None, title), *blank, mean or (None, "")]
+            row += list(alexnet_cells or [(None, "")] * 2) if alexnet else []
+            rows.append(row + ([first or (None, "")] if several else []))
+    return headers, rows, _notes(robust, several)
+
+
+def _cell(value: Any) -> Cell:
+    return value, format_value(value)
+
+
+def _notes(robust: Sequence[Mapping[str, Any]], several: bool) -> list[str]:
+    """What the averages cover, why CE/mCE are missing or partial, and whether images were re-encoded as JPEG."""
     notes = []
-    if robust[0]["robustness"]["mce"] is None:
-        notes.append("CE and mCE need severities 1-5 (AlexNet's errors average all five)")
-    elif not robust[0]["robustness"]["complete"]:
-        notes.append("mCE over the corruptions given, not all 15 of ImageNet-C: not the published mCE")
-    return table + "".join(f"\n{note}" for note in notes)
+    first = robust[0]["robustness"]
+    over = first.get("mean_corruption_error_over") or first["corruptions"]
+    notes.append(f"mean: top-1 error in points, averaged over the severities; the \"mean of {len(over)}\" row "
+                 f"averages all {len(over)} corruptions evaluated")
+    if any(m["robustness"].get("mce") is not None for m in robust):
+        notes.append("CE, rel CE and mCE: in % of AlexNet's ImageNet-1k validation error (100 = AlexNet); "
+                     f"mCE averages the corruptions with an AlexNet figure ({', '.join(first.get('mce_over') or [])})")
+    if several:
+        notes.append(f"vs first: summed error in % of {robust[0].get('label')}'s, per corruption; its mean is over the "
+                     "same corruptions as the mean row")
+        for model in robust:
+            record = model["robustness"]
+            versus_over = (record.get("relative_to_first") or {}).get("mean_over")
+            left_out = [c for c in record["corruptions"] if versus_over is not None and c not in versus_over]
+            if left_out:
+                notes.append(f"vs first of {model.get('label')}: its mean leaves out {', '.join(left_out)} "
+                             "(the first model made no error there, so there is no ratio)")
+    for reason in dict.fromkeys(m["robustness"].get("incomplete_reason") for m in robust):
+        if reason:
+            notes.append(f"complete: false: {reason}")
+    for quality in dict.fromkeys(m["robustness"].get("jpeg_quality", "unknown") for m in robust):
+        if quality is None:
+            notes.append("corrupted images not re-encoded as JPEG (--no-jpeg, or written before cbtool did it): "
+                         "errors are not comparable with ImageNet-C's files")
+        elif quality != "unknown":
+            notes.append(f"corrupted images re-encoded as JPEG quality {quality}, as ImageNet-C's files were")
+    return notes
+
+
+def robustness_title(models: Sequence[Mapping[str, Any]]) -> str:
+    """The heading of the robustness table: it names AlexNet only when the table holds AlexNet-relative figures."""
+    if any((m.get("robustness") or {}).get("mce") is not None for m in models):
+        return "Top-1 error (%) under corruptions; CE and mCE in % of AlexNet's"
+    return "Top-1 error (%) under corruptions (no CE or mCE: see the notes)"
+
+
+def robustness_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
+    """:func:`table_rows` as a text (or Markdown) table, then its notes; ``""`` without robustness records."""
+    headers, rows, notes = table_rows(models)
+    if not rows:
+        return ""
+    texts = [[text for _, text in row] for row in rows]
+    table = markdown_table(headers, texts) if markdown else format_table(headers, texts)
+    return table + "".join(f"\n{'- ' if markdown else ''}{note}" for note in notes)
 
 
 def plot_robustness(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
@@ -99,40 +165,50 @@ def robustness_differences(models: Sequence[Mapping[str, Any]]) -> list[dict[str
         rows.append({
             "label": model.get("label"),
             "reference": robust[0].get("label"),
-            "mce": delta(record.get("mce"), ref.get("mce")),
-            "relative_mce": delta(record.get("relative_mce"), ref.get("relative_mce")),
+            # None unless both have AlexNet-relative figures over the same corruptions
+            "mce": delta(record.get("mce"), ref.get("mce")) if record.get("mce_over") == ref.get("mce_over") else None,
+            "mean_corruption_error": delta(record.get("mean_corruption_error"), ref.get("mean_corruption_error"))
+            if record.get("mean_corruption_error_over") == ref.get("mean_corruption_error_over") else None,
+            "mean_corruption_error_over": record.get("mean_corruption_error_over"),
+            "relative_mce": delta(record.get("relative_mce"), ref.get("relative_mce"))
+            if record.get("mce_over") == ref.get("mce_over") else None,
             "mean_error": {c: delta(record["mean_error"].get(c), ref["mean_error"][c]) for c in shared},
         })  # fmt: skip
     return rows
 
 
-def _versus(model: Mapping[str, Any], reference: Mapping[str, Any]) -> dict[str, Any]:
-    """``relative_to_first`` of ``model`` with ``reference`` as the first: summed error per corruption in percent of
-    the reference's, over the same severities (``None`` where the reference lacks them)."""
-    errors, ref_errors = _robustness(model).get("error") or {}, _robustness(reference).get("error") or {}
-    ce: dict[str, float | None] = {}
-    for corruption, cells in errors.items():
-        ref = ref_errors.get(corruption) or {}
-        total = sum(ref[s] for s in cells if s in ref)
-        ce[corruption] = 100 * sum(cells.values()) / total if set(cells) <= set(ref) and total > 0 else None
-    known = [v for v in ce.values() if v is not None]
-    return {"reference": reference.get("label"), "ce": ce, "mce": sum(known) / len(known) if known else None}
+def comparable_groups(models: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """The models with a robustness record, grouped by their severities (one table each), each record's
+    ``relative_to_first`` recomputed against the first model given here, not the first of its own eval run."""
+    robust = [m for m in models if _robustness(m)]
+    if len(robust) > 1:
+        robust = [{**m, "robustness": {**_robustness(m), "relative_to_first": versus(
+            _robustness(m), _robustness(robust[0]), robust[0].get("label"))}} for m in robust]
+    groups: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
+    for model in robust:
+        groups.setdefault(tuple(_robustness(model).get("severities") or ()), []).append(model)
+    return list(groups.values())
 
 
 def robustness_section(models: Sequence[Mapping[str, Any]], *, markdown: bool = False) -> str:
     """Every robustness cell of every model (``robustness.render.robustness_table``, one table per set of
-    severities), then one line per later model with its mCE difference from the first; ``""`` without records."""
-    robust = [m for m in models if _robustness(m)]
-    if len(robust) > 1:  # "CE vs first": against the first model compared here, not the first of its own eval run
-        robust = [{**m, "robustness": {**_robustness(m), "relative_to_first": _versus(m, robust[0])}} for m in robust]
-    groups: dict[tuple[int, ...], list[Mapping[str, Any]]] = {}
-    for model in robust:
-        groups.setdefault(tuple(_robustness(model).get("severities") or ()), []).append(model)
-    parts = [robustness_table(group, markdown=markdown) for group in groups.values()]
+    severities), then one line per later model with its mCE (or mean corruption error) difference from the first;
+    ``""`` without records."""
+    parts = [robustness_table(group, markdown=markdown) for group in comparable_groups(models)]
     for diff in robustness_differences(models):
-        line = f"mCE {diff['label']} vs {diff['reference']}: {format_value(diff['mce'], 'error', signed=True)}"
-        line += f" (relative mCE {format_value(diff['relative_mce'], 'error', signed=True)})"
-        if diff["mce"] is None:
-            line += " (mCE needs severities 1-5 in both)"
-        parts.append(f"- {line}" if markdown else line)
+        parts.append(f"- {difference_line(diff)}" if markdown else difference_line(diff))
     return "\n".join(part for part in parts if part)
+
+
+def difference_line(diff: Mapping[str, Any]) -> str:
+    """One later model against the first: mCE when both have one, else the mean corruption error in points."""
+    label, reference = diff["label"], diff["reference"]
+    if diff["mce"] is not None:
+        return (f"mCE {label} vs {reference}: {format_value(diff['mce'], 'error', signed=True)}"
+                f" (relative mCE {format_value(diff['relative_mce'], 'error', signed=True)})")
+    if diff.get("mean_corruption_error") is None:
+        return f"mean corruption error {label} vs {reference}: - (not over the same corruptions)"
+    over = diff.get("mean_corruption_error_over") or []
+    return (f"mean corruption error {label} vs {reference}: "
+            f"{format_value(diff['mean_corruption_error'], 'error', signed=True)} points over {len(over)} corruptions "
+            "(no mCE: see the notes)")

@@ -186,9 +186,10 @@ def generic_tables(record: Any, title: str = "") -> str:
 
 
 def robustness_section(documents: Sequence[tuple[str, Mapping[str, Any]]], models: Sequence[Mapping[str, Any]]) -> str:
-    parts = [generic_tables(doc["robustness"], f"{Path(name).name}") for name, doc in documents if doc.get("robustness")]
-    parts += [generic_tables(m["robustness"], str(m["label"])) for m in models if m.get("robustness")]
-    return f'<h2>Robustness</h2><div id="robustness">{"".join(parts)}</div>' if parts else ""
+    """The models' robustness records as the CLI shows them (``viz.robustness_page``); ``documents`` is unused."""
+    from cbtool.viz.robustness_page import robustness_html
+
+    return robustness_html(models, _cell, _table)
 
 
 def pictures_section(pictures: Sequence[str | os.PathLike[str]]) -> str:
