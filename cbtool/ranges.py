@@ -54,6 +54,9 @@ INT_OPTIONS: dict[str, tuple[int, int]] = {
     "torchrun": (1, 1024),
     "repeats": (1, 1_000_000), "warmup": (0, 1_000_000), "number": (1, 1_000_000), "threads": (1, 4096),
     "panel": (32, 4096),  # pixels per picture: a grid of many such pictures is one image
+    # SLURM's own limits are checked by sbatch --test-only; these only keep the numbers in a C int
+    "slurm_nodes": (1, 100_000), "slurm_gpus_per_node": (0, 1024), "slurm_tasks_per_node": (1, 4096),
+    "slurm_cpus_per_task": (1, 4096),
 }  # fmt: skip
 
 
