@@ -69,6 +69,10 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
         raise CbtoolError("give a MODEL and --dataset (or --summarize a sweep folder)")
     if options["device"] is not None and options["devices"] is not None:
         raise CbtoolError("give --device (one device for every run) or --devices (runs spread over devices), not both")
+    from cbtool.files import check_outputs
+
+    check_outputs({"--output": options["output"], "--plot": options["plot"]}, [options["model"], options["checkpoint"]],
+                  dataset=[options["dataset"], options["eval_dataset"]])  # fmt: skip
     _check_plot(options["plot"], options["output"])
     sweep_names = set(_SWEEP_OPTIONS) - {"density"}
     finetune_options = {k: v for k, v in options.items() if k not in sweep_names}

@@ -53,8 +53,9 @@ def viz_command(
     import sys
 
     from cbtool.errors import VizError
-    from cbtool.files import check_output_folder
+    from cbtool.files import check_output_folder, check_outputs
 
+    check_outputs({"--output": output}, [*models, *(images or [])], dataset=dataset)
     check_output_folder(output)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")

@@ -159,13 +159,14 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
               torchrun: int | None = None, note=None) -> dict[str, Any]:
     """Check the plan, claim ``root`` (a new folder, or one holding this sweep: finished runs are kept), run what is
     left and write ``summary.json``; returns the summary. ``devices``/``torchrun`` run each run in a subprocess."""
-    from cbtool.sweep.runner import device_slots, run_in_subprocesses, run_sequential
+    from cbtool.sweep.runner import check_gpus, device_slots, run_in_subprocesses, run_sequential
 
     note = note or (lambda text: None if plan.runtime.get("quiet") else print(text, file=sys.stderr))
     if (torchrun or 1) != plan.processes:
         raise ValueError(f"the plan was made for {plan.processes} process(es) per run, not --torchrun {torchrun}")
     check_plan(plan)
     slots = device_slots(list(devices) if devices else None, torchrun)
+    check_gpus(list(devices) if devices else None)
     claim_folder(root, plan)
     with folder_lock(root):
         if devices or torchrun:
