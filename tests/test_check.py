@@ -275,6 +275,11 @@ def test_unpaired_when_datasets_differ_and_mismatch_allowed():
 def test_mismatched_datasets_refused_with_reason(change, reason):
     current, baseline = pair_of(**REAL_DROP)
     current["dataset"].update(change)
+    if "num_samples" in change:  # a consistent file of fewer samples: its own count, correctness and top-1
+        metrics = current["models"][0]["metrics"]
+        metrics["correct"] = metrics["correct"][: change["num_samples"]]
+        metrics.update(num_samples=change["num_samples"],
+                       top1=100.0 * metrics["correct"].count("1") / change["num_samples"], top5=100.0)  # fmt: skip
     mismatch = dataset_mismatches(current["dataset"], baseline["dataset"])[0]
     assert mismatch.startswith(reason)
     with pytest.raises(CbtoolError, match="describe different datasets") as info:
@@ -299,7 +304,6 @@ def test_same_samples_under_another_path_are_the_same_dataset():
         (Rule("entropy_layer", "rise", 0.05), dict(entropy=(0.9, 0.7, 0.3)), ["ok", "regression", "ok"]),
         (Rule("distance_layer", "drop", 2.0), dict(distance=(20.0, 37.0, 61.0)), ["ok", "regression", "ok"]),
         (Rule("loss", "rise", 0.02), dict(loss=0.55), ["regression"]),
-        (Rule("loss", "rise", 0.02), dict(loss=float("nan")), ["regression"]),
         (Rule("model_images_per_s", "drop", 5.0, True), dict(throughput=940.0), ["regression"]),
         (Rule("model_images_per_s", "drop", 5.0, True), dict(throughput=960.0), ["ok"]),
         (Rule("end_to_end_images_per_s", "drop", 5.0, True), dict(throughput=1100.0), ["improved"]),
@@ -312,6 +316,13 @@ def test_other_metric_verdicts(rule, current_kwargs, verdicts):
     assert all(c.p_value is None and c.interval is None for c in report.checks)
     if rule.metric.endswith("_layer"):
         assert [c.metric for c in report.checks] == [f"{rule.metric}[{i}]" for i in range(3)]
+
+
+def test_a_non_finite_metric_is_bad_input_not_a_verdict():
+    """cbtool eval refuses to write NaN, so a NaN loss is a broken or edited file (issue 24): exit 2, not 1."""
+    current, baseline = pair_of(n=100, both=90, b=0, c=0, loss=float("nan"))
+    with pytest.raises(CbtoolError, match=r"models\[0\]\.metrics\.loss is nan, not a finite number"):
+        _report(current, baseline, [Rule("loss", "rise", 0.02)])
 
 
 def test_boundary_change_is_within_bounds():
