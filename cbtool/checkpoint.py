@@ -196,6 +196,7 @@ def load(path: str | Path, device: str = "cpu"):
     from safetensors.torch import load_file
 
     from cbtool.architectures import rebuild
+    from cbtool.fit import check_finite_weights
     from cbtool.surgery import inject, legacy_scale_keys
 
     metadata = read_metadata(path)
@@ -206,6 +207,7 @@ def load(path: str | Path, device: str = "cpu"):
         state = load_file(str(path), device=device)
     except Exception as error:
         raise CheckpointError(f"cannot read the weights in {path}: {first_line(error)}") from None
+    check_finite_weights(state, str(path))
     if metadata.get(SPEC_KEY) is not None:
         for old, new in legacy_scale_keys(model).items():  # files written by cbtool 0.1.0
             if old in state and new not in state:

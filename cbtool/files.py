@@ -10,6 +10,7 @@ temporaries of processes on this machine that no longer run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -254,7 +255,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool =
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically."""
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True) + "\n"
+    text = json_text(obj) + "\n"
     return write_text_atomic(path, text)
 
 
@@ -265,3 +266,32 @@ def check_output_folder(path: str | os.PathLike[str]) -> Path:
         raise OutputError(f"output {path} is a folder; give a file name")
     check_parent_folder(path)
     return path
+
+
+# --- JSON without NaN ---------------------------------------------------------------------------
+
+
+def json_text(obj: Any, *, indent: int | None = 2, sort_keys: bool = True, default: Any = None) -> str:
+    """``obj`` as strict JSON: a NaN or infinity (which ``json.loads`` elsewhere rejects) is refused, naming where."""
+    try:
+        return json.dumps(obj, sort_keys=sort_keys, indent=indent, allow_nan=False, default=default)
+    except ValueError:
+        where = non_finite_paths(obj)
+        raise OutputError(f"refusing to write a non-finite number as JSON at {', '.join(where[:5]) or 'a value'}; "
+                          "cbtool writes null with a reason where a value does not exist") from None
+
+
+def non_finite_paths(obj: Any, where: str = "") -> list[str]:
+    """The dotted paths of the NaN and infinite floats in ``obj``."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [where or "(top)"]
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [path for key, item in items for path in non_finite_paths(item, f"{where}.{key}" if where else str(key))]
+
+
+def finite_or_null(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with each non-finite float replaced by null, and ``non_finite`` naming them and their values."""
+    bad = {key: repr(value) for key, value in fields.items() if isinstance(value, float) and not math.isfinite(value)}
+    if not bad:
+        return dict(fields)
+    return {**{k: (None if k in bad else v) for k, v in fields.items()}, "non_finite": bad}

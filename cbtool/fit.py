@@ -129,3 +129,20 @@ def unreadable_message(path: Path, error: BaseException) -> str:
     if path.stat().st_size == 0:
         return f"cannot read checkpoint {path}: the file is empty"
     return f"cannot read checkpoint {path} (truncated, or not a safetensors or PyTorch weights file): {first_line(error)}"
+
+
+def name_list(names: Sequence[str], limit: int = 4) -> str:
+    """``a, b, c and 7 more``: a list of tensor names short enough for one line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_finite_weights(state: Any, where: str) -> None:
+    """Refuse weights holding NaN or infinity (a damaged file): every result computed from them would be noise."""
+    import torch
+
+    bad = [name for name, tensor in state.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]  # fmt: skip
+    if bad:
+        raise ModelSourceError(f"{where} has non-finite weights (NaN or infinity) in {len(bad)} tensor(s): "
+                               f"{name_list(bad)}; the file is damaged")  # fmt: skip

@@ -55,6 +55,12 @@ def model_record(label: str, model, result) -> dict[str, Any]:
     """One entry of ``models``: provenance of ``model`` and the metrics ``evaluate`` found."""
     from cbtool.surgery import scale_summary, spec_of
 
+    from cbtool.files import non_finite_paths
+
+    bad = non_finite_paths({"metrics": result.metrics, "density": result.density})
+    if bad:  # a '-' or a bare NaN would read as "not measured"; the model's outputs overflowed
+        raise CbtoolError(f"model {label} gave non-finite values ({', '.join(bad[:5])}): its outputs overflow or are "
+                          "NaN; check its weights, or evaluate without --amp")  # fmt: skip
     spec = spec_of(model)
     return {
         "label": label,

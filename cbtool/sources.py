@@ -10,14 +10,15 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, first_line
-from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_weights, is_head_key, mismatch_message,
-                        unreadable_message)
+from cbtool.fit import (check_finite_weights, check_input_size, check_option_conflicts, has_trained_weights, is_head_key,
+                        mismatch_message, name_list, unreadable_message)
 from cbtool import provenance
 from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
 from cbtool.hub import hub_access
@@ -152,6 +153,8 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
         provenance.mark_fresh_head(model, load_weights(model, checkpoint, allow_new_head=num_classes is not None))
     else:
         provenance.mark_fresh_head(model, use_hub and num_classes is not None and model.pretrained_cfg.get("num_classes") != num_classes)
+        if use_hub:
+            check_finite_weights(model.state_dict(), f"the weights of {name}")
     # The name as typed (with its tag, if any) rebuilds the same architecture and data config offline;
     # an hf-hub: id needs the network, so it is recorded as its architecture plus the Hub's arguments.
     rebuild_name = model.pretrained_cfg.get("architecture") if name.startswith("hf-hub:") else name
@@ -187,6 +190,7 @@ def load_weights(model: nn.Module, checkpoint: str | Path, *, allow_new_head: bo
 
     Returns whether the file's head was left out for another class count (``allow_new_head``)."""
     state = read_state_dict(checkpoint)
+    check_finite_weights(state, str(checkpoint))
     own, count = model.state_dict(), len(state)
     if allow_new_head:
         # A head of another class count is left at its fresh initialisation (as timm does for pretrained).
@@ -267,8 +271,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
             architecture = choose_architecture(config, name)
             cls = getattr(transformers, architecture)
             if pretrained:
-                model = cls.from_pretrained(name, config=config, trust_remote_code=False,
-                                            ignore_mismatched_sizes=num_classes is not None)
+                with _quiet_loading_report(bars=not local):  # cbtool says what did not fit, in one line (check_strict_load)
+                    model, loading = cls.from_pretrained(name, config=config, trust_remote_code=False, output_loading_info=True,
+                                                         ignore_mismatched_sizes=num_classes is not None)  # fmt: skip
             else:
                 model = cls(config)
             processor = _image_processor_config(name)
@@ -276,6 +281,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         raise
     except Exception as error:  # transformers raises many types for bad configs and files
         raise ModelSourceError(f"cannot load {what}: {first_line(error, 300)}") from None
+    if pretrained:
+        check_strict_load(model, loading, name, new_head=num_classes is not None)
+        check_finite_weights(model.state_dict(), name)
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
         model = add_head(model, num_classes)
         architecture = type(model).__name__
@@ -289,6 +297,45 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     }
     provenance.attach(model, source=record, data_config=hf_data_config(model.config, processor))
     return model
+
+
+@contextmanager
+def _quiet_loading_report(*, bars: bool) -> Iterator[None]:
+    """Hold back transformers' multi-line MISSING/UNEXPECTED report while a model loads (and, unless ``bars``, its
+    progress bars: a local folder loads in a moment, and a refusal stays one line)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    # A filter, not a level: transformers reads this logger's level to decide whether to run other checks.
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(errors_only)
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown and not bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(errors_only)
+        if shown and not bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_strict_load(model: nn.Module, loading: dict, name: str, *, new_head: bool) -> None:
+    """The folder's weights fill the model exactly, as ``load_state_dict(strict=True)`` would; only ``--num-classes``
+    may leave the classifier new (transformers itself only logs what it skipped or left random)."""
+    missing = [k for k in loading.get("missing_keys") or [] if not (new_head and is_head_key(model, k))]
+    unexpected = list(loading.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in loading.get("mismatched_keys") or [] if not (new_head and is_head_key(model, k))]
+    for keys, what in ((missing, "missing from the weights (they would stay random)"),
+                       (unexpected, "in the weights but not in the model its config.json describes"),
+                       (mismatched, "of another shape in the weights")):  # fmt: skip
+        if keys:
+            head = " (give --num-classes N for a new head)" if all(is_head_key(model, k) for k in keys) else ""
+            raise ModelSourceError(f"{name}: {len(keys)} tensor(s) {what}: {name_list(sorted(keys))}{head}")
 
 
 def _image_processor_config(name: str) -> dict | None:

@@ -23,6 +23,7 @@ from torch import nn
 from cbtool import distributed
 from cbtool.checkpoint import atomic_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
+from cbtool.files import finite_or_null, json_text
 from cbtool.train.config import CHECKPOINT_FORMAT, CHECKPOINT_INFO_NAME, CHECKPOINT_NAME, LOG_NAME, FinetuneConfig, State
 
 
@@ -101,7 +102,7 @@ class Run:
                    "world_size": self.info.world_size, "config": self.config.to_dict(), "run_info": self.config.run_info,
                    "record": record}  # fmt: skip
         with atomic_path(self.dir / CHECKPOINT_INFO_NAME) as temporary:
-            temporary.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+            temporary.write_text(json_text(summary, default=str))
         return path
 
     def nonfinite_message(self, loss: float, step: int, lr: float) -> str:
@@ -213,7 +214,8 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.path, "a") as handle:
-            handle.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str) + "\n")
+            record = finite_or_null({"event": event, "time": round(time.time(), 3), **fields})
+            handle.write(json_text(record, indent=None, sort_keys=False, default=str) + "\n")
 
 
 @contextmanager
