@@ -38,6 +38,9 @@ def check_output_path(path: str | Path, *, force: bool = False) -> Path:
         raise OutputError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    if path.suffix != ".safetensors":  # a .pth name would promise a pickle, and readers would treat it as one
+        raise OutputError(f"output {path}: cbtool writes safetensors files; name it "
+                          f"{path.with_suffix('.safetensors').name if path.suffix else path.name + '.safetensors'}")  # fmt: skip
     if path.exists() and not force:
         raise OutputError(f"{path} already exists; pass --force to overwrite it")
     if not os.access(path.parent, os.W_OK):

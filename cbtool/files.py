@@ -268,6 +268,12 @@ def check_output_folder(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_png_name(flag: str, path: str | os.PathLike[str] | None) -> None:
+    """cbtool draws PNG only: a picture named .jpg or .svg would hold PNG bytes under a name that says otherwise."""
+    if path is not None and Path(path).suffix.lower() != ".png":
+        raise OutputError(f"{flag} {path}: cbtool writes PNG pictures; give a name ending in .png")
+
+
 # --- JSON without NaN ---------------------------------------------------------------------------
 
 

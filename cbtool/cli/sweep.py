@@ -101,6 +101,9 @@ def _show(summary: dict, options: dict) -> None:
 
 def _check_plot(plot: Path | None, folder: Path | None = None) -> None:
     """The plot's folder must exist, unless it is the sweep's own (created by the sweep)."""
+    from cbtool.files import check_png_name
+
+    check_png_name("--plot", plot)
     if plot is not None and not (folder is not None and plot.parent.resolve() == folder.resolve()):
         from cbtool.files import check_output_folder
 

@@ -53,9 +53,10 @@ def viz_command(
     import sys
 
     from cbtool.errors import VizError
-    from cbtool.files import check_output_folder, check_outputs
+    from cbtool.files import check_output_folder, check_outputs, check_png_name
 
     check_outputs({"--output": output}, [*models, *(images or [])], dataset=dataset)
+    check_png_name("--output", output)
     check_output_folder(output)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
