@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cbtool.checkpoint import save
 from cbtool.cli.app import main
@@ -242,6 +242,79 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "bench-threads-0": (["bench", PLAIN, "--threads", "0"], 2, "usage: Invalid value for '--threads'"),
     "bench-empty-checkpoint": (["bench", "vit_tiny_patch16_224", "--checkpoint", "{in}/empty.bin", *KW, *BENCH], 2,
                                "the file is empty"),
+    # --- issue 24: nothing lost, round 2 ------------------------------------------------------------
+    # Outputs that name an input: by another spelling, through a hard link, inside a dataset folder.
+    "report-output-is-the-results": (["report", "{in}/results.json", "-o", "{in}/results.json"], 2, "is an input"),
+    "report-output-is-the-second-input": (["report", "{in}/results.json", "{in}/baseline.json", "-o", "{in}/baseline-symlink.json"],
+                                          2, "is an input of this command ({in}/baseline.json)"),
+    "report-output-is-a-picture": (["report", "{in}/results.json", "-o", "{in}/pic.png", "--pictures", "{in}/pic.png"], 2,
+                                   "--output {in}/pic.png is an input"),
+    "report-output-is-a-hard-link": (["report", "{in}/results.json", "-o", "{in}/results-link.json"], 2,
+                                     "is an input of this command ({in}/results.json)"),
+    "viz-output-is-the-model": (["viz", PLAIN, "--dataset", "sample", "--limit", "2", "-o", PLAIN], 2, "is an input"),
+    "viz-output-is-an-image": (["viz", PLAIN, "--images", "{in}/images/c0/0.png", "-o", "{in}/images/c0/0.png"], 2,
+                               "is an input"),
+    "viz-output-in-the-dataset": (["viz", PLAIN, "--dataset", "{in}/images", "-o", "{in}/images/v.png"], 2,
+                                  "lies inside the dataset folder {in}/images"),
+    "viz-output-not-png": (["viz", PLAIN, "--dataset", "sample", "-o", "{out}/v.jpg"], 2, "cbtool writes PNG pictures"),
+    "inject-output-is-a-hard-link": (["inject", PLAIN, "-o", "{in}/plain-link.safetensors", "--force"], 2,
+                                     "is an input of this command ({in}/plain.safetensors)"),
+    "inject-output-pth": (["inject", *VIT, *KW, "-o", "{out}/m.pth"], 2, "cbtool writes safetensors files; name it m.safetensors"),
+    "eval-json-is-a-hard-link-to-the-model": (["eval", PLAIN, *EVAL, "--json", "{in}/plain-link.safetensors"], 2,
+                                              "is an input of this command"),
+    "eval-plot-not-png": (["eval", CB, *EVAL, "--plot", "{out}/p.jpg"], 2, "cbtool writes PNG pictures"),
+    "tune-log-is-a-hard-link": (["finetune", PLAIN, *TUNE, "-o", OUT, "--log", "{in}/plain-link.safetensors"], 2,
+                                "is an input of this command"),
+    "tune-output-pth": (["finetune", CB, *TUNE, "-o", "{out}/m.pt"], 2, "cbtool writes safetensors files"),
+    "check-json-is-a-hard-link": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--json",
+                                   "{in}/results-link.json"], 2, "is an input of this command"),
+    "compare-plot-not-png": (["compare", "{in}/results.json", "{in}/baseline.json", "--plot", "{out}/p.jpg"], 2,
+                             "cbtool writes PNG pictures"),
+    "bench-json-is-a-hard-link": (["bench", PLAIN, *BENCH, "--json", "{in}/plain-link.safetensors"], 2, "is an input"),
+    "sweep-output-in-the-dataset": (["sweep", PLAIN, "--dataset", "{in}/images", "-o", "{in}/images/sweep"], 2,
+                                    "lies inside the dataset folder {in}/images"),
+    "sweep-plot-not-png": (["sweep", PLAIN, "--dataset", "sample", "-o", "{out}/sweep", "--plot", "{out}/s.jpg"], 2,
+                           "cbtool writes PNG pictures"),
+    # NaN weights are refused at load, naming the tensors.
+    "eval-nan-weights": (["eval", "{in}/nan.safetensors", *EVAL], 2,
+                         "{in}/nan.safetensors has non-finite weights (NaN or infinity) in 2 tensor(s): "
+                         "blocks.0.attn.qkv.weight, head.bias; the file is damaged"),
+    "eval-nan-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/nan-state.safetensors", *KW, *EVAL], 2,
+                            "has non-finite weights (NaN or infinity) in 2 tensor(s)"),
+    "inject-nan-weights": (["inject", "{in}/nan.safetensors", "-o", OUT], 2, "has non-finite weights"),
+    "bench-nan-weights": (["bench", "{in}/nan.safetensors", *BENCH], 2, "has non-finite weights"),
+    # Hugging Face folders load strictly: a config of 1 layer beside 2 layers of weights, a folder without its head.
+    "eval-hf-config-short-of-the-weights": (["eval", "{in}/hf-short", *EVAL], 2,
+                                            "{in}/hf-short: 16 tensor(s) in the weights but not in the model its "
+                                            "config.json describes: vit.layers.1."),
+    "eval-hf-without-its-head": (["eval", "{in}/hf-headless", *EVAL], 2,
+                                 "2 tensor(s) missing from the weights (they would stay random): classifier.bias, "
+                                 "classifier.weight (give --num-classes N for a new head)"),
+    "inject-hf-config-short-of-the-weights": (["inject", "{in}/hf-short", "-o", OUT], 2, "in the weights but not in the model"),
+    "inject-hf-without-its-head": (["inject", "{in}/hf-headless", "-o", OUT], 2, "missing from the weights"),
+    # Impossible results: out of range, contradicting themselves, missing top1 (bad input, not a regression).
+    "check-top1-150": (["check", "{in}/top1-150.json", "--baseline", "{in}/results.json"], 2,
+                       "metrics.top1 is 150.0, not a percentage from 0 to 100"),
+    "check-top1-negative": (["check", "{in}/results.json", "--baseline", "{in}/top1-negative.json"], 2,
+                            "metrics.top1 is -5.0, not a percentage from 0 to 100"),
+    "check-correct-contradicts-top1": (["check", "{in}/all-wrong.json", "--baseline", "{in}/results.json"], 2,
+                                       "top1 is 52.0 but correct says 0 (0 of 20)"),
+    "check-correct-too-short": (["check", "{in}/short-correct.json", "--baseline", "{in}/results.json"], 2,
+                                "metrics.correct has 2 samples but num_samples is 20"),
+    "check-num-samples-0": (["check", "{in}/no-samples.json", "--baseline", "{in}/results.json"], 2,
+                            "dataset.num_samples is 0, not a count of samples above 0"),
+    "check-no-top1": (["check", "{in}/no-top1.json", "--baseline", "{in}/results.json"], 2, "metrics has no top1"),
+    "check-nan-loss": (["check", "{in}/nan-loss.json", "--baseline", "{in}/results.json"], 2,
+                       "metrics.loss is nan, not a finite number"),
+    "check-rise-bound-on-top1": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--max-rise", "top1=1"],
+                                 2, "top1 is better when it rises: a rise is an improvement; bound its drop, "
+                                    "e.g. --max-drop top1=1"),
+    "check-drop-bound-on-loss": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--max-drop",
+                                  "loss=0.1"], 2, "loss is better when it falls"),
+    "compare-top1-150": (["compare", "{in}/results.json", "{in}/top1-150.json"], 2, "not a percentage from 0 to 100"),
+    "compare-correct-too-short": (["compare", "{in}/results.json", "{in}/short-correct.json"], 2,
+                                  "correct has 2 samples but num_samples is 20"),
+    "compare-no-top1": (["compare", "{in}/results.json", "{in}/no-top1.json"], 2, "has no top1"),
 }
 
 
@@ -290,7 +363,55 @@ def inputs(tmp_path_factory) -> Path:
         (folder / "images" / f"c{c}").mkdir(parents=True)
         Image.fromarray(np.full((28, 28), 40 * c, np.uint8)).save(folder / "images" / f"c{c}" / "0.png")
     _results_files(folder)
+    _issue_24_inputs(folder)
     return folder
+
+
+def _issue_24_inputs(folder: Path) -> None:
+    """Hard links to inputs, a picture, NaN weights, Hugging Face folders that do not fit, impossible results."""
+    os.link(folder / "plain.safetensors", folder / "plain-link.safetensors")
+    os.link(folder / "results.json", folder / "results-link.json")
+    os.symlink("baseline.json", folder / "baseline-symlink.json")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "pic.png")
+    broken = _tiny()
+    with torch.no_grad():
+        broken.blocks[0].attn.qkv.weight[0, 0] = math.nan
+        broken.head.bias[3] = math.inf
+    save(broken, folder / "nan.safetensors")
+    save_file(broken.state_dict(), str(folder / "nan-state.safetensors"))
+    _hf_folders(folder)
+    results = json.loads((folder / "results.json").read_text())
+
+    def edited(name: str, change) -> None:
+        document = json.loads(json.dumps(results))
+        change(document, document["models"][0]["metrics"])
+        (folder / name).write_text(json.dumps(document))
+
+    edited("top1-150.json", lambda d, m: m.update(top1=150.0, top5=None))
+    edited("top1-negative.json", lambda d, m: m.update(top1=-5.0))
+    edited("all-wrong.json", lambda d, m: m.update(top1=52.0, top5=100.0, correct="0" * 20))
+    edited("short-correct.json", lambda d, m: m.update(correct="01"))
+    edited("no-samples.json", lambda d, m: d["dataset"].update(num_samples=0))
+    edited("no-top1.json", lambda d, m: m.pop("top1"))
+    edited("nan-loss.json", lambda d, m: m.update(loss=math.nan))
+
+
+def _hf_folders(folder: Path) -> None:
+    """A tiny ViT saved with save_pretrained; one whose config says 1 layer beside 2 layers of weights; one without
+    its classifier weights."""
+    import transformers
+
+    config = transformers.ViTConfig(image_size=28, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=10)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config)
+    for name in ("hf-short", "hf-headless"):
+        model.save_pretrained(folder / name)
+    short = json.loads((folder / "hf-short" / "config.json").read_text())
+    (folder / "hf-short" / "config.json").write_text(json.dumps({**short, "num_hidden_layers": 1}))
+    weights = folder / "hf-headless" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("classifier.")}
+    save_file(state, str(weights), metadata={"format": "pt"})
 
 
 def _results_files(folder: Path) -> None:
@@ -303,7 +424,7 @@ def _results_files(folder: Path) -> None:
     metrics["correct"] = "0" * len(metrics["correct"])
     metrics["top1"], metrics["top5"] = 0.0, 0.0
     baseline = json.loads(json.dumps(results))
-    baseline["models"][0]["metrics"].update(top1=100.0, correct="1" * len(metrics["correct"]))
+    baseline["models"][0]["metrics"].update(top1=100.0, top5=100.0, correct="1" * len(metrics["correct"]))
     (folder / "baseline.json").write_text(json.dumps(baseline))
     (folder / "worse.json").write_text(json.dumps(worse))
     nan = json.loads(json.dumps(results))
@@ -358,7 +479,8 @@ def test_bad_input(case_id, inputs, tmp_path, capsys, monkeypatch):
 
 def test_the_battery_covers_every_command():
     commands = {argv[0] for argv, _, _ in CASES.values()}
-    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench", "families"}
+    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench", "families", "report", "viz",
+                        "sweep"}  # fmt: skip
     assert len(CASES) >= 80
 
 
