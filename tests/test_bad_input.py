@@ -490,3 +490,125 @@ def test_a_dynamic_size_model_takes_another_multiple_of_its_patch(inputs, tmp_pa
     assert _run(["eval", str(inputs / "dynamic.safetensors"), *EVAL, "--img-size", "32", "--json", str(out)]) == 0, (
         capsys.readouterr().err)
     assert json.loads(out.read_text())["preprocessing"]["input_size"] == [3, 32, 32]
+
+
+# --- issue 24: cases that need their own set-up ------------------------------------------------------------------
+
+
+def _one_line_error(capsys, code: int, phrase: str, result: int) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert result == code and len(err) == 1 and phrase in err[0], err
+    return err[0]
+
+
+def test_a_symlink_loop_in_a_dataset_counts_each_image_once(tmp_path, inputs, capsys):
+    """``c0/loop -> ..`` and a link from c0 to a c1 image: 4 images, not hundreds; no c1 image labelled c0."""
+    data = tmp_path / "data"
+    for c in range(2):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((28, 28), 60 * c + i, np.uint8)).save(data / f"c{c}" / f"{i}.png")
+    os.symlink("..", data / "c0" / "loop")
+    os.symlink("../c1/0.png", data / "c0" / "stolen.png")
+    before = _listing(data)
+    out = tmp_path / "r.json"
+    code = _run(["eval", str(inputs / "two.safetensors"), "--dataset", str(data), "--workers", "0", "--quiet",
+                 "--json", str(out)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith(f"warning: '{data}': skipped 2 link(s)") and err[0].endswith("c0/loop, c0/stolen.png"), err
+    assert json.loads(out.read_text())["dataset"]["num_samples"] == 4
+    assert _listing(data) == before
+
+
+def _short_run(folder: Path, inputs: Path, output: Path, *extra: str) -> None:
+    assert _run(["finetune", str(inputs / "plain.safetensors"), *TUNE, "--run-dir", str(folder), "-o", str(output),
+                 *extra]) == 0  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_runs(inputs, tmp_path_factory) -> tuple[Path, Path]:
+    """Two finished runs of one step, with different seeds; their models are saved outside the run folders."""
+    root = tmp_path_factory.mktemp("runs")
+    _short_run(root / "a", inputs, root / "a.safetensors")
+    _short_run(root / "b", inputs, root / "b.safetensors", "--seed", "1")
+    return root / "a", root / "b"
+
+
+def _mixed(tmp_path: Path, run: Path, other: Path, name: str) -> Path:
+    """A copy of ``run`` with ``name`` taken from ``other``."""
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run, mixed)
+    shutil.copy(other / name, mixed / name)
+    return mixed
+
+
+@pytest.mark.parametrize("name, phrase", [
+    ("checkpoint.json", "checkpoint.pt and checkpoint.json come from different runs"),
+    ("log.jsonl", "log.jsonl holds no record of the run in checkpoint.pt"),
+])  # fmt: skip
+def test_resume_refuses_a_folder_that_mixes_two_runs(two_runs, tmp_path, capsys, name, phrase):
+    mixed = _mixed(tmp_path, *two_runs, name)  # finished, but its model is not at -o: it would be resumed
+    before = _listing(mixed)
+    capsys.readouterr()
+    _one_line_error(capsys, 2, phrase, _run(["finetune", "--resume", str(mixed), "-o", str(tmp_path / "m.safetensors"),
+                                             "--quiet"]))  # fmt: skip
+    assert _listing(mixed) == before and not (tmp_path / "m.safetensors").exists()
+
+
+def test_resume_uses_the_folder_it_is_given(two_runs, tmp_path, capsys):
+    """A run folder moved elsewhere resumes from where it is now; the original path is neither probed nor written."""
+    import shutil
+
+    run, _ = two_runs
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    original = _listing(run)
+    output = tmp_path / "again.safetensors"
+    capsys.readouterr()
+    assert _run(["finetune", "--resume", str(moved), "-o", str(output), "--quiet"]) == 0, capsys.readouterr().err
+    assert output.is_file() and _listing(run) == original
+    events = [json.loads(line) for line in (moved / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][-2:] == ["resume", "end"]
+    assert len({e["run"] for e in events}) == 1  # one run id throughout
+
+
+def test_sweep_devices_without_cuda_is_refused(inputs, tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    before = _listing(inputs)
+    result = _run(["sweep", str(inputs / "plain.safetensors"), *TUNE, "--devices", "0", "-o", str(tmp_path / "sweep")])
+    _one_line_error(capsys, 2, "--devices 0 names GPU 0 but CUDA is not available", result)
+    assert list(tmp_path.iterdir()) == [] and _listing(inputs) == before
+
+
+def test_hf_folder_without_its_head_takes_a_new_one_with_num_classes(inputs, tmp_path, capsys):
+    """--num-classes is the one way to put a fresh head on a Hugging Face folder; the encoder is the saved one."""
+    from cbtool.sources import resolve as resolve_model
+
+    import transformers
+
+    model = resolve_model(str(inputs / "hf-headless"), num_classes=10)
+    reference = transformers.ViTForImageClassification.from_pretrained(str(inputs / "hf-headless")).state_dict()
+    state = model.state_dict()
+    encoder = [key for key in reference if not key.startswith("classifier.")]
+    assert len(encoder) == len(state) - 2 and all(torch.equal(state[key], reference[key]) for key in encoder)
+    assert model.config.num_hidden_layers == 2 and state["classifier.weight"].shape == (10, 32)
+
+
+def test_a_ctrl_c_while_the_process_exits_is_exit_130_and_one_line(tmp_path):
+    """A late Ctrl-C (in an atexit callback) ends the process with 130 and one line, never 0 with a traceback."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, os, signal, sys, time\n"
+              "from cbtool.cli.app import exit_on_late_sigint\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+              "exit_on_late_sigint()\n"
+              "print('results')\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stdout == "results\n"
+    assert done.stderr.strip().splitlines() == ["cbtool: interrupted while exiting"]
