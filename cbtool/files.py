@@ -177,7 +177,7 @@ def _input_of(target: Path, raw: Path, inputs: list[tuple[str, Path]]) -> str | 
         if source.is_dir():
             read = target.parent == source and (target.name in _FOLDER_INPUTS or target.suffix in _WEIGHT_SUFFIXES)
             if target == source or (read and target.exists()):
-                return f"{shown}/{target.name}" if read else shown
+                return f"read from {shown}" if read else shown
         elif target == source or same_file(raw, source):
             return shown
     return None

@@ -281,6 +281,8 @@ CASES: dict[str, tuple[list[str], int, str]] = {
                          "blocks.0.attn.qkv.weight, head.bias; the file is damaged"),
     "eval-nan-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/nan-state.safetensors", *KW, *EVAL], 2,
                             "has non-finite weights (NaN or infinity) in 2 tensor(s)"),
+    "eval-outputs-overflow": (["eval", "{in}/overflow.safetensors", *EVAL, "--json", JSON], 2,
+                              "model {in}/overflow.safetensors gave non-finite values (metrics.loss"),
     "inject-nan-weights": (["inject", "{in}/nan.safetensors", "-o", OUT], 2, "has non-finite weights"),
     "bench-nan-weights": (["bench", "{in}/nan.safetensors", *BENCH], 2, "has non-finite weights"),
     # Hugging Face folders load strictly: a config of 1 layer beside 2 layers of weights, a folder without its head.
@@ -379,6 +381,10 @@ def _issue_24_inputs(folder: Path) -> None:
         broken.head.bias[3] = math.inf
     save(broken, folder / "nan.safetensors")
     save_file(broken.state_dict(), str(folder / "nan-state.safetensors"))
+    overflowing = _tiny()
+    with torch.no_grad():  # finite weights whose logits are not: the loss is NaN
+        overflowing.head.weight.fill_(3e38)
+    save(overflowing, folder / "overflow.safetensors")
     _hf_folders(folder)
     results = json.loads((folder / "results.json").read_text())
 
