@@ -175,7 +175,8 @@ def _input_of(target: Path, raw: Path, inputs: list[tuple[str, Path]]) -> str | 
     """The input an output would overwrite: the same file, a model or run folder itself, or a file it reads."""
     for shown, source in inputs:
         if source.is_dir():
-            read = target.parent == source and (target.name in _FOLDER_INPUTS or target.suffix in _WEIGHT_SUFFIXES)
+            weights = target.suffix in _WEIGHT_SUFFIXES and (source / "config.json").is_file()  # a model folder's
+            read = target.parent == source and (target.name in _FOLDER_INPUTS or weights)
             if target == source or (read and target.exists()):
                 return f"read from {shown}" if read else shown
         elif target == source or same_file(raw, source):

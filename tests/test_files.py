@@ -139,6 +139,13 @@ def test_check_outputs_refuses_hard_links_folder_files_and_every_dataset(tmp_pat
         with pytest.raises(OutputError, match=rf"-o hf/{name} is an input of this command \(read from hf\)"):
             check_outputs({"-o": f"hf/{name}"}, ["hf"])
     check_outputs({"--json": "hf/results.json", "--plot": "hf/new.png"}, ["hf"])  # new files beside it are fine
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"x")
+    (run / "model.safetensors").write_bytes(b"x")  # a run folder's output, not something --resume reads
+    check_outputs({"--output": "run/model.safetensors"}, ["run"])
+    with pytest.raises(OutputError, match=r"--log run/checkpoint.pt is an input of this command \(read from run\)"):
+        check_outputs({"--log": "run/checkpoint.pt"}, ["run"])
     with pytest.raises(OutputError, match="inside the dataset folder val"):
         check_outputs({"--output": "val/sweep"}, [], dataset=["train", "val"])
     with pytest.raises(OutputError, match="inside the dataset folder train"):
