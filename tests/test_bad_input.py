@@ -618,3 +618,37 @@ def test_a_ctrl_c_while_the_process_exits_is_exit_130_and_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130 and done.stdout == "results\n"
     assert done.stderr.strip().splitlines() == ["cbtool: interrupted while exiting"]
+
+
+def test_run_consistency_of_folders_with_and_without_run_ids(tmp_path):
+    """The library check behind --resume: ids must agree; folders from before ids are held to step and settings."""
+    from cbtool.errors import CbtoolError
+    from cbtool.train.consistency import check_same_run, refuse_finished
+
+    def folder(summary: dict, log: list[dict]) -> Path:
+        (tmp_path / "checkpoint.json").write_text(json.dumps(summary))
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"cut": ')  # a kill mid-line
+        return tmp_path
+
+    config = {"lr": 0.1, "seed": 0}
+    saved = {"run_id": "aaa", "config": json.dumps(config), "state": {"step": 4}}
+    log = tmp_path / "log.jsonl"
+    check_same_run(saved, folder({"run_id": "aaa", "step": 4}, [{"run": "bbb"}, {"run": "aaa"}]), log)  # a shared log
+    with pytest.raises(CbtoolError, match=r"come from different runs \(run aaa, step 4 vs run bbb, step 4\)"):
+        check_same_run(saved, folder({"run_id": "bbb", "step": 4}, []), log)
+    with pytest.raises(CbtoolError, match=r"holds no record of the run in checkpoint.pt \(run aaa, step 4; the log "
+                                          r"starts with run bbb, step 1\)"):
+        check_same_run(saved, folder({"run_id": "aaa", "step": 4}, [{"run": "bbb", "step": 1}]), log)
+    legacy = {"config": json.dumps(config), "state": {"step": 4}}
+    check_same_run(legacy, folder({"step": 4, "config": config}, [{"event": "start", "config": {"lr": 1}}]), log)
+    with pytest.raises(CbtoolError, match=r"different runs \(step 4 vs step 6\)"):
+        check_same_run(legacy, folder({"step": 6, "config": config}, []), log)
+    with pytest.raises(CbtoolError, match="different runs"):
+        check_same_run(legacy, folder({"step": 4, "config": {"lr": 0.2, "seed": 0}}, []), log)
+    with pytest.raises(CbtoolError, match="holds no record"):
+        check_same_run(legacy, folder({"step": 4, "config": config}, [{"run": "ccc"}]), log)
+    refuse_finished(tmp_path, 3, 4, None)  # not finished
+    refuse_finished(tmp_path, 4, 4, tmp_path / "missing.safetensors")  # finished, model missing: save it
+    refuse_finished(tmp_path, 4, None, None)  # total unknown (an older summary): the loop decides
+    with pytest.raises(CbtoolError, match=r"is already finished \(step 4 of 4\); nothing to resume"):
+        refuse_finished(tmp_path, 4, 4, None)

@@ -1,7 +1,7 @@
 """Whether a run folder's three files (``checkpoint.pt``, ``checkpoint.json``, ``log.jsonl``) come from one run.
 
 Runs record one id in all three. Folders written before the id existed are checked by what they share: the
-step and the settings of the checkpoint and of its summary, and the settings the log's first record started with.
+step and the settings of the checkpoint and of its summary, and a log without ids.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def check_same_run(saved: dict[str, Any], folder: Path, log: Path) -> None:
     # A log may hold other runs too (a shared --log, a folder reused with --force), but it must hold this one.
     if run_id is not None:
         mine = any(record.get("run") == run_id for record in records)
-    else:
-        mine = not records or records[0].get("run") is None and records[0].get("config") in (None, config)
+    else:  # a run from before run ids: its log has none either (its settings may have changed on each --resume)
+        mine = not any(record.get("run") for record in records)
     if records and not mine:
         first = records[0]
         raise CbtoolError(f"{log} holds no record of the run in checkpoint.pt ({_which(run_id, step)}; the log starts "
