@@ -8,7 +8,6 @@ median batch times; docs/benchmarks.md has measured figures and what disturbs th
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -104,7 +103,9 @@ class BenchResult:
         return {"kind": "cbtool-bench", "schema_version": SCHEMA_VERSION, **asdict(self)}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+        from cbtool.files import json_text
+
+        return json_text(self.to_dict())
 
     def table(self) -> str:
         """The two timings and the ratio as a plain-text table."""

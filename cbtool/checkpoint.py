@@ -38,6 +38,9 @@ def check_output_path(path: str | Path, *, force: bool = False) -> Path:
         raise OutputError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    if path.suffix != ".safetensors":  # a .pth name would promise a pickle, and readers would treat it as one
+        raise OutputError(f"output {path}: cbtool writes safetensors files; name it "
+                          f"{path.with_suffix('.safetensors').name if path.suffix else path.name + '.safetensors'}")  # fmt: skip
     if path.exists() and not force:
         raise OutputError(f"{path} already exists; pass --force to overwrite it")
     return check_writable_output(path)
@@ -197,6 +200,7 @@ def load(path: str | Path, device: str = "cpu"):
     from safetensors.torch import load_file
 
     from cbtool.architectures import rebuild
+    from cbtool.fit import check_finite_weights
     from cbtool.surgery import inject, legacy_scale_keys
 
     metadata = read_metadata(path)
@@ -207,6 +211,7 @@ def load(path: str | Path, device: str = "cpu"):
         state = load_file(str(path), device=device)
     except Exception as error:
         raise CheckpointError(f"cannot read the weights in {path}: {first_line(error)}") from None
+    check_finite_weights(state, str(path))
     if metadata.get(SPEC_KEY) is not None:
         for old, new in legacy_scale_keys(model).items():  # files written by cbtool 0.1.0
             if old in state and new not in state:

@@ -1,4 +1,4 @@
-"""Output files: cbtool's own temporary names, atomic replacement, stale temporaries, and outputs vs. inputs.
+"""Output files: cbtool's own temporary names, atomic replacement, stale temporaries, write errors and appends.
 
 Every file cbtool writes goes to ``.<name>.cbtool-<host>-<pid>-<random>.tmp`` in the target folder and is
 renamed into place. Nothing else creates a second file on the way (safetensors files are streamed by
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import secrets
@@ -18,12 +19,13 @@ import socket
 import sys
 import zlib
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from cbtool.errors import OutputError
+from cbtool.outputs import check_outputs, check_png_name, same_file  # noqa: F401  (public names kept here)
 
 _SUFFIX = ".tmp"
 # The files this process renamed into place, newest last (the CLI clears it per command and names them on Ctrl-C).
@@ -145,34 +147,6 @@ def _byte_dtype():
     return torch.uint8
 
 
-# --- outputs vs. inputs -------------------------------------------------------------------------
-
-
-def check_outputs(outputs: Mapping[str, Any], inputs: Iterable[Any], dataset: str | None = None) -> None:
-    """Refuse, before any work, an output that is an input, lies in the dataset's folder, or is another output.
-
-    ``outputs`` maps an option name (``--json``) to a path or None; ``inputs`` are the paths (or model
-    names) the command reads: only those that exist on disk count.
-    """
-    existing = [(str(item), Path(str(item)).expanduser().resolve()) for item in inputs
-                if item is not None and Path(str(item)).expanduser().exists()]  # fmt: skip
-    folder = Path(dataset).expanduser().resolve() if dataset and Path(dataset).expanduser().is_dir() else None
-    seen: dict[Path, str] = {}
-    for flag, path in outputs.items():
-        if path is None:
-            continue
-        target = Path(path).expanduser().resolve()
-        for shown, source in existing + ([(dataset, folder)] if folder else []):
-            if target == source:
-                same = "" if shown == str(path) else f" ({shown})"
-                raise OutputError(f"{flag} {path} is an input of this command{same}; write to another file")
-        if folder is not None and folder in target.parents:
-            raise OutputError(f"{flag} {path} lies inside the dataset folder {dataset}; write it somewhere else")
-        if target in seen:
-            raise OutputError(f"{flag} and {seen[target]} name the same file {path}; give each its own name")
-        seen[target] = flag
-
-
 def check_writable_folder(folder: str | os.PathLike[str], what: str, hint: str) -> Path:
     """Fail before any work unless files can be created in ``folder`` (or where it will be created)."""
     folder = Path(folder).expanduser()
@@ -211,7 +185,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str, *, append: bool =
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as JSON (sorted keys, indent 2, trailing newline) atomically."""
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=True) + "\n"
+    text = json_text(obj) + "\n"
     return write_text_atomic(path, text)
 
 
@@ -331,3 +305,32 @@ def append_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(previous + text, encoding="utf-8")
     return path
+
+
+# --- JSON without NaN ---------------------------------------------------------------------------
+
+
+def json_text(obj: Any, *, indent: int | None = 2, sort_keys: bool = True, default: Any = None) -> str:
+    """``obj`` as strict JSON: a NaN or infinity (which ``json.loads`` elsewhere rejects) is refused, naming where."""
+    try:
+        return json.dumps(obj, sort_keys=sort_keys, indent=indent, allow_nan=False, default=default)
+    except ValueError:
+        where = non_finite_paths(obj)
+        raise OutputError(f"refusing to write a non-finite number as JSON at {', '.join(where[:5]) or 'a value'}; "
+                          "cbtool writes null with a reason where a value does not exist") from None
+
+
+def non_finite_paths(obj: Any, where: str = "") -> list[str]:
+    """The dotted paths of the NaN and infinite floats in ``obj``."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [where or "(top)"]
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [path for key, item in items for path in non_finite_paths(item, f"{where}.{key}" if where else str(key))]
+
+
+def finite_or_null(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` with each non-finite float replaced by null, and ``non_finite`` naming them and their values."""
+    bad = {key: repr(value) for key, value in fields.items() if isinstance(value, float) and not math.isfinite(value)}
+    if not bad:
+        return dict(fields)
+    return {**{k: (None if k in bad else v) for k, v in fields.items()}, "non_finite": bad}

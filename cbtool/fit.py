@@ -7,6 +7,7 @@ size-checked here (the commands refuse them).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -161,3 +162,54 @@ def wrong_kwarg_types(name: str, kwargs: dict[str, Any]) -> str | None:
 
 
 _KINDS = {int: "a whole number", float: "a number", tuple: "a tuple", list: "a list"}
+
+
+def name_list(names: Sequence[str], limit: int = 4) -> str:
+    """``a, b, c and 7 more``: a list of tensor names short enough for one line."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_finite_weights(state: Any, where: str) -> None:
+    """Refuse weights holding NaN or infinity (a damaged file): every result computed from them would be noise."""
+    import torch
+
+    bad = [name for name, tensor in state.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]  # fmt: skip
+    if bad:
+        raise ModelSourceError(f"{where} has non-finite weights (NaN or infinity) in {len(bad)} tensor(s): "
+                               f"{name_list(bad)}; the file is damaged")  # fmt: skip
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a Hugging Face config); anything else is one line naming the
+    file and, for malformed JSON, the line and column."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelSourceError(f"{path} is not a text file (byte {error.start} is not UTF-8); expected a JSON config") from None
+    except OSError as error:
+        raise ModelSourceError(f"cannot read {path}: {error.strerror}") from None
+    if not text.strip():
+        raise ModelSourceError(f"{path} is empty; expected a JSON config")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelSourceError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
+    if not isinstance(value, dict):
+        raise ModelSourceError(f"{path} holds a JSON {type(value).__name__}, not an object; expected a JSON config")
+    return value
+
+
+def check_strict_load(model: Any, loading: dict, name: str, *, new_head: bool) -> None:
+    """The folder's weights fill the model exactly, as ``load_state_dict(strict=True)`` would; only ``--num-classes``
+    may leave the classifier new (transformers itself only logs what it skipped or left random)."""
+    missing = [k for k in loading.get("missing_keys") or [] if not (new_head and is_head_key(model, k))]
+    unexpected = list(loading.get("unexpected_keys") or [])
+    mismatched = [k for k, *_ in loading.get("mismatched_keys") or [] if not (new_head and is_head_key(model, k))]
+    for keys, what in ((missing, "missing from the weights (they would stay random)"),
+                       (unexpected, "in the weights but not in the model its config.json describes"),
+                       (mismatched, "of another shape in the weights")):  # fmt: skip
+        if keys:
+            head = " (give --num-classes N for a new head)" if all(is_head_key(model, k) for k in keys) else ""
+            raise ModelSourceError(f"{name}: {len(keys)} tensor(s) {what}: {name_list(sorted(keys))}{head}")

@@ -57,6 +57,12 @@ def model_record(label: str, model, result) -> dict[str, Any]:
     """One entry of ``models``: provenance of ``model`` and the metrics ``evaluate`` found."""
     from cbtool.surgery import scale_summary, spec_of
 
+    from cbtool.files import non_finite_paths
+
+    bad = non_finite_paths({"metrics": result.metrics, "density": result.density})
+    if bad:  # a '-' or a bare NaN would read as "not measured"; the model's outputs overflowed
+        raise CbtoolError(f"model {label} gave non-finite values ({', '.join(bad[:5])}): its outputs overflow or are "
+                          "NaN; check its weights, or evaluate without --amp")  # fmt: skip
     spec = spec_of(model)
     return {
         "label": label,
@@ -99,21 +105,81 @@ def validate_results(results: Any, name: str = "results") -> dict[str, Any]:
     models = results.get("models")
     if not isinstance(models, list) or not models:
         raise CbtoolError(f"{name} is not a cbtool results file: 'models' is missing or empty")
+    num_samples = results["dataset"].get("num_samples")
+    if not _is_count(num_samples):
+        raise CbtoolError(f"{name}: dataset.num_samples is {num_samples!r}, not a count of samples above 0")
     for index, model in enumerate(models):
         if not isinstance(model, dict) or not isinstance(model.get("metrics"), dict) or "label" not in model:
             raise CbtoolError(f"{name}: models[{index}] needs a 'label' and a 'metrics' object")
-        correct = model["metrics"].get("correct")
-        if correct is not None and (not isinstance(correct, str) or correct.strip("01")):
-            raise CbtoolError(f"{name}: models[{index}].metrics.correct must be a string of 0s and 1s")
-        # Accuracies are counts over samples: NaN means a broken file. (A NaN loss is a broken model: a regression.)
-        for key in ("top1", "top5"):
-            value = model["metrics"].get(key)
-            if value is not None and not is_number(value):
-                raise CbtoolError(f"{name}: models[{index}].metrics.{key} is {value!r}, not a finite number; "
-                                  "re-run cbtool eval to get usable results")  # fmt: skip
+        _check_finite(model, f"{name}: models[{index}]")
+        _check_metrics(model["metrics"], f"{name}: models[{index}].metrics", num_samples)
+        _check_robustness(model.get("robustness"), f"{name}: models[{index}].robustness", num_samples)
     if version < 3:
         _upgrade_robustness(results)
     return results
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """No NaN or infinity anywhere in a model's record: cbtool never writes one, so it is a broken file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CbtoolError(f"{where} is {value!r}, not a finite number; re-run cbtool eval to get usable results")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_finite(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+
+
+def _check_metrics(metrics: dict[str, Any], where: str, num_samples: int) -> None:
+    """The metrics of one model agree with themselves: counts, ranges, and top-1 against ``correct``."""
+    if metrics.get("num_samples", num_samples) != num_samples:
+        raise CbtoolError(f"{where}.num_samples is {metrics['num_samples']!r} but dataset.num_samples is {num_samples}")
+    if "top1" not in metrics:
+        raise CbtoolError(f"{where} has no top1, which every results file has; re-run cbtool eval")
+    for key in ("top1", "top5"):
+        value = metrics.get(key)
+        if (key == "top1" or value is not None) and not (is_number(value) and 0 <= value <= 100):
+            raise CbtoolError(f"{where}.{key} is {value!r}, not a percentage from 0 to 100")
+    if metrics.get("top5") is not None and metrics["top5"] < metrics["top1"] - _SLACK:
+        raise CbtoolError(f"{where}: top5 {metrics['top5']} is below top1 {metrics['top1']}, which it includes")
+    loss = metrics.get("loss")
+    if loss is not None and not (is_number(loss) and loss >= 0):
+        raise CbtoolError(f"{where}.loss is {loss!r}, not a cross-entropy (0 or more)")
+    for key, value in (metrics.get("per_class_top1") or {}).items():
+        if not (is_number(value) and 0 <= value <= 100):
+            raise CbtoolError(f"{where}.per_class_top1.{key} is {value!r}, not a percentage from 0 to 100")
+    correct = metrics.get("correct")
+    if correct is None or correct == "":
+        return
+    if not isinstance(correct, str) or correct.strip("01"):
+        raise CbtoolError(f"{where}.correct must be a string of 0s and 1s")
+    if len(correct) != num_samples:
+        raise CbtoolError(f"{where}.correct has {len(correct)} samples but num_samples is {num_samples}")
+    share = 100.0 * correct.count("1") / num_samples
+    if abs(share - metrics["top1"]) > _SLACK:
+        raise CbtoolError(f"{where}: top1 is {metrics['top1']} but correct says {share:.4g} "
+                          f"({correct.count('1')} of {num_samples}); the file was edited or is broken")  # fmt: skip
+
+
+def _check_robustness(record: Any, where: str, num_samples: int) -> None:
+    """Corruption errors are percentages, and each cell's correctness covers every sample."""
+    if not isinstance(record, dict):
+        return
+    for corruption, cells in (record.get("error") or {}).items():
+        for severity, value in (cells or {}).items():
+            if not (is_number(value) and 0 <= value <= 100):
+                raise CbtoolError(f"{where}.error.{corruption}.{severity} is {value!r}, not a percentage from 0 to 100")
+    for corruption, cells in (record.get("correct") or {}).items():
+        for severity, correct in (cells or {}).items():
+            if isinstance(correct, str) and len(correct) != num_samples:
+                raise CbtoolError(f"{where}.correct.{corruption}.{severity} has {len(correct)} samples but "
+                                  f"num_samples is {num_samples}")  # fmt: skip
+
+
+# Rounding room when two percentages of the same counts are compared (JSON keeps floats exactly; sums may not).
+_SLACK = 1e-6
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _upgrade_robustness(results: dict[str, Any]) -> None:

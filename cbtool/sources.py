@@ -10,14 +10,16 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, first_line
-from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_weights, is_head_key, mismatch_message,
-                        unreadable_message, wrong_kwarg_types)
+from cbtool.fit import (check_finite_weights, check_input_size, check_option_conflicts, check_strict_load,  # noqa: F401
+                        has_trained_weights, is_head_key, mismatch_message, read_json_object, unreadable_message,
+                        wrong_kwarg_types)
 from cbtool import provenance
 from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
 from cbtool.hub import hub_access
@@ -157,6 +159,8 @@ def _resolve_timm(name: str, *, pretrained: bool, checkpoint, num_classes, img_s
         provenance.mark_fresh_head(model, load_weights(model, checkpoint, allow_new_head=num_classes is not None))
     else:
         provenance.mark_fresh_head(model, use_hub and num_classes is not None and model.pretrained_cfg.get("num_classes") != num_classes)
+        if use_hub:
+            check_finite_weights(model.state_dict(), f"the weights of {name}")
     # The name as typed (with its tag, if any) rebuilds the same architecture and data config offline;
     # an hf-hub: id needs the network, so it is recorded as its architecture plus the Hub's arguments.
     rebuild_name = model.pretrained_cfg.get("architecture") if name.startswith("hf-hub:") else name
@@ -192,6 +196,7 @@ def load_weights(model: nn.Module, checkpoint: str | Path, *, allow_new_head: bo
 
     Returns whether the file's head was left out for another class count (``allow_new_head``)."""
     state = read_state_dict(checkpoint)
+    check_finite_weights(state, str(checkpoint))
     own, count = model.state_dict(), len(state)
     if allow_new_head:
         # A head of another class count is left at its fresh initialisation (as timm does for pretrained).
@@ -272,8 +277,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
             architecture = choose_architecture(config, name)
             cls = getattr(transformers, architecture)
             if pretrained:
-                model = cls.from_pretrained(name, config=config, trust_remote_code=False,
-                                            ignore_mismatched_sizes=num_classes is not None)
+                with _quiet_loading_report(bars=not local):  # cbtool says what did not fit, in one line (check_strict_load)
+                    model, loading = cls.from_pretrained(name, config=config, trust_remote_code=False, output_loading_info=True,
+                                                         ignore_mismatched_sizes=num_classes is not None)  # fmt: skip
             else:
                 model = cls(config)
             processor = _image_processor_config(name)
@@ -281,6 +287,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         raise
     except Exception as error:  # transformers raises many types for bad configs and files
         raise ModelSourceError(f"cannot load {what}: {first_line(error, 300)}") from None
+    if pretrained:
+        check_strict_load(model, loading, name, new_head=num_classes is not None)
+        check_finite_weights(model.state_dict(), name)
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
         model = add_head(model, num_classes)
         architecture = type(model).__name__
@@ -301,24 +310,31 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     return model
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON file that must hold an object (a Hugging Face config); anything else is one line naming the
-    file and, for malformed JSON, the line and column."""
+
+
+@contextmanager
+def _quiet_loading_report(*, bars: bool) -> Iterator[None]:
+    """Hold back transformers' multi-line MISSING/UNEXPECTED report while a model loads (and, unless ``bars``, its
+    progress bars: a local folder loads in a moment, and a refusal stays one line)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    # A filter, not a level: transformers reads this logger's level to decide whether to run other checks.
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(errors_only)
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown and not bars:
+        hf_logging.disable_progress_bar()
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ModelSourceError(f"{path} is not a text file (byte {error.start} is not UTF-8); expected a JSON config") from None
-    except OSError as error:
-        raise ModelSourceError(f"cannot read {path}: {error.strerror}") from None
-    if not text.strip():
-        raise ModelSourceError(f"{path} is empty; expected a JSON config")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ModelSourceError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
-    if not isinstance(value, dict):
-        raise ModelSourceError(f"{path} holds a JSON {type(value).__name__}, not an object; expected a JSON config")
-    return value
+        yield
+    finally:
+        logger.removeFilter(errors_only)
+        if shown and not bars:
+            hf_logging.enable_progress_bar()
 
 
 def _image_processor_config(name: str) -> dict | None:

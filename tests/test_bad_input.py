@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from cbtool.checkpoint import save
 from cbtool.cli.app import main
@@ -245,6 +245,81 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "bench-threads-0": (["bench", PLAIN, "--threads", "0"], 2, "usage: Invalid value for '--threads'"),
     "bench-empty-checkpoint": (["bench", "vit_tiny_patch16_224", "--checkpoint", "{in}/empty.bin", *KW, *BENCH], 2,
                                "the file is empty"),
+    # --- issue 24: nothing lost, round 2 ------------------------------------------------------------
+    # Outputs that name an input: by another spelling, through a hard link, inside a dataset folder.
+    "report-output-is-the-results": (["report", "{in}/results.json", "-o", "{in}/results.json"], 2, "is an input"),
+    "report-output-is-the-second-input": (["report", "{in}/results.json", "{in}/baseline.json", "-o", "{in}/baseline-symlink.json"],
+                                          2, "is an input of this command ({in}/baseline.json)"),
+    "report-output-is-a-picture": (["report", "{in}/results.json", "-o", "{in}/pic.png", "--pictures", "{in}/pic.png"], 2,
+                                   "--output {in}/pic.png is an input"),
+    "report-output-is-a-hard-link": (["report", "{in}/results.json", "-o", "{in}/results-link.json"], 2,
+                                     "is an input of this command ({in}/results.json)"),
+    "viz-output-is-the-model": (["viz", PLAIN, "--dataset", "sample", "--limit", "2", "-o", PLAIN], 2, "is an input"),
+    "viz-output-is-an-image": (["viz", PLAIN, "--images", "{in}/images/c0/0.png", "-o", "{in}/images/c0/0.png"], 2,
+                               "is an input"),
+    "viz-output-in-the-dataset": (["viz", PLAIN, "--dataset", "{in}/images", "-o", "{in}/images/v.png"], 2,
+                                  "lies inside the dataset folder {in}/images"),
+    "viz-output-not-png": (["viz", PLAIN, "--dataset", "sample", "-o", "{out}/v.jpg"], 2, "cbtool writes PNG pictures"),
+    "inject-output-is-a-hard-link": (["inject", PLAIN, "-o", "{in}/plain-link.safetensors", "--force"], 2,
+                                     "is an input of this command ({in}/plain.safetensors)"),
+    "inject-output-pth": (["inject", *VIT, *KW, "-o", "{out}/m.pth"], 2, "cbtool writes safetensors files; name it m.safetensors"),
+    "eval-json-is-a-hard-link-to-the-model": (["eval", PLAIN, *EVAL, "--json", "{in}/plain-link.safetensors"], 2,
+                                              "is an input of this command"),
+    "eval-plot-not-png": (["eval", CB, *EVAL, "--plot", "{out}/p.jpg"], 2, "cbtool writes PNG pictures"),
+    "tune-log-is-a-hard-link": (["finetune", PLAIN, *TUNE, "-o", OUT, "--log", "{in}/plain-link.safetensors"], 2,
+                                "is an input of this command"),
+    "tune-output-pth": (["finetune", CB, *TUNE, "-o", "{out}/m.pt"], 2, "cbtool writes safetensors files"),
+    "check-json-is-a-hard-link": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--json",
+                                   "{in}/results-link.json"], 2, "is an input of this command"),
+    "compare-plot-not-png": (["compare", "{in}/results.json", "{in}/baseline.json", "--plot", "{out}/p.jpg"], 2,
+                             "cbtool writes PNG pictures"),
+    "bench-json-is-a-hard-link": (["bench", PLAIN, *BENCH, "--json", "{in}/plain-link.safetensors"], 2, "is an input"),
+    "sweep-output-in-the-dataset": (["sweep", PLAIN, "--dataset", "{in}/images", "-o", "{in}/images/sweep"], 2,
+                                    "lies inside the dataset folder {in}/images"),
+    "sweep-plot-not-png": (["sweep", PLAIN, "--dataset", "sample", "-o", "{out}/sweep", "--plot", "{out}/s.jpg"], 2,
+                           "cbtool writes PNG pictures"),
+    # NaN weights are refused at load, naming the tensors.
+    "eval-nan-weights": (["eval", "{in}/nan.safetensors", *EVAL], 2,
+                         "{in}/nan.safetensors has non-finite weights (NaN or infinity) in 2 tensor(s): "
+                         "blocks.0.attn.qkv.weight, head.bias; the file is damaged"),
+    "eval-nan-checkpoint": (["eval", "vit_tiny_patch16_224", "--checkpoint", "{in}/nan-state.safetensors", *KW, *EVAL], 2,
+                            "has non-finite weights (NaN or infinity) in 2 tensor(s)"),
+    "eval-outputs-overflow": (["eval", "{in}/overflow.safetensors", *EVAL, "--json", JSON], 2,
+                              "model {in}/overflow.safetensors gave non-finite values (metrics.loss"),
+    "inject-nan-weights": (["inject", "{in}/nan.safetensors", "-o", OUT], 2, "has non-finite weights"),
+    "bench-nan-weights": (["bench", "{in}/nan.safetensors", *BENCH], 2, "has non-finite weights"),
+    # Hugging Face folders load strictly: a config of 1 layer beside 2 layers of weights, a folder without its head.
+    "eval-hf-config-short-of-the-weights": (["eval", "{in}/hf-short", *EVAL], 2,
+                                            "{in}/hf-short: 16 tensor(s) in the weights but not in the model its "
+                                            "config.json describes: vit.layers.1."),
+    "eval-hf-without-its-head": (["eval", "{in}/hf-headless", *EVAL], 2,
+                                 "2 tensor(s) missing from the weights (they would stay random): classifier.bias, "
+                                 "classifier.weight (give --num-classes N for a new head)"),
+    "inject-hf-config-short-of-the-weights": (["inject", "{in}/hf-short", "-o", OUT], 2, "in the weights but not in the model"),
+    "inject-hf-without-its-head": (["inject", "{in}/hf-headless", "-o", OUT], 2, "missing from the weights"),
+    # Impossible results: out of range, contradicting themselves, missing top1 (bad input, not a regression).
+    "check-top1-150": (["check", "{in}/top1-150.json", "--baseline", "{in}/results.json"], 2,
+                       "metrics.top1 is 150.0, not a percentage from 0 to 100"),
+    "check-top1-negative": (["check", "{in}/results.json", "--baseline", "{in}/top1-negative.json"], 2,
+                            "metrics.top1 is -5.0, not a percentage from 0 to 100"),
+    "check-correct-contradicts-top1": (["check", "{in}/all-wrong.json", "--baseline", "{in}/results.json"], 2,
+                                       "top1 is 52.0 but correct says 0 (0 of 20)"),
+    "check-correct-too-short": (["check", "{in}/short-correct.json", "--baseline", "{in}/results.json"], 2,
+                                "metrics.correct has 2 samples but num_samples is 20"),
+    "check-num-samples-0": (["check", "{in}/no-samples.json", "--baseline", "{in}/results.json"], 2,
+                            "dataset.num_samples is 0, not a count of samples above 0"),
+    "check-no-top1": (["check", "{in}/no-top1.json", "--baseline", "{in}/results.json"], 2, "metrics has no top1"),
+    "check-nan-loss": (["check", "{in}/nan-loss.json", "--baseline", "{in}/results.json"], 2,
+                       "metrics.loss is nan, not a finite number"),
+    "check-rise-bound-on-top1": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--max-rise", "top1=1"],
+                                 2, "top1 is better when it rises: a rise is an improvement; bound its drop, "
+                                    "e.g. --max-drop top1=1"),
+    "check-drop-bound-on-loss": (["check", "{in}/results.json", "--baseline", "{in}/baseline.json", "--max-drop",
+                                  "loss=0.1"], 2, "loss is better when it falls"),
+    "compare-top1-150": (["compare", "{in}/results.json", "{in}/top1-150.json"], 2, "not a percentage from 0 to 100"),
+    "compare-correct-too-short": (["compare", "{in}/results.json", "{in}/short-correct.json"], 2,
+                                  "correct has 2 samples but num_samples is 20"),
+    "compare-no-top1": (["compare", "{in}/results.json", "{in}/no-top1.json"], 2, "has no top1"),
 }
 
 
@@ -293,7 +368,59 @@ def inputs(tmp_path_factory) -> Path:
         (folder / "images" / f"c{c}").mkdir(parents=True)
         Image.fromarray(np.full((28, 28), 40 * c, np.uint8)).save(folder / "images" / f"c{c}" / "0.png")
     _results_files(folder)
+    _issue_24_inputs(folder)
     return folder
+
+
+def _issue_24_inputs(folder: Path) -> None:
+    """Hard links to inputs, a picture, NaN weights, Hugging Face folders that do not fit, impossible results."""
+    os.link(folder / "plain.safetensors", folder / "plain-link.safetensors")
+    os.link(folder / "results.json", folder / "results-link.json")
+    os.symlink("baseline.json", folder / "baseline-symlink.json")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "pic.png")
+    broken = _tiny()
+    with torch.no_grad():
+        broken.blocks[0].attn.qkv.weight[0, 0] = math.nan
+        broken.head.bias[3] = math.inf
+    save(broken, folder / "nan.safetensors")
+    save_file(broken.state_dict(), str(folder / "nan-state.safetensors"))
+    overflowing = _tiny()
+    with torch.no_grad():  # finite weights whose logits are not: the loss is NaN
+        overflowing.head.weight.fill_(3e38)
+    save(overflowing, folder / "overflow.safetensors")
+    _hf_folders(folder)
+    results = json.loads((folder / "results.json").read_text())
+
+    def edited(name: str, change) -> None:
+        document = json.loads(json.dumps(results))
+        change(document, document["models"][0]["metrics"])
+        (folder / name).write_text(json.dumps(document))
+
+    edited("top1-150.json", lambda d, m: m.update(top1=150.0, top5=None))
+    edited("top1-negative.json", lambda d, m: m.update(top1=-5.0))
+    edited("all-wrong.json", lambda d, m: m.update(top1=52.0, top5=100.0, correct="0" * 20))
+    edited("short-correct.json", lambda d, m: m.update(correct="01"))
+    edited("no-samples.json", lambda d, m: d["dataset"].update(num_samples=0))
+    edited("no-top1.json", lambda d, m: m.pop("top1"))
+    edited("nan-loss.json", lambda d, m: m.update(loss=math.nan))
+
+
+def _hf_folders(folder: Path) -> None:
+    """A tiny ViT saved with save_pretrained; one whose config says 1 layer beside 2 layers of weights; one without
+    its classifier weights."""
+    import transformers
+
+    config = transformers.ViTConfig(image_size=28, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=10)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config)
+    for name in ("hf-short", "hf-headless"):
+        model.save_pretrained(folder / name)
+    short = json.loads((folder / "hf-short" / "config.json").read_text())
+    (folder / "hf-short" / "config.json").write_text(json.dumps({**short, "num_hidden_layers": 1}))
+    weights = folder / "hf-headless" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("classifier.")}
+    save_file(state, str(weights), metadata={"format": "pt"})
 
 
 def _results_files(folder: Path) -> None:
@@ -306,7 +433,7 @@ def _results_files(folder: Path) -> None:
     metrics["correct"] = "0" * len(metrics["correct"])
     metrics["top1"], metrics["top5"] = 0.0, 0.0
     baseline = json.loads(json.dumps(results))
-    baseline["models"][0]["metrics"].update(top1=100.0, correct="1" * len(metrics["correct"]))
+    baseline["models"][0]["metrics"].update(top1=100.0, top5=100.0, correct="1" * len(metrics["correct"]))
     (folder / "baseline.json").write_text(json.dumps(baseline))
     (folder / "worse.json").write_text(json.dumps(worse))
     nan = json.loads(json.dumps(results))
@@ -361,7 +488,8 @@ def test_bad_input(case_id, inputs, tmp_path, capsys, monkeypatch):
 
 def test_the_battery_covers_every_command():
     commands = {argv[0] for argv, _, _ in CASES.values()}
-    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench", "families"}
+    assert commands == {"inject", "info", "eval", "finetune", "check", "compare", "bench", "families", "report", "viz",
+                        "sweep"}  # fmt: skip
     assert len(CASES) >= 80
 
 
@@ -712,3 +840,159 @@ def test_library_users_get_the_same_ranges():
     assert parse_seeds("0,4294967295") == [0, 2**32 - 1]
     with pytest.raises(CbtoolError, match=r"--seeds must be in"):
         parse_seeds("4294967296")
+
+
+# --- issue 24: cases that need their own set-up ------------------------------------------------------------------
+
+
+def _one_line_error(capsys, code: int, phrase: str, result: int) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert result == code and len(err) == 1 and phrase in err[0], err
+    return err[0]
+
+
+def test_a_symlink_loop_in_a_dataset_counts_each_image_once(tmp_path, inputs, capsys):
+    """``c0/loop -> ..`` and a link from c0 to a c1 image: 4 images, not hundreds; no c1 image labelled c0."""
+    data = tmp_path / "data"
+    for c in range(2):
+        (data / f"c{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((28, 28), 60 * c + i, np.uint8)).save(data / f"c{c}" / f"{i}.png")
+    os.symlink("..", data / "c0" / "loop")
+    os.symlink("../c1/0.png", data / "c0" / "stolen.png")
+    before = _listing(data)
+    out = tmp_path / "r.json"
+    code = _run(["eval", str(inputs / "two.safetensors"), "--dataset", str(data), "--workers", "0", "--quiet",
+                 "--json", str(out)])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and len(err) == 1, err
+    assert err[0].startswith(f"warning: '{data}': skipped 2 link(s)") and err[0].endswith("c0/loop, c0/stolen.png"), err
+    assert json.loads(out.read_text())["dataset"]["num_samples"] == 4
+    assert _listing(data) == before
+
+
+def _short_run(folder: Path, inputs: Path, output: Path, *extra: str) -> None:
+    assert _run(["finetune", str(inputs / "plain.safetensors"), *TUNE, "--run-dir", str(folder), "-o", str(output),
+                 *extra]) == 0  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_runs(inputs, tmp_path_factory) -> tuple[Path, Path]:
+    """Two finished runs of one step, with different seeds; their models are saved outside the run folders."""
+    root = tmp_path_factory.mktemp("runs")
+    _short_run(root / "a", inputs, root / "a.safetensors")
+    _short_run(root / "b", inputs, root / "b.safetensors", "--seed", "1")
+    return root / "a", root / "b"
+
+
+def _mixed(tmp_path: Path, run: Path, other: Path, name: str) -> Path:
+    """A copy of ``run`` with ``name`` taken from ``other``."""
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run, mixed)
+    shutil.copy(other / name, mixed / name)
+    return mixed
+
+
+@pytest.mark.parametrize("name, phrase", [
+    ("checkpoint.json", "checkpoint.pt and checkpoint.json come from different runs"),
+    ("log.jsonl", "log.jsonl holds no record of the run in checkpoint.pt"),
+])  # fmt: skip
+def test_resume_refuses_a_folder_that_mixes_two_runs(two_runs, tmp_path, capsys, name, phrase):
+    mixed = _mixed(tmp_path, *two_runs, name)  # finished, but its model is not at -o: it would be resumed
+    before = _listing(mixed)
+    capsys.readouterr()
+    _one_line_error(capsys, 2, phrase, _run(["finetune", "--resume", str(mixed), "-o", str(tmp_path / "m.safetensors"),
+                                             "--quiet"]))  # fmt: skip
+    assert _listing(mixed) == before and not (tmp_path / "m.safetensors").exists()
+
+
+def test_resume_uses_the_folder_it_is_given(two_runs, tmp_path, capsys):
+    """A run folder moved elsewhere resumes from where it is now; the original path is neither probed nor written."""
+    import shutil
+
+    run, _ = two_runs
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    original = _listing(run)
+    output = tmp_path / "again.safetensors"
+    capsys.readouterr()
+    assert _run(["finetune", "--resume", str(moved), "-o", str(output), "--quiet"]) == 0, capsys.readouterr().err
+    assert output.is_file() and _listing(run) == original
+    events = [json.loads(line) for line in (moved / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][-2:] == ["resume", "end"]
+    assert len({e["run"] for e in events}) == 1  # one run id throughout
+
+
+def test_sweep_devices_without_cuda_is_refused(inputs, tmp_path, capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    before = _listing(inputs)
+    result = _run(["sweep", str(inputs / "plain.safetensors"), *TUNE, "--devices", "0", "-o", str(tmp_path / "sweep")])
+    _one_line_error(capsys, 2, "--devices 0 names GPU 0 but CUDA is not available", result)
+    assert list(tmp_path.iterdir()) == [] and _listing(inputs) == before
+
+
+def test_hf_folder_without_its_head_takes_a_new_one_with_num_classes(inputs, tmp_path, capsys):
+    """--num-classes is the one way to put a fresh head on a Hugging Face folder; the encoder is the saved one."""
+    from cbtool.sources import resolve as resolve_model
+
+    import transformers
+
+    model = resolve_model(str(inputs / "hf-headless"), num_classes=10)
+    reference = transformers.ViTForImageClassification.from_pretrained(str(inputs / "hf-headless")).state_dict()
+    state = model.state_dict()
+    encoder = [key for key in reference if not key.startswith("classifier.")]
+    assert len(encoder) == len(state) - 2 and all(torch.equal(state[key], reference[key]) for key in encoder)
+    assert model.config.num_hidden_layers == 2 and state["classifier.weight"].shape == (10, 32)
+
+
+def test_a_ctrl_c_while_the_process_exits_is_exit_130_and_one_line(tmp_path):
+    """A late Ctrl-C (in an atexit callback) ends the process with 130 and one line, never 0 with a traceback."""
+    import subprocess
+    import sys
+
+    script = ("import atexit, os, signal, sys, time\n"
+              "from cbtool.cli.app import exit_on_late_sigint\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+              "exit_on_late_sigint()\n"
+              "print('results')\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130 and done.stdout == "results\n"
+    assert done.stderr.strip().splitlines() == ["cbtool: interrupted while exiting"]
+
+
+def test_run_consistency_of_folders_with_and_without_run_ids(tmp_path):
+    """The library check behind --resume: ids must agree; folders from before ids are held to step and settings."""
+    from cbtool.errors import CbtoolError
+    from cbtool.train.consistency import check_same_run, refuse_finished
+
+    def folder(summary: dict, log: list[dict]) -> Path:
+        (tmp_path / "checkpoint.json").write_text(json.dumps(summary))
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + '{"cut": ')  # a kill mid-line
+        return tmp_path
+
+    config = {"lr": 0.1, "seed": 0}
+    saved = {"run_id": "aaa", "config": json.dumps(config), "state": {"step": 4}}
+    log = tmp_path / "log.jsonl"
+    check_same_run(saved, folder({"run_id": "aaa", "step": 4}, [{"run": "bbb"}, {"run": "aaa"}]), log)  # a shared log
+    with pytest.raises(CbtoolError, match=r"come from different runs \(run aaa, step 4 vs run bbb, step 4\)"):
+        check_same_run(saved, folder({"run_id": "bbb", "step": 4}, []), log)
+    with pytest.raises(CbtoolError, match=r"holds no record of the run in checkpoint.pt \(run aaa, step 4; the log "
+                                          r"starts with run bbb, step 1\)"):
+        check_same_run(saved, folder({"run_id": "aaa", "step": 4}, [{"run": "bbb", "step": 1}]), log)
+    legacy = {"config": json.dumps(config), "state": {"step": 4}}
+    check_same_run(legacy, folder({"step": 4, "config": config}, [{"event": "start", "config": {"lr": 1}}]), log)
+    with pytest.raises(CbtoolError, match=r"different runs \(step 4 vs step 6\)"):
+        check_same_run(legacy, folder({"step": 6, "config": config}, []), log)
+    with pytest.raises(CbtoolError, match="different runs"):
+        check_same_run(legacy, folder({"step": 4, "config": {"lr": 0.2, "seed": 0}}, []), log)
+    with pytest.raises(CbtoolError, match="holds no record"):
+        check_same_run(legacy, folder({"step": 4, "config": config}, [{"run": "ccc"}]), log)
+    refuse_finished(tmp_path, 3, 4, None)  # not finished
+    refuse_finished(tmp_path, 4, 4, tmp_path / "missing.safetensors")  # finished, model missing: save it
+    refuse_finished(tmp_path, 4, None, None)  # total unknown (an older summary): the loop decides
+    with pytest.raises(CbtoolError, match=r"is already finished \(step 4 of 4\); nothing to resume"):
+        refuse_finished(tmp_path, 4, 4, None)

@@ -276,6 +276,11 @@ def test_unpaired_when_datasets_differ_and_mismatch_allowed():
 def test_mismatched_datasets_refused_with_reason(change, reason):
     current, baseline = pair_of(**REAL_DROP)
     current["dataset"].update(change)
+    if "num_samples" in change:  # a consistent file of fewer samples: its own count, correctness and top-1
+        metrics = current["models"][0]["metrics"]
+        metrics["correct"] = metrics["correct"][: change["num_samples"]]
+        metrics.update(num_samples=change["num_samples"],
+                       top1=100.0 * metrics["correct"].count("1") / change["num_samples"], top5=100.0)  # fmt: skip
     mismatch = dataset_mismatches(current["dataset"], baseline["dataset"])[0]
     assert mismatch.startswith(reason)
     with pytest.raises(CbtoolError, match="describe different datasets") as info:
@@ -300,7 +305,6 @@ def test_same_samples_under_another_path_are_the_same_dataset():
         (Rule("entropy_layer", "rise", 0.05), dict(entropy=(0.9, 0.7, 0.3)), ["ok", "regression", "ok"]),
         (Rule("distance_layer", "drop", 2.0), dict(distance=(20.0, 37.0, 61.0)), ["ok", "regression", "ok"]),
         (Rule("loss", "rise", 0.02), dict(loss=0.55), ["regression"]),
-        (Rule("loss", "rise", 0.02), dict(loss=float("nan")), ["regression"]),
         (Rule("model_images_per_s", "drop", 5.0, True), dict(throughput=940.0), ["regression"]),
         (Rule("model_images_per_s", "drop", 5.0, True), dict(throughput=960.0), ["ok"]),
         (Rule("end_to_end_images_per_s", "drop", 5.0, True), dict(throughput=1100.0), ["improved"]),
@@ -313,6 +317,13 @@ def test_other_metric_verdicts(rule, current_kwargs, verdicts):
     assert all(c.p_value is None and c.interval is None for c in report.checks)
     if rule.metric.endswith("_layer"):
         assert [c.metric for c in report.checks] == [f"{rule.metric}[{i}]" for i in range(3)]
+
+
+def test_a_non_finite_metric_is_bad_input_not_a_verdict():
+    """cbtool eval refuses to write NaN, so a NaN loss is a broken or edited file (issue 24): exit 2, not 1."""
+    current, baseline = pair_of(n=100, both=90, b=0, c=0, loss=float("nan"))
+    with pytest.raises(CbtoolError, match=r"models\[0\]\.metrics\.loss is nan, not a finite number"):
+        _report(current, baseline, [Rule("loss", "rise", 0.02)])
 
 
 def test_boundary_change_is_within_bounds():
@@ -681,3 +692,70 @@ def test_cli_robustness_exit_codes(tmp_path):
             assert proc.stderr == "" and extra[1].split("=")[0] in proc.stdout
         else:
             assert stderr in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# --- issue 24: impossible results and bounds on the wrong side ---------------------------------------------------
+
+
+@pytest.mark.parametrize("rule, message", [
+    (("top1", "rise", 1.0), "top1 is better when it rises: a rise is an improvement; bound its drop, e.g. --max-drop top1=1"),
+    (("top5", "rise", 0.5), "bound its drop"),
+    (("model_images_per_s", "rise", 5.0, True), "model_images_per_s is better when it rises"),
+    (("loss", "drop", 0.1), "loss is better when it falls: a drop is an improvement; bound its rise, e.g. --max-rise loss=0.1"),
+    (("mce", "drop", 1.0), "mce is an error (lower is better): bound its rise"),
+])  # fmt: skip
+def test_a_bound_on_the_good_side_of_a_metric_is_refused(rule, message):
+    with pytest.raises(CbtoolError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Rule(*rule)
+    with pytest.raises(CbtoolError, match="is better when|lower is better"):
+        parse_rules(**({"max_rise": [f"{rule[0]}=1"]} if rule[1] == "rise" else {"max_drop": [f"{rule[0]}=1"]}))
+
+
+def test_entropy_and_distance_may_be_bounded_either_way():
+    """CB raises entropy on purpose: neither direction is the good one, so both bounds stay allowed."""
+    assert len(parse_rules(["entropy_mean=0.02", "distance_mean=1"], ["entropy_mean=0.02", "distance_layer=2"])) == 5
+
+
+def _impossible(change) -> dict:
+    current, _ = pair_of(n=200, both=100, b=0, c=4)
+    change(current, current["models"][0]["metrics"])
+    return current
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d, m: m.update(top1=150.0), "metrics.top1 is 150.0, not a percentage from 0 to 100"),
+    (lambda d, m: m.update(top1=-5.0), "metrics.top1 is -5.0, not a percentage"),
+    (lambda d, m: m.update(top5=101.0), "metrics.top5 is 101.0"),
+    (lambda d, m: m.update(top5=10.0), "top5 10.0 is below top1 52.0"),
+    (lambda d, m: m.update(correct="0" * 200), r"top1 is 52.0 but correct says 0 \(0 of 200\)"),
+    (lambda d, m: m.update(correct="01"), "metrics.correct has 2 samples but num_samples is 200"),
+    (lambda d, m: m.update(num_samples=100), "metrics.num_samples is 100 but dataset.num_samples is 200"),
+    (lambda d, m: d["dataset"].update(num_samples=0), "dataset.num_samples is 0, not a count of samples above 0"),
+    (lambda d, m: d["dataset"].update(num_samples=True), "dataset.num_samples is True"),
+    (lambda d, m: m.pop("top1"), "metrics has no top1"),
+    (lambda d, m: m.update(top1=None), "metrics.top1 is None"),
+    (lambda d, m: m.update(loss=-0.1), "metrics.loss is -0.1, not a cross-entropy"),
+    (lambda d, m: m.update(loss=math.inf), "metrics.loss is inf, not a finite number"),
+    (lambda d, m: m["per_class_top1"].update({"3": 120.0}), "per_class_top1.3 is 120.0"),
+    (lambda d, m: d["models"][0]["density"].update(entropy_per_layer=[0.5, math.nan, 0.4]),
+     r"density.entropy_per_layer\[1\] is nan"),
+])  # fmt: skip
+def test_impossible_results_are_bad_input(change, message):
+    current = _impossible(change)
+    from cbtool.check import validate_results
+
+    with pytest.raises(CbtoolError, match=message):
+        validate_results(current)
+    baseline = _impossible(lambda d, m: None)
+    with pytest.raises(CbtoolError, match=message):  # check and compare read through the same validation
+        _report(current, baseline)
+
+
+def test_consistent_results_pass_validation():
+    from cbtool.check import validate_results
+
+    current = _impossible(lambda d, m: None)
+    assert current["models"][0]["metrics"]["top1"] == 52.0
+    assert validate_results(current) is current
+    current["models"][0]["metrics"].update(correct=None, top5=None, loss=None)  # absent values stay allowed
+    validate_results(current)

@@ -327,3 +327,26 @@ def _escaped(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_non_finite_weights_are_refused_at_load_with_their_names(tmp_path, timm_model):
+    """A bit-rotted file (issue 24): refused in one line naming the tensors, never evaluated as numbers."""
+    from cbtool.errors import ModelSourceError
+    from cbtool.fit import check_finite_weights, name_list
+
+    path = tiny_file(timm_model, tmp_path)
+    metadata, _ = read_header(path)
+    state = load_file(path)
+    names = sorted(name for name, tensor in state.items() if tensor.is_floating_point())[:6]
+    for name in names:
+        state[name].view(-1)[0] = float("nan") if len(name) % 2 else float("-inf")
+    rotten = tmp_path / "rotten.safetensors"
+    save_file(state, str(rotten), metadata=metadata)
+    with pytest.raises(ModelSourceError) as info:
+        load(rotten)
+    message = str(info.value)
+    assert message == (f"{rotten} has non-finite weights (NaN or infinity) in 6 tensor(s): {name_list(names)}; "
+                       "the file is damaged")  # fmt: skip
+    assert message.endswith("and 2 more; the file is damaged") and "\n" not in message
+    check_finite_weights({"a": torch.ones(2), "steps": torch.tensor([3])}, "fine")  # integers are not checked
+    assert name_list(["a", "b"]) == "a, b" and name_list(list("abcdef"), limit=2) == "a, b and 4 more"

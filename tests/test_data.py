@@ -688,3 +688,33 @@ def test_class_order_matches_timm_create_dataset(tmp_path):
     timm_order = create_dataset("", root=str(tmp_path)).reader.class_to_idx
     assert ds.class_names == sorted(timm_order, key=timm_order.get)
     assert ds.class_names == ["apple", "Banana", "class1", "class2", "class10"]
+
+
+def test_folder_links_count_each_file_once_and_never_cross_classes(tmp_path, capsys):
+    """Links are followed (datasets built from links work) but loops, repeats and links into another class are
+    skipped and named; the order of the files is os.walk's (depth first, names sorted)."""
+    from cbtool.data.folder import read_folder
+
+    outside = tmp_path / "store"
+    outside.mkdir()
+    for name in ("x.png", "y.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside / name)
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c / "sub").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / c / "1.png")
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / c / "sub" / "2.png")
+    os.symlink(outside, root / "a" / "store")  # a folder elsewhere: followed
+    os.symlink(outside / "x.png", root / "a" / "x-again.png")  # the same file twice: counted once
+    os.symlink("..", root / "a" / "sub" / "up")  # a loop back to the class folder
+    os.symlink("../../b", root / "a" / "sub" / "into-b")  # another class
+    os.symlink("../b/1.png", root / "a" / "b1.png")  # another class's image
+    os.symlink(root, root / "b" / "root")  # the folder above every class
+    source, classes, _, _ = read_folder(root, None, purpose="eval")
+    assert classes == ["a", "b"]
+    # a folder's own files come before its subfolders (as os.walk gives them): x.png counts as a/x-again.png
+    assert source.files == ["a/1.png", "a/x-again.png", "a/store/y.png", "a/sub/2.png", "b/1.png", "b/sub/2.png"]
+    assert source.labels.tolist() == [0, 0, 0, 0, 1, 1]
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "skipped 5 link(s)" in warning[0]
+    assert warning[0].endswith("a/b1.png, a/store/x.png, a/sub/into-b, a/sub/up and 1 more")

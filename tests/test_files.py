@@ -104,3 +104,76 @@ def test_run_folders_are_checked_before_any_work(tmp_path):
     if Path("/proc").is_dir():
         with pytest.raises(OutputError, match="cannot write the run folder /proc/x: /proc is not writable"):
             check_writable_folder("/proc/x", "run folder", "hint")
+
+
+# --- issue 24: one guard, strict JSON --------------------------------------------------------------
+
+
+def test_same_file_sees_through_links_and_spellings(tmp_path):
+    from cbtool.files import same_file
+
+    (tmp_path / "a.json").write_text("{}")
+    os.link(tmp_path / "a.json", tmp_path / "hard.json")
+    os.symlink("a.json", tmp_path / "soft.json")
+    (tmp_path / "b.json").write_text("{}")
+    assert same_file(tmp_path / "a.json", tmp_path / "hard.json")  # another name, one inode
+    assert same_file(tmp_path / "soft.json", tmp_path / "a.json")
+    assert same_file(tmp_path / "sub" / ".." / "a.json", tmp_path / "a.json")  # resolved, though sub/ does not exist
+    assert not same_file(tmp_path / "a.json", tmp_path / "b.json")  # same bytes, another file
+    assert not same_file(tmp_path / "new.json", tmp_path / "a.json")
+
+
+def test_check_outputs_refuses_hard_links_folder_files_and_every_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    os.link(tmp_path / "m.safetensors", tmp_path / "twin.safetensors")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "train" / "c0").mkdir(parents=True)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(OutputError, match=r"--json twin.safetensors is an input of this command \(m.safetensors\)"):
+        check_outputs({"--json": "twin.safetensors"}, ["m.safetensors"])
+    for name in ("config.json", "model.safetensors"):  # what cbtool reads from a model folder
+        with pytest.raises(OutputError, match=rf"-o hf/{name} is an input of this command \(read from hf\)"):
+            check_outputs({"-o": f"hf/{name}"}, ["hf"])
+    check_outputs({"--json": "hf/results.json", "--plot": "hf/new.png"}, ["hf"])  # new files beside it are fine
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"x")
+    (run / "model.safetensors").write_bytes(b"x")  # a run folder's output, not something --resume reads
+    check_outputs({"--output": "run/model.safetensors"}, ["run"])
+    with pytest.raises(OutputError, match=r"--log run/checkpoint.pt is an input of this command \(read from run\)"):
+        check_outputs({"--log": "run/checkpoint.pt"}, ["run"])
+    with pytest.raises(OutputError, match="inside the dataset folder val"):
+        check_outputs({"--output": "val/sweep"}, [], dataset=["train", "val"])
+    with pytest.raises(OutputError, match="inside the dataset folder train"):
+        check_outputs({"--save-examples": "train"}, [], dataset="train")  # the folder itself
+    with pytest.raises(OutputError, match="--plot and --json name the same file"):
+        check_outputs({"--json": "m.safetensors", "--plot": "twin.safetensors"}, [])
+    check_outputs({"--json": "r.json"}, ["vit_tiny_patch16_224", None], dataset=["sample", None, "timm/mini"])
+
+
+def test_json_is_written_strictly(tmp_path):
+    """NaN is not JSON: refused with where it is, and no file (nor temporary) is left."""
+    import math
+
+    from cbtool.files import finite_or_null, json_text, write_json_atomic
+
+    with pytest.raises(OutputError, match=r"non-finite number as JSON at models\.0\.metrics\.loss, x"):
+        write_json_atomic(tmp_path / "r.json", {"models": [{"metrics": {"loss": math.nan, "top1": 1.0}}], "x": math.inf})
+    assert list(tmp_path.iterdir()) == []
+    assert json_text({"b": 1, "a": [1.5]}, indent=None) == '{"a": [1.5], "b": 1}'
+    assert finite_or_null({"loss": math.nan, "step": 3}) == {"loss": None, "step": 3, "non_finite": {"loss": "nan"}}
+    assert finite_or_null({"loss": 0.5}) == {"loss": 0.5}
+
+
+def test_pictures_must_be_named_png():
+    from cbtool.files import check_png_name
+
+    check_png_name("--plot", "a/b.PNG")
+    check_png_name("--plot", None)
+    for name in ("p.jpg", "p.svg", "p"):
+        with pytest.raises(OutputError, match=f"--plot {name}: cbtool writes PNG pictures"):
+            check_png_name("--plot", name)

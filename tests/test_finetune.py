@@ -347,7 +347,15 @@ def test_default_run_folder_and_resuming_runs_last(tmp_path, monkeypatch, capsys
     assert cli("finetune", "--resume", "runs/last", "-o", "b.safetensors") == 0
     assert_same_weights(load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors"))
     events = [r["event"] for r in read_log(last / "log.jsonl")]
-    assert events == ["start", "eval", "end", "resume", "eval", "end"]
+    assert events == ["start", "eval", "end", "resume", "end"]  # no second eval record (with a train_loss of 0.0)
+    # Its model exists: nothing to resume, said in one line (also with --force), and nothing written or logged.
+    capsys.readouterr()
+    before = (tmp_path / "b.safetensors").read_bytes(), (last / "log.jsonl").read_bytes()
+    for force in ([], ["--force"]):
+        assert cli("finetune", "--resume", "runs/last", "-o", "b.safetensors", *force) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is already finished (step 2 of 2) and its model b.safetensors exists" in err[0], err
+    assert ((tmp_path / "b.safetensors").read_bytes(), (last / "log.jsonl").read_bytes()) == before
 
 
 def test_head_replacement_is_announced_and_recorded(tmp_path, capsys):

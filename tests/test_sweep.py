@@ -332,7 +332,8 @@ def test_devices_and_torchrun_launch_one_subprocess_per_slot(tmp_path):
         def __init__(self, command, env, **_):
             launched.append((command[command.index("--only") + 1], env.get("CUDA_VISIBLE_DEVICES"), command[:3]))
             folder = tmp_path / "runs" / command[command.index("--only") + 1]
-            document = {"schema_version": 2, "dataset": {}, "models": [{"label": "m", "metrics": {"top1": 50.0, "loss": 1.0}}]}
+            document = {"schema_version": 2, "dataset": {"num_samples": 10},
+                        "models": [{"label": "m", "metrics": {"top1": 50.0, "loss": 1.0}}]}  # fmt: skip
             (folder / "eval.json").write_text(json.dumps(document))
 
         def wait(self):

@@ -43,6 +43,8 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("mean_corruption_error", "error", 1.0),
     )
 }
+# The direction in which a kind of metric improves; entropy and distance have none (CB raises entropy on purpose).
+GOOD_DIRECTION = {"accuracy": RISE, "throughput": RISE, "loss": DROP, "error": DROP}
 ALIASES = {"entropy_per_layer": "entropy_layer", "distance_per_layer": "distance_layer"}
 # ``error:<corruption>`` (mean error over the severities run) and ``error:<corruption>:<severity>`` (one cell).
 ERROR_PREFIX = "error:"
@@ -99,6 +101,11 @@ class Rule:
             raise CbtoolError(
                 f"{self.metric} is an error (lower is better): bound its rise, e.g. --max-rise {self.metric}=1"
             )
+        good = GOOD_DIRECTION.get(info.kind)
+        if good is not None and self.direction == good:  # a bound on the good side would call improvements regressions
+            bad = RISE if good == DROP else DROP
+            raise CbtoolError(f"{self.metric} is better when it {'falls' if good == DROP else 'rises'}: a {self.direction} "
+                              f"is an improvement; bound its {bad}, e.g. --max-{bad} {self.metric}={self.allowed:g}")  # fmt: skip
         if self.relative and info.kind in ("accuracy", "error"):
             raise CbtoolError(
                 f"{self.metric} is already in percent: give the allowed {self.direction} in points, "

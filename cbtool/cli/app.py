@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
     try:
         app(args=args, prog_name="cbtool")  # standalone: Typer reports usage errors itself (exit 2)
+    except SystemExit:
+        if argv is None:  # the process is ending (not a caller's main([...])): a late Ctrl-C must not read as success
+            exit_on_late_sigint()
+        raise
     except CbtoolError as error:
         if error.exit_code == 130:  # interrupted: a further Ctrl-C must not cut the message or the exit short
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -160,3 +164,24 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         print(f"cbtool: {BUG_REPORT_HINT}", file=sys.stderr)
         sys.exit(BUG_EXIT_CODE)
+
+
+def exit_on_late_sigint() -> None:
+    """From now on, Ctrl-C ends the process at once with exit 130 and one line, instead of a KeyboardInterrupt
+    that an atexit callback (worker shutdown, joining threads) would report as "Exception ignored" before exit 0."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame) -> None:
+        from cbtool import files
+
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        done = ", ".join(str(path) for path in files.written)
+        line = f"cbtool: interrupted while exiting; wrote {done} before" if done else "cbtool: interrupted while exiting"
+        os.write(2, (line + "\n").encode())
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, handler)

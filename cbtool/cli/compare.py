@@ -27,11 +27,13 @@ def compare_command(
 
     from cbtool.check import compare_results
     from cbtool.errors import CbtoolError
-    from cbtool.files import check_output_folder, check_outputs, check_text_file, write_json_atomic, write_text_atomic
+    from cbtool.files import (check_output_folder, check_outputs, check_png_name, check_text_file, write_json_atomic,
+                              write_text_atomic)
     from cbtool.report import comparison_markdown, comparison_text, plot_density
     from cbtool.results import load_results
 
     check_outputs({"--json": json_out, "--plot": plot, "--markdown": markdown}, files)
+    check_png_name("--plot", plot)
     for path in (json_out, plot, markdown):
         if path is not None:
             check_output_folder(path)

@@ -43,7 +43,7 @@ def eval_command(
 ) -> None:
     """Evaluate MODELS on the same batches: top-1/top-5, loss, throughput, (with --density) attention density and
     (with --corruptions) top-1 error, CE and mCE under common corruptions."""
-    from cbtool.files import check_outputs, check_writable_folder
+    from cbtool.files import check_outputs, check_png_name, check_writable_folder
     from cbtool.pipeline import check_corruption_options
     from cbtool.report import check_output_folder
     from cbtool.robustness.registry import JPEG_QUALITY
@@ -56,6 +56,7 @@ def eval_command(
 
     check_outputs({"--json": json_out, "--plot": plot, "--save-examples": save_examples}, [*models, checkpoint],
                   dataset=dataset)  # pictures inside an image folder would become samples of it
+    check_png_name("--plot", plot)
     for path in (json_out, plot):
         if path is not None:
             check_output_folder(path)

@@ -21,10 +21,11 @@ def report_command(
     """Write one self-contained HTML page: metrics, per-layer density, robustness, pictures and provenance."""
     import sys
 
-    from cbtool.files import check_output_folder
+    from cbtool.files import check_output_folder, check_outputs
     from cbtool.results import load_results
     from cbtool.viz.page import write_report_page
 
+    check_outputs({"--output": output}, [*files, *(pictures or [])])
     check_output_folder(output)
     documents = [(str(path), load_results(path)) for path in files]
     write_report_page(output, documents, pictures=pictures or [], title=title, allow_mismatch=allow_mismatch)

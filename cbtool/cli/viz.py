@@ -54,9 +54,11 @@ def viz_command(
     import sys
 
     from cbtool.errors import VizError
-    from cbtool.files import check_output_folder
+    from cbtool.files import check_output_folder, check_outputs, check_png_name
     from cbtool.viz.scales import check_scale
 
+    check_outputs({"--output": output}, [*models, *(images or [])], dataset=dataset)
+    check_png_name("--output", output)
     check_output_folder(output)
     check_scale(scale)
     if discard_ratio is not None and not rollout:

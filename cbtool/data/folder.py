@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,14 +69,61 @@ def find_splits(root: Path) -> dict[str, str]:
     return by_canonical
 
 
-def _list_images(class_dir: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            if not filename.startswith(".") and os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, filename))
-    return found
+class _Walk:
+    """The image files of one folder's classes, each real file counted once.
+
+    Symbolic links are followed (datasets are often built from links), but a link is skipped, and named,
+    when it leads back into a folder already read (a loop such as ``c0/loop -> ..``), into or above another
+    class's folder (its images would get this class's label), or to a file already counted.
+    """
+
+    def __init__(self, class_dirs: list[Path]):
+        self.class_reals = [os.path.realpath(d) for d in class_dirs]
+        self.files: set[str] = set()
+        self.skipped: list[str] = []
+
+    def images(self, class_dir: Path) -> list[str]:
+        own = os.path.realpath(class_dir)
+        others = [real for real in self.class_reals if real != own]
+        found, visited, stack = [], {own}, [(str(class_dir), own)]
+        while stack:
+            folder, real_folder = stack.pop()
+            entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+            subfolders = []
+            for entry in entries:
+                link = entry.is_symlink()
+                real = os.path.realpath(entry.path) if link else os.path.join(real_folder, entry.name)
+                if entry.is_dir():
+                    if real in visited or _within(own, real) or any(_crosses(real, other) for other in others):
+                        self.skipped.append(entry.path)
+                        continue
+                    visited.add(real)
+                    subfolders.append((entry.path, real))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:  # a broken one fails to decode, named
+                    if real in self.files or any(_within(real, other) for other in others):
+                        self.skipped.append(entry.path)
+                        continue
+                    self.files.add(real)
+                    found.append(entry.path)
+            stack.extend(reversed(subfolders))  # depth first, in name order: the order os.walk gave
+        return found
+
+    def warn(self, root: Path) -> None:
+        if self.skipped:
+            shown = ", ".join(os.path.relpath(path, root) for path in self.skipped[:4])
+            more = f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else ""
+            print(f"warning: '{root}': skipped {len(self.skipped)} link(s) or file(s) that loop, repeat a file already "
+                  f"counted, or lead into another class: {shown}{more}", file=sys.stderr)  # fmt: skip
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _crosses(real: str, other: str) -> bool:
+    """Whether a folder at ``real`` is, lies in, or holds the class folder ``other``."""
+    return _within(real, other) or _within(other, real)
 
 
 def read_folder(root: Path, split: str | None, *, purpose: str):
@@ -97,13 +145,15 @@ def read_folder(root: Path, split: str | None, *, purpose: str):
         raise DatasetError(f"'{class_root}' has no class folders; expected one subfolder of images per class")
     files: list[str] = []
     labels: list[int] = []
+    walk = _Walk([class_root / name for name in classes if (class_root / name).is_dir()])
     for label, name in enumerate(classes):
         class_dir = class_root / name
         if not class_dir.is_dir():
             continue  # a class that only other splits have
-        for path in _list_images(class_dir):
+        for path in walk.images(class_dir):
             files.append(Path(os.path.relpath(path, root)).as_posix())
             labels.append(label)
+    walk.warn(root)
     if not files:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DatasetError(f"no images under '{class_root}' (looked for {extensions}); check the path")

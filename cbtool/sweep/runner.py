@@ -185,6 +185,21 @@ def device_slots(devices: list[str] | None, torchrun: int | None) -> list[str | 
     return ["" if all(d == "cpu" for d in group) else ",".join(d for d in group if d != "cpu") for group in groups]
 
 
+def check_gpus(devices: list[str] | None) -> None:
+    """Refuse GPU indices in ``--devices`` that this machine does not have (a child would quietly run on the CPU)."""
+    indices = sorted({int(d) for d in devices or [] if d.isdigit()})
+    if not indices:
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise CbtoolError(f"--devices {','.join(devices)} names GPU {indices[0]} but CUDA is not available; "
+                          "use --devices cpu,cpu or run without --devices")  # fmt: skip
+    if indices[-1] >= count:
+        raise CbtoolError(f"--devices names GPU {indices[-1]} but this machine has {count} (0-{count - 1})")
+
+
 def child_command(root: str | Path, run: RunSpec, torchrun: int | None) -> list[str]:
     """The command that brings one run to finished in a fresh process (under torchrun with ``torchrun``)."""
     launcher = [sys.executable]

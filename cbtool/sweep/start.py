@@ -159,8 +159,8 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
               torchrun: int | None = None, note=None) -> dict[str, Any]:
     """Check the plan, claim ``root`` (a new folder, or one holding this sweep: finished runs are kept), run what is
     left and write ``summary.json``; returns the summary. ``devices``/``torchrun`` run each run in a subprocess."""
-    from cbtool.sweep.runner import device_slots, run_in_subprocesses, run_sequential
     from cbtool.sweep.jobs import refuse_if_jobs_run
+    from cbtool.sweep.runner import check_gpus, device_slots, run_in_subprocesses, run_sequential
 
     note = note or (lambda text: None if plan.runtime.get("quiet") else print(text, file=sys.stderr))
     if (torchrun or 1) != plan.processes:
@@ -168,6 +168,7 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
     check_plan(plan)
     slots = device_slots(list(devices) if devices else None, torchrun)
     refuse_if_jobs_run(root)
+    check_gpus(list(devices) if devices else None)
     claim_folder(root, plan)
     with folder_lock(root):
         if devices or torchrun:

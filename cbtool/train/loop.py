@@ -24,6 +24,7 @@ from cbtool.memory import is_out_of_memory
 from cbtool.optim import ramp_factor
 from cbtool.surgery import set_ramp
 from cbtool.train.config import FinetuneConfig, FinetuneResult, Interrupted, State
+from cbtool.train.consistency import refuse_finished
 from cbtool.train.console import Progress, eval_line, progress, start_note
 from cbtool.train.prepare import Plan, optimizer_for, output_paths, place, plan_run, wrap
 from cbtool.train.record import metrics_only, training_record
@@ -54,6 +55,8 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
     run.load_weights(model)
     optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan)
     state = run.restore(optimizer, scaler)
+    if run.saved is not None:
+        refuse_finished(run.dir, state.step, plan.schedule.total, output)
     t = _Training(model, wrap(model, config, info, device), optimizer, scaler, amp_dtype, config, device,
                   info, run, plan, state, best_path, plan.settings(config, info, device), plan.data())  # fmt: skip
     t.loader, t.val_loader = plan.loaders(config, info, state)
@@ -67,8 +70,8 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
         last = _loop(t)
     finally:
         set_ramp(model, None)  # the model handed back (or left by an error) has the full CB weight
-    if last is None and t.val_loader is not None:  # resumed a finished run: still report its accuracy
-        last = t.evaluate()
+    if last is None and t.val_loader is not None:  # a finished run killed before its model was saved
+        last = {"step": state.step, **_validate(model, t.val_loader, device, config)}  # measured, not logged as an eval
     summary = training_record(config, t.settings, t.data, state, last)
     if output is not None and info.is_main:
         save(model, output, force=config.force, training=summary)

@@ -62,7 +62,7 @@ def train_from_options(o: dict[str, Any]):
     check_range("--val-fraction", o["val_fraction"], 0, 1, low_open=True, high_open=True)
     if info.is_main:  # fail before a long download or a long run
         check_run_outputs(o["output"], save_best=o["save_best"], log=o["log"], run_dir=o["run_dir"],
-                                resume=o["resume"], inputs=[o["model"], o["checkpoint"]], dataset=o["dataset"],
+                                resume=o["resume"], inputs=[o["model"], o["checkpoint"], o["resume"]], dataset=o["dataset"],
                                 force=o["force"])  # fmt: skip
 
     if o["resume"] is not None:

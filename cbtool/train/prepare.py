@@ -194,6 +194,13 @@ def check_run_outputs(output, *, save_best=None, log=None, run_dir=None, resume=
     from cbtool.train.resume import find_checkpoint
 
     check_outputs({"--output": output, "--save-best": save_best, "--log": log}, list(inputs), dataset=dataset)
+    if resume is not None:  # before "already exists": a finished run's model is expected to exist
+        from cbtool.train.consistency import refuse_finished
+        from cbtool.train.resume import read_run_info
+
+        summary = read_run_info(resume)
+        refuse_finished(find_checkpoint(resume).parent, summary.get("step", 0), summary.get("total_steps"),
+                        Path(output).expanduser() if output else None)  # fmt: skip
     check_output_path(output, force=force)
     if save_best is not None and resume is None:
         check_output_path(save_best, force=force)

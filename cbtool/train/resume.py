@@ -88,4 +88,5 @@ def resume_options(given: dict[str, Any], typed: Callable[[str], bool], flag: Ca
         if typed(name) and recordable({name: value})[name] != saved.get(name):
             raise CbtoolError(f"this run started with {flag(name)} {saved.get(name)!r}, not {value!r}; leave {flag(name)} out to resume it")
     merged["resume"] = given["resume"]
+    merged["run_dir"] = None  # the folder given to --resume, wherever the run first wrote it
     return merged

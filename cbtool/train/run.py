@@ -11,6 +11,7 @@ import random
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -23,8 +24,9 @@ from torch import nn
 from cbtool import distributed
 from cbtool.checkpoint import atomic_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
-from cbtool.files import writing
+from cbtool.files import finite_or_null, json_text, writing
 from cbtool.train.config import CHECKPOINT_FORMAT, CHECKPOINT_INFO_NAME, CHECKPOINT_NAME, LOG_NAME, FinetuneConfig, State
+from cbtool.train.consistency import check_same_run
 
 
 class Run:
@@ -39,7 +41,12 @@ class Run:
         self.saved = _load_checkpoint(checkpoint) if checkpoint is not None else None
         self.dir = _run_dir(config, info, checkpoint)
         self.checkpoint = self.dir / CHECKPOINT_NAME
-        self.log = RunLog(Path(config.log) if config.log else self.dir / LOG_NAME, enabled=info.is_main)
+        log = Path(config.log) if config.log else self.dir / LOG_NAME
+        if self.saved is not None:
+            check_same_run(self.saved, self.dir, log)
+        # One id in checkpoint.pt, checkpoint.json and every log record: a folder mixing two runs is refused.
+        self.id = (self.saved or {}).get("run_id") or uuid.uuid4().hex[:12]
+        self.log = RunLog(log, enabled=info.is_main, run_id=self.id)
 
     def load_weights(self, model: nn.Module) -> None:
         """A resumed run's weights, once its settings are checked against the ones it started with."""
@@ -95,14 +102,16 @@ class Run:
             "world_size": self.info.world_size,
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "total_steps": total_steps,
+            "run_id": self.id,
         }
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
-        summary = {"step": state.step, "epoch": state.epoch, "pos": state.pos, "time": time.time(),
+        summary = {"step": state.step, "total_steps": total_steps, "run_id": self.id, "epoch": state.epoch,
+                   "pos": state.pos, "time": time.time(),
                    "world_size": self.info.world_size, "config": self.config.to_dict(), "run_info": self.config.run_info,
                    "record": record}  # fmt: skip
         with atomic_path(self.dir / CHECKPOINT_INFO_NAME) as temporary:
-            temporary.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+            temporary.write_text(json_text(summary, default=str))
         return path
 
     def nonfinite_message(self, loss: float, step: int, lr: float) -> str:
@@ -205,8 +214,8 @@ def _new_run_dir(root: Path) -> Path:
 class RunLog:
     """``log.jsonl``: one JSON object per line, appended on rank 0 only."""
 
-    def __init__(self, path: Path, *, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, *, enabled: bool, run_id: str | None = None):
+        self.path, self.enabled, self.run_id = path, enabled, run_id
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -214,7 +223,9 @@ class RunLog:
         if not self.enabled:
             return
         with writing(self.path), open(self.path, "a") as handle:
-            handle.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str) + "\n")
+            run = {"run": self.run_id} if self.run_id else {}
+            record = finite_or_null({"event": event, "time": round(time.time(), 3), **run, **fields})
+            handle.write(json_text(record, indent=None, sort_keys=False, default=str) + "\n")
 
 
 @contextmanager
