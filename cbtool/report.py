@@ -114,7 +114,22 @@ def density_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = False
         row += [format_value(at(values, layer), "entropy") for values in entropies]
         row += [format_value(at(values, layer), "distance") for values in distances]
         rows.append(row)
-    return _table(headers, rows, markdown)
+    notes = _not_applicable_notes(with_density, labels, single)
+    table = _table(headers, rows, markdown)
+    return table if not notes else table + ("\n\n" if markdown else "\n") + "\n".join(notes)
+
+
+def _not_applicable_notes(models: Sequence[Mapping[str, Any]], labels: list[str], single: bool) -> list[str]:
+    """One line per model and reason for the layers density is not defined for (``-`` in the table)."""
+    notes = []
+    for model, label in zip(models, labels):
+        by_reason: dict[str, list[str]] = {}
+        for layer, reason in (_density(model).get("not_applicable") or {}).items():
+            by_reason.setdefault(str(reason), []).append(str(layer))
+        for reason, layers in by_reason.items():
+            owner = "" if single else f" of {label}"
+            notes.append(f"layers {', '.join(layers)}{owner} not measured: {reason}")
+    return notes
 
 
 DIFFERENCE_HEADERS = ["model", "Δtop1", "Δtop5", "Δloss", "Δentropy", "Δdistance", "img/s model", "img/s e2e"]

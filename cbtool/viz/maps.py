@@ -9,6 +9,7 @@ from torch import nn
 
 from cbtool.errors import VizError
 from cbtool.families import TokenLayout, detect
+from cbtool.families.base import NOT_APPLICABLE
 
 LayerChoice = Sequence[int] | str | None
 
@@ -45,8 +46,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers: LayerChoice =
     ``cbtool.families`` layouts.
     """
     family = detect(model)
-    count = len(family.attention_layouts(model, tuple(images.shape[-2:])))
-    chosen = choose_layers(layers, count)
+    layouts = family.attention_layouts(model, tuple(images.shape[-2:]))
+    chosen = choose_layers(layers, len(layouts))
+    unmeasured = [index for index in chosen if layouts[index].kind == NOT_APPLICABLE]
+    if unmeasured:  # never hand out a layer's component maps as if they were its attention
+        raise VizError(f"{type(model).__name__} attention layer {unmeasured[0]} has no attention map to show: "
+                       f"{layouts[unmeasured[0]].reason}")
     wanted = set(chosen)
     found: dict[int, torch.Tensor] = {}
 
