@@ -62,7 +62,9 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
             operation.to(device=reference.device, dtype=reference.dtype)
         operation.overwrite_output = spec.position != "block"
         hooked.add_module(CHILD_NAME, operation)
-        hooked.register_forward_hook(tuple_output_hook if target.tuple_output else tensor_output_hook)
+        # First among the module's hooks: transformers installs its output-capturing hooks (hidden_states,
+        # attentions) at the first call that asks for them, possibly before inject; they must read CB's output.
+        hooked.register_forward_hook(tuple_output_hook if target.tuple_output else tensor_output_hook, prepend=True)
         if family.masked_tokens:
             target.block.register_forward_pre_hook(partial(_read_mask, family), with_kwargs=True)
     setattr(model, SPEC_ATTRIBUTE, spec)
