@@ -18,8 +18,10 @@ import torch
 
 from cbtool.evaluation import evaluate
 from cbtool.families import detect
+from cbtool.families.hf_vit import HEADED
+from cbtool.metrics.density import DensityAccumulator
 from cbtool.spec import CBSpec
-from cbtool.surgery import inject
+from cbtool.surgery import find_broadcasts, inject, remove
 
 POSITIONS = ("mlp", "attn", "block")
 
@@ -136,6 +138,45 @@ def hf_swin_layer(self, position, x, input_dimensions, always_partition=False, *
     return at(position, "block", x), weights
 
 
+def hf_dinov3_layer(self, position, x, attention_mask=None, position_embeddings=None, **kw):
+    a = self.attention(self.norm1(x), attention_mask=attention_mask, position_embeddings=position_embeddings, **kw)[0]
+    x = self.drop_path(self.layer_scale1(at(position, "attn", a))) + x
+    x = self.drop_path(self.layer_scale2(at(position, "mlp", self.mlp(self.norm2(x))))) + x
+    return at(position, "block", x)
+
+
+def hf_data2vec_layer(self, position, x, output_attentions=False, relative_position_bias=None,
+                      interpolate_pos_encoding=False, resolution=None):  # BEiT, written before transformers 5
+    out = self.attention(self.layernorm_before(x), output_attentions=output_attentions,
+                         relative_position_bias=relative_position_bias, interpolate_pos_encoding=interpolate_pos_encoding,
+                         resolution=resolution)  # fmt: skip
+    a = at(position, "attn", out[0])
+    x = self.drop_path(a if self.lambda_1 is None else self.lambda_1 * a) + x
+    m = at(position, "mlp", self.output(self.intermediate(self.layernorm_after(x))))  # MLP ends at `output`
+    x = self.drop_path(m if self.lambda_2 is None else self.lambda_2 * m) + x
+    return (at(position, "block", x), *out[1:])
+
+
+def hf_swinv2_layer(self, position, x, input_dimensions, output_attentions=False):  # post-norm, one shared drop_path
+    from transformers.models.swinv2.modeling_swinv2 import window_partition, window_reverse
+
+    height, width = input_dimensions
+    batch, _, channels = x.shape
+    shift, size = self.shift_size, self.window_size
+    h, _ = self.maybe_pad(x.view(batch, height, width, channels), height, width)
+    _, hp, wp, _ = h.shape
+    h = torch.roll(h, shifts=(-shift, -shift), dims=(1, 2)) if shift > 0 else h
+    windows = window_partition(h, size).view(-1, size * size, channels)
+    out = self.attention(windows, self.get_attn_mask(hp, wp, dtype=h.dtype, device=h.device),
+                         output_attentions=output_attentions)  # fmt: skip
+    a = window_reverse(out[0].view(-1, size, size, channels), size, hp, wp)
+    a = torch.roll(a, shifts=(shift, shift), dims=(1, 2)) if shift > 0 else a
+    a = a[:, :height, :width, :].contiguous().view(batch, height * width, channels)
+    x = x + self.drop_path(at(position, "attn", self.layernorm_before(a)))  # CB after the post-norm
+    x = x + self.drop_path(at(position, "mlp", self.layernorm_after(self.output(self.intermediate(x)))))
+    return (at(position, "block", x), *out[1:])
+
+
 # ----- the families ------------------------------------------------------------------------------
 def _timm(name, **kwargs):
     def build():
@@ -194,6 +235,28 @@ CASES = {
     "hf-beit": (_hf("BeitForImageClassification", "BeitConfig", num_labels=5, use_relative_position_bias=True,
                     layer_scale_init_value=0.5, **_HF), 32, {"BeitLayer": hf_beit_layer}),
     "hf-swin": (_hf("SwinForImageClassification", "SwinConfig", **_HF_SWIN), 64, {"SwinLayer": hf_swin_layer}),
+    "hf-swin-backbone": (_hf("SwinBackbone", "SwinConfig", out_features=["stage1", "stage2"], **_HF_SWIN), 64,
+                         {"SwinLayer": hf_swin_layer}),
+    "hf-swinv2": (_hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN), 64, {"Swinv2Layer": hf_swinv2_layer}),
+    "hf-swinv2-model": (_hf("Swinv2Model", "Swinv2Config", **_HF_SWIN), 64, {"Swinv2Layer": hf_swinv2_layer}),
+    "hf-dinov3": (_hf("DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=2, **_HF), 32,
+                  {"DINOv3ViTLayer": hf_dinov3_layer}),
+    "hf-dinov2-backbone": (
+        _hf("Dinov2Backbone", "Dinov2Config", out_features=["stage1", "stage2"], mlp_ratio=2,
+            **{k: v for k, v in _HF.items() if k != "intermediate_size"}), 32, {"Dinov2Layer": hf_dinov2_layer}),
+    "hf-data2vec": (_hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", num_labels=5,
+                        use_relative_position_bias=True, layer_scale_init_value=0.5, **_HF), 32,
+                    {"Data2VecVisionLayer": hf_data2vec_layer}),
+    "hf-data2vec-model": (_hf("Data2VecVisionModel", "Data2VecVisionConfig", use_shared_relative_position_bias=True,
+                              **_HF), 32, {"Data2VecVisionLayer": hf_data2vec_layer}),
+    "hf-vit-mae": (_hf("ViTMAEModel", "ViTMAEConfig", mask_ratio=0.0, **_HF), 32, {"ViTMAELayer": hf_vit_layer}),
+    "hf-vit-msn": (_hf("ViTMSNForImageClassification", "ViTMSNConfig", num_labels=5, **_HF), 32,
+                   {"ViTMSNLayer": hf_vit_layer}),
+    "hf-vit-msn-model": (_hf("ViTMSNModel", "ViTMSNConfig", **_HF), 32, {"ViTMSNLayer": hf_vit_layer}),
+    "hf-ijepa": (_hf("IJepaForImageClassification", "IJepaConfig", num_labels=5, **_HF), 32, {"IJepaLayer": hf_vit_layer}),
+    "hf-ijepa-model": (_hf("IJepaModel", "IJepaConfig", **_HF), 32, {"IJepaLayer": hf_vit_layer}),
+    "hf-clip-vision-projection": (_hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16, **_HF), 32,
+                                  {"CLIPEncoderLayer": hf_clip_layer}),
 }
 
 
@@ -209,11 +272,17 @@ def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def output(model, x):
+    """The logits; for headless models the last hidden state, or the feature maps of a backbone, all of them."""
     family = detect(model)
+    torch.manual_seed(0)  # MAE shuffles its patches at random (mask_ratio 0 keeps them all): the same order each call
     with torch.no_grad():
         if family.library == "transformers":
             result = model(pixel_values=x)
-            return getattr(result, "logits", None) if getattr(result, "logits", None) is not None else result.last_hidden_state
+            if getattr(result, "logits", None) is not None:
+                return result.logits
+            if getattr(result, "feature_maps", None) is not None:
+                return torch.cat([features.flatten(1) for features in result.feature_maps], dim=1)
+            return result.last_hidden_state
         return model(x)
 
 
@@ -243,9 +312,26 @@ def test_cb_matches_the_hand_written_forward(case, position):
     assert (got - output(plain, x)).abs().max().item() > 1e-4  # the test cannot pass without CB
 
 
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_remove_and_cbs_scale_zero_give_the_plain_model(case):
+    build, size, _ = case
+    torch.manual_seed(0)
+    plain = perturbed(build())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    expected = output(plain, x)
+    keys = list(plain.state_dict())
+    for position in POSITIONS:
+        zero = inject(copy.deepcopy(plain), CBSpec("cbs", position, scale_init=0.0))
+        assert len(find_broadcasts(zero)) == len(detect(plain).blocks(plain))
+        assert (output(zero, x) - expected).abs().max().item() < 1e-6, position
+        removed = remove(inject(copy.deepcopy(plain), CBSpec("cbs", position)))
+        assert list(removed.state_dict()) == keys and find_broadcasts(removed) == []
+        assert torch.equal(output(removed, x), expected), position
+
+
 # ----- uniform attention reads 1.0 in every layer -------------------------------------------------
 _QK_LINEARS = ("q_proj", "k_proj", "query", "key", "attn.q", "attn.k")
-_POSITION_BIASES = ("relative_position_bias_table", "q_bias", "k_bias", "cpb_mlp.2")
+_POSITION_BIASES = ("relative_position_bias_table", "q_bias", "k_bias", "cpb_mlp.2", "continuous_position_bias_mlp.2")
 
 
 @torch.no_grad()
@@ -275,12 +361,18 @@ def test_uniform_attention_reads_entropy_one_in_every_layer(case):
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
     labels = torch.zeros(3, dtype=torch.long)
     family = detect(model)
-    if family.num_classes(model) is None:
+    if family.num_classes(model) is None and type(model).__name__ in HEADED:
         from cbtool.families.hf_heads import add_head
 
         model = add_head(model, 5)
-    (result,) = evaluate([model], [(x, labels, torch.arange(3))], density=True, progress=False)
-    density = result.density
+    if family.num_classes(model) is None:  # no classifier to evaluate (MAE, DINOv3, backbones): the capture alone
+        accumulator = DensityAccumulator(family.attention_layouts(model, (size, size)))
+        with torch.no_grad(), family.capture_attention(model, accumulator, query_chunks=True):
+            model(pixel_values=x)
+        density = accumulator.result()
+    else:
+        (result,) = evaluate([model], [(x, labels, torch.arange(3))], density=True, progress=False)
+        density = result.density
     layers = len(family.attention_layouts(model, (size, size)))
     assert len(density["entropy_per_layer"]) == layers
     for heads in density["entropy_per_layer_head"]:

@@ -19,6 +19,7 @@ HF_CASES = {name: case for name, case in CASES.items() if name.startswith("hf-")
 
 
 def hidden_states(model, x, **flags):
+    torch.manual_seed(0)  # MAE's patch order
     with torch.no_grad():
         return model(pixel_values=x, output_hidden_states=True, **flags).hidden_states
 

@@ -10,14 +10,17 @@ from torch import nn
 
 from cbtool.errors import UnsupportedModelError
 from cbtool.families.base import Branch, Family, Support, TokenLayout, class_name
+from cbtool.families.hf_data2vec import HfData2VecVision
+from cbtool.families.hf_mae import HfViTMAE
 from cbtool.families.hf_swin import HfSwin
+from cbtool.families.hf_swinv2 import HfSwinv2
 from cbtool.families.hf_vit import HfViT
 from cbtool.families.timm_cait import TimmCaiT
 from cbtool.families.timm_pit import TimmPiT
 from cbtool.families.timm_swin import TimmSwin
 from cbtool.families.timm_vit import TimmNaFlexViT, TimmViT
 
-FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSwin(), HfViT(), HfSwin())
+FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSwin(), HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2())
 REGISTRY: dict[str, Family] = {cls: family for family in FAMILIES for cls in family.classes}
 
 SUPPORTED = "; ".join(
