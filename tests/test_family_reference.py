@@ -16,6 +16,7 @@ import types
 import pytest
 import torch
 
+from cbtool.errors import UnsupportedModelError
 from cbtool.evaluation import evaluate
 from cbtool.families import detect
 from cbtool.families.hf_vit import HEADED
@@ -82,6 +83,42 @@ def swinv2_block(self, position, x):  # post-norm
     x = x + self.drop_path1(at(position, "attn", self.norm1(self._attn(x)), (1, 2)))
     x = x.reshape(B, -1, C)
     x = x + self.drop_path2(at(position, "mlp", self.norm2(self.mlp(x))))
+    return at(position, "block", x.reshape(B, H, W, C), (1, 2))
+
+
+def relpos_block(self, position, x, shared_rel_pos=None):  # vision_transformer_relpos.RelPosBlock
+    x = x + self.drop_path1(self.ls1(at(position, "attn", self.attn(self.norm1(x), shared_rel_pos=shared_rel_pos))))
+    x = x + self.drop_path2(self.ls2(at(position, "mlp", self.mlp(self.norm2(x)))))
+    return at(position, "block", x)
+
+
+def relpos_post_block(self, position, x, shared_rel_pos=None):  # ResPostRelPosBlock: CB after norm1 / norm2
+    x = x + self.drop_path1(at(position, "attn", self.norm1(self.attn(x, shared_rel_pos=shared_rel_pos))))
+    x = x + self.drop_path2(at(position, "mlp", self.norm2(self.mlp(x))))
+    return at(position, "block", x)
+
+
+def sam_block(self, position, x):  # (B, H, W, C); attn CB only in global blocks (windowed ones are refused)
+    from timm.models.vision_transformer_sam import window_partition, window_unpartition
+
+    B, H, W, _ = x.shape
+    h = self.norm1(x)
+    if self.window_size > 0:
+        windows, pad = window_partition(h, self.window_size)
+        a = window_unpartition(self.attn(windows), self.window_size, (H, W), pad)
+    else:
+        a = at(position, "attn", self.attn(h), (1, 2))
+    x = x + self.drop_path1(self.ls1(a))  # per channel and identity in eval: the same after the unpartition
+    x = x.reshape(B, H * W, -1)
+    x = x + self.drop_path2(self.ls2(at(position, "mlp", self.mlp(self.norm2(x)))))
+    return at(position, "block", x.reshape(B, H, W, -1), (1, 2))
+
+
+def swinv2_cr_block(self, position, x):  # post-norm, then the optional main-branch norm3
+    x = x + self.drop_path1(at(position, "attn", self.norm1(self._shifted_window_attn(x)), (1, 2)))
+    B, H, W, C = x.shape
+    x = x.reshape(B, -1, C)
+    x = self.norm3(x + self.drop_path2(at(position, "mlp", self.norm2(self.mlp(x)))))
     return at(position, "block", x.reshape(B, H, W, C), (1, 2))
 
 
@@ -222,6 +259,15 @@ CASES = {
     "timm-pit-distilled": (_timm("pit_ti_distilled_224", img_size=64, num_classes=5), 64, {"Block": timm_block}),
     "timm-swin": (_timm("swin_tiny_patch4_window7_224", **_SWIN), 64, {"SwinTransformerBlock": swin_block}),
     "timm-swinv2": (_timm("swinv2_tiny_window8_256", **_SWIN), 64, {"SwinTransformerV2Block": swinv2_block}),
+    "timm-relpos": (_timm("vit_relpos_base_patch16_224", **_VIT), 32, {"RelPosBlock": relpos_block}),
+    "timm-relpos-cls-shared": (_timm("vit_srelpos_small_patch16_224", class_token=True, global_pool="token", **_VIT),
+                               32, {"RelPosBlock": relpos_block}),
+    "timm-relpos-respost": (_timm("vit_relpos_base_patch16_rpn_224", **_VIT), 32,
+                            {"ResPostRelPosBlock": relpos_post_block}),
+    "timm-sam": (_timm("samvit_base_patch16", img_size=48, patch_size=8, embed_dim=32, depth=3, num_heads=2,
+                       window_size=4, global_attn_indexes=(1,), neck_chans=16, global_pool="avg", num_classes=5), 48,
+                 {"Block": sam_block}),
+    "timm-swinv2-cr": (_timm("swinv2_cr_tiny_224", **_SWIN), 64, {"SwinTransformerV2CrBlock": swinv2_cr_block}),
     "hf-vit": (_hf("ViTForImageClassification", "ViTConfig", num_labels=5, **_HF), 32, {"ViTLayer": hf_vit_layer}),
     "hf-deit-teacher": (_hf("DeiTForImageClassificationWithTeacher", "DeiTConfig", num_labels=5, **_HF), 32,
                         {"DeiTLayer": hf_vit_layer}),
@@ -298,6 +344,18 @@ def with_reference_forwards(plain, forwards, position):
     return reference
 
 
+def placeable(model, position: str) -> str:
+    """``--layers`` of the blocks where the family places CB at ``position`` (SAM: ``attn`` in global blocks only)."""
+    family, placed = detect(model), []
+    for index, (_, block) in enumerate(detect(model).blocks(model)):
+        try:
+            family.branch(block, position)
+        except UnsupportedModelError:
+            continue
+        placed.append(str(index))
+    return ",".join(placed)
+
+
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_cb_matches_the_hand_written_forward(case, position):
@@ -306,7 +364,7 @@ def test_cb_matches_the_hand_written_forward(case, position):
     plain = perturbed(build())
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     expected = output(with_reference_forwards(plain, forwards, position), x)
-    model = inject(copy.deepcopy(plain), CBSpec("cb", position))
+    model = inject(copy.deepcopy(plain), CBSpec("cb", position, layers=placeable(plain, position)))
     got = output(model, x)
     assert (got - expected).abs().max().item() < 1e-5
     assert (got - output(plain, x)).abs().max().item() > 1e-4  # the test cannot pass without CB
@@ -321,17 +379,19 @@ def test_remove_and_cbs_scale_zero_give_the_plain_model(case):
     expected = output(plain, x)
     keys = list(plain.state_dict())
     for position in POSITIONS:
-        zero = inject(copy.deepcopy(plain), CBSpec("cbs", position, scale_init=0.0))
-        assert len(find_broadcasts(zero)) == len(detect(plain).blocks(plain))
+        layers = placeable(plain, position)
+        zero = inject(copy.deepcopy(plain), CBSpec("cbs", position, layers=layers, scale_init=0.0))
+        assert len(find_broadcasts(zero)) == len(layers.split(","))
         assert (output(zero, x) - expected).abs().max().item() < 1e-6, position
-        removed = remove(inject(copy.deepcopy(plain), CBSpec("cbs", position)))
+        removed = remove(inject(copy.deepcopy(plain), CBSpec("cbs", position, layers=layers)))
         assert list(removed.state_dict()) == keys and find_broadcasts(removed) == []
         assert torch.equal(output(removed, x), expected), position
 
 
 # ----- uniform attention reads 1.0 in every layer -------------------------------------------------
 _QK_LINEARS = ("q_proj", "k_proj", "query", "key", "attn.q", "attn.k")
-_POSITION_BIASES = ("relative_position_bias_table", "q_bias", "k_bias", "cpb_mlp.2", "continuous_position_bias_mlp.2")
+_POSITION_BIASES = ("relative_position_bias_table", "q_bias", "k_bias", "cpb_mlp.2", "continuous_position_bias_mlp.2",
+                    "rel_pos_h", "rel_pos_w", "rel_pos.mlp.fc2", "meta_mlp.fc2")
 
 
 @torch.no_grad()

@@ -17,10 +17,11 @@ from cbtool.families.hf_swinv2 import HfSwinv2
 from cbtool.families.hf_vit import HfViT
 from cbtool.families.timm_cait import TimmCaiT
 from cbtool.families.timm_pit import TimmPiT
-from cbtool.families.timm_swin import TimmSwin
+from cbtool.families.timm_sam import TimmSAM
+from cbtool.families.timm_swin import TimmSwin, TimmSwinV2Cr
 from cbtool.families.timm_vit import TimmNaFlexViT, TimmViT
 
-FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSwin(), HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2())
+FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSAM(), TimmSwin(), TimmSwinV2Cr(), HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2())
 REGISTRY: dict[str, Family] = {cls: family for family in FAMILIES for cls in family.classes}
 
 SUPPORTED = "; ".join(

@@ -17,6 +17,8 @@ _BLOCKS = {
     "timm.models.eva.EvaBlock": PRE_NORM,
     "timm.models.eva.EvaBlockPostNorm": POST_NORM,
     "timm.models.beit.Block": PRE_NORM,
+    "timm.models.vision_transformer_relpos.RelPosBlock": PRE_NORM,
+    "timm.models.vision_transformer_relpos.ResPostRelPosBlock": POST_NORM,
 }
 
 # timm's differential attention (``attn_layer='diff'``: vit_dwee, vit_dlittle) mixes two softmax maps per head.
@@ -45,6 +47,7 @@ class TimmViT(TimmFamily):
         "timm.models.deit.VisionTransformerDistilled",
         "timm.models.eva.Eva",
         "timm.models.beit.Beit",
+        "timm.models.vision_transformer_relpos.VisionTransformerRelPos",
     )
     cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
     density_semantics = (
