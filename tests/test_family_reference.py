@@ -239,6 +239,8 @@ def _hf(architecture, config_class, **config):
 _VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 _HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
 _SWIN = dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(1, 2), num_classes=5)
+_HF_NO_MLP = {k: v for k, v in _HF.items() if k != "intermediate_size"}
+_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 _HF_SWIN = dict(image_size=64, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=5)
 
 # id: (builder, image size, {block class name: hand-written forward})
@@ -281,6 +283,27 @@ CASES = {
     "hf-beit": (_hf("BeitForImageClassification", "BeitConfig", num_labels=5, use_relative_position_bias=True,
                     layer_scale_init_value=0.5, **_HF), 32, {"BeitLayer": hf_beit_layer}),
     "hf-swin": (_hf("SwinForImageClassification", "SwinConfig", **_HF_SWIN), 64, {"SwinLayer": hf_swin_layer}),
+    # The other classes of those layers: the encoders and classifiers around the same layer types.
+    "hf-vit-model": (_hf("ViTModel", "ViTConfig", **_HF), 32, {"ViTLayer": hf_vit_layer}),
+    "hf-deit": (_hf("DeiTForImageClassification", "DeiTConfig", num_labels=5, **_HF), 32, {"DeiTLayer": hf_vit_layer}),
+    "hf-deit-model": (_hf("DeiTModel", "DeiTConfig", **_HF), 32, {"DeiTLayer": hf_vit_layer}),
+    "hf-dinov2": (_hf("Dinov2ForImageClassification", "Dinov2Config", num_labels=5, mlp_ratio=2, **_HF_NO_MLP), 32,
+                  {"Dinov2Layer": hf_dinov2_layer}),
+    "hf-dinov2-model": (_hf("Dinov2Model", "Dinov2Config", mlp_ratio=2, **_HF_NO_MLP), 32, {"Dinov2Layer": hf_dinov2_layer}),
+    "hf-dinov2-registers-classifier": (
+        _hf("Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", num_labels=5, num_register_tokens=2,
+            mlp_ratio=2, **_HF_NO_MLP), 32, {"Dinov2WithRegistersLayer": hf_dinov2_layer}),
+    "hf-clip": (_hf("CLIPModel", "CLIPConfig", vision_config=_HF, text_config=_TEXT), 32,
+                {"CLIPEncoderLayer": hf_clip_layer}),
+    "hf-clip-classifier": (_hf("CLIPForImageClassification", "CLIPConfig", vision_config=_HF, text_config=_TEXT,
+                               num_labels=5), 32, {"CLIPEncoderLayer": hf_clip_layer}),
+    "hf-siglip": (_hf("SiglipModel", "SiglipConfig", vision_config=_HF, text_config=_TEXT), 32,
+                  {"SiglipEncoderLayer": hf_clip_layer}),
+    "hf-siglip-classifier": (_hf("SiglipForImageClassification", "SiglipConfig", vision_config=_HF, text_config=_TEXT,
+                                 num_labels=5), 32, {"SiglipEncoderLayer": hf_clip_layer}),
+    "hf-beit-model": (_hf("BeitModel", "BeitConfig", use_shared_relative_position_bias=True, layer_scale_init_value=0.5,
+                          **_HF), 32, {"BeitLayer": hf_beit_layer}),
+    "hf-swin-model": (_hf("SwinModel", "SwinConfig", **_HF_SWIN), 64, {"SwinLayer": hf_swin_layer}),
     "hf-swin-backbone": (_hf("SwinBackbone", "SwinConfig", out_features=["stage1", "stage2"], **_HF_SWIN), 64,
                          {"SwinLayer": hf_swin_layer}),
     "hf-swinv2": (_hf("Swinv2ForImageClassification", "Swinv2Config", **_HF_SWIN), 64, {"Swinv2Layer": hf_swinv2_layer}),
@@ -290,6 +313,16 @@ CASES = {
     "hf-dinov2-backbone": (
         _hf("Dinov2Backbone", "Dinov2Config", out_features=["stage1", "stage2"], mlp_ratio=2,
             **{k: v for k, v in _HF.items() if k != "intermediate_size"}), 32, {"Dinov2Layer": hf_dinov2_layer}),
+    "hf-dinov2-registers-backbone": (
+        _hf("Dinov2WithRegistersBackbone", "Dinov2WithRegistersConfig", num_register_tokens=2, mlp_ratio=2,
+            out_features=["stage1", "stage2"], **{k: v for k, v in _HF.items() if k != "intermediate_size"}), 32,
+        {"Dinov2WithRegistersLayer": hf_dinov2_layer}),
+    "hf-dinov3-backbone": (_hf("DINOv3ViTBackbone", "DINOv3ViTConfig", num_register_tokens=2,
+                               out_features=["stage1", "stage2"], **_HF), 32, {"DINOv3ViTLayer": hf_dinov3_layer}),
+    "hf-beit-backbone": (_hf("BeitBackbone", "BeitConfig", use_relative_position_bias=True, layer_scale_init_value=0.5,
+                             out_features=["stage1", "stage2"], **_HF), 32, {"BeitLayer": hf_beit_layer}),
+    "hf-swinv2-backbone": (_hf("Swinv2Backbone", "Swinv2Config", out_features=["stage1", "stage2"], **_HF_SWIN), 64,
+                           {"Swinv2Layer": hf_swinv2_layer}),
     "hf-data2vec": (_hf("Data2VecVisionForImageClassification", "Data2VecVisionConfig", num_labels=5,
                         use_relative_position_bias=True, layer_scale_init_value=0.5, **_HF), 32,
                     {"Data2VecVisionLayer": hf_data2vec_layer}),
@@ -323,7 +356,8 @@ def output(model, x):
     torch.manual_seed(0)  # MAE shuffles its patches at random (mask_ratio 0 keeps them all): the same order each call
     with torch.no_grad():
         if family.library == "transformers":
-            result = model(pixel_values=x)
+            # CLIPModel / SiglipModel want text too: their vision tower's output, where CB is
+            result = model.vision_model(pixel_values=x) if hasattr(model, "text_model") else model(pixel_values=x)
             if getattr(result, "logits", None) is not None:
                 return result.logits
             if getattr(result, "feature_maps", None) is not None:
@@ -335,7 +369,9 @@ def output(model, x):
 def with_reference_forwards(plain, forwards, position):
     reference = copy.deepcopy(plain)
     replaced = 0
-    for module in reference.modules():
+    for name, module in reference.named_modules():
+        if name.startswith("text_model."):  # CLIPModel / SiglipModel: the text tower's layers are not rewritten
+            continue
         forward = forwards.get(type(module).__name__)
         if forward is not None:
             module.forward = types.MethodType(lambda self, *a, _f=forward, **k: _f(self, position, *a, **k), module)

@@ -15,7 +15,8 @@ from test_family_reference import CASES, POSITIONS, perturbed, with_reference_fo
 from cbtool.spec import CBSpec
 from cbtool.surgery import inject, remove
 
-HF_CASES = {name: case for name, case in CASES.items() if name.startswith("hf-")}
+# CLIPModel and SiglipModel want text as well: their vision towers are the hf-clip-vision and hf-siglip-vision cases.
+HF_CASES = {name: case for name, case in CASES.items() if name.startswith("hf-") and name not in ("hf-clip", "hf-siglip")}
 
 
 def hidden_states(model, x, **flags):

@@ -29,13 +29,35 @@ SUPPORTED = "; ".join(
 )
 
 
+# Why some vision classes of the supported transformers model types are refused (the rest: not registered).
+_PRETRAINING = "a masked-image-modeling pre-training model; load its encoder ({}) instead"
+_SEGMENTATION = "a semantic-segmentation model, and cbtool evaluates image classification; load its encoder ({}) instead"
+_NAFLEX = ("takes patch sequences with pixel_attention_mask and spatial_shapes (NaFlex inputs), not the images cbtool's "
+           "eval, finetune and viz feed")
+REFUSED: dict[str, str] = {
+    "ViTForMaskedImageModeling": _PRETRAINING.format("ViTModel"),
+    "DeiTForMaskedImageModeling": _PRETRAINING.format("DeiTModel"),
+    "SwinForMaskedImageModeling": _PRETRAINING.format("SwinModel"),
+    "Swinv2ForMaskedImageModeling": _PRETRAINING.format("Swinv2Model"),
+    "ViTMAEForPreTraining": "MAE pre-training (random masking and a decoder); load ViTMAEModel with mask_ratio 0 instead",
+    "BeitForSemanticSegmentation": _SEGMENTATION.format("BeitModel or BeitBackbone"),
+    "Data2VecVisionForSemanticSegmentation": _SEGMENTATION.format("Data2VecVisionModel"),
+    "Siglip2VisionModel": _NAFLEX,
+    "Siglip2Model": _NAFLEX,
+    "Siglip2ForImageClassification": _NAFLEX,
+}
+
+
 def detect(model: nn.Module) -> Family:
     """The family adapter registered for ``model``'s class; any other class is refused in one line."""
     family = REGISTRY.get(class_name(model))
     if family is None:
+        name = type(model).__name__
+        reason = REFUSED.get(name) if type(model).__module__.startswith("transformers.") else None
+        why = reason or ("Context Broadcasting and attention density are defined per family")
         raise UnsupportedModelError(
-            f"{type(model).__name__} ({type(model).__module__}) is not a model class cbtool supports: Context "
-            "Broadcasting and attention density are defined per family; run `cbtool families` for the list"
+            f"{name} ({type(model).__module__}) is not a model class cbtool supports: {why}; run `cbtool families` "
+            "for the list"
         )
     return family
 
@@ -60,5 +82,5 @@ def hf_architectures() -> tuple[str, ...]:
                  for name in family.classes)
 
 
-__all__ = ["FAMILIES", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures", "require_head",
+__all__ = ["FAMILIES", "REFUSED", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures", "require_head",
            "support_matrix", "SUPPORTED"]

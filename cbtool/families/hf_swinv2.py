@@ -17,7 +17,7 @@ _SWINV2 = f"{_MODELS}.swinv2.modeling_swinv2"
 
 class HfSwinv2(HfSwin):
     name = "hf-swinv2"
-    classes = (f"{_SWINV2}.Swinv2Model", f"{_SWINV2}.Swinv2ForImageClassification")
+    classes = (f"{_SWINV2}.Swinv2Model", f"{_SWINV2}.Swinv2ForImageClassification", f"{_SWINV2}.Swinv2Backbone")
     cb_semantics = "mean over the whole H x W map of the stage (never per window), after the branch's post-norm"
     layer_classes = {f"{_SWINV2}.Swinv2Layer": ("attention", "mlp")}
 

@@ -67,13 +67,13 @@ class HfViT(Family):
         ("deit.modeling_deit", "DeiTForImageClassification DeiTForImageClassificationWithTeacher DeiTModel"),
         ("dinov2.modeling_dinov2", "Dinov2ForImageClassification Dinov2Model Dinov2Backbone"),
         ("dinov2_with_registers.modeling_dinov2_with_registers",
-         "Dinov2WithRegistersForImageClassification Dinov2WithRegistersModel"),
+         "Dinov2WithRegistersForImageClassification Dinov2WithRegistersModel Dinov2WithRegistersBackbone"),
         ("clip.modeling_clip", "CLIPVisionModel CLIPVisionModelWithProjection CLIPModel CLIPForImageClassification"),
         ("siglip.modeling_siglip", "SiglipVisionModel SiglipModel SiglipForImageClassification"),
-        ("beit.modeling_beit", "BeitForImageClassification BeitModel"),
+        ("beit.modeling_beit", "BeitForImageClassification BeitModel BeitBackbone"),
         ("vit_msn.modeling_vit_msn", "ViTMSNForImageClassification ViTMSNModel"),
         ("ijepa.modeling_ijepa", "IJepaForImageClassification IJepaModel"),
-        ("dinov3_vit.modeling_dinov3_vit", "DINOv3ViTModel"),
+        ("dinov3_vit.modeling_dinov3_vit", "DINOv3ViTModel DINOv3ViTBackbone"),
     )
     cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
     density_semantics = "global self-attention over prefix and patch tokens; distances on the patch grid"
