@@ -64,8 +64,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers: LayerChoice =
     try:
         pixels = images.to(model_device(model))
         with family.capture_attention(model, keep):
-            # transformers' CLIPModel/SiglipModel take input_ids first: name the images
-            model(pixel_values=pixels) if family.library == "transformers" else model(pixels)
+            if family.library != "transformers":
+                model(pixels)
+            elif isinstance(getattr(model, "text_model", None), nn.Module):  # CLIPModel / SiglipModel want text too
+                model.vision_model(pixel_values=pixels)
+            else:
+                model(pixel_values=pixels)
     finally:
         model.train(training)
     missing = [index for index in chosen if index not in found]
