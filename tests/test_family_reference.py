@@ -392,13 +392,19 @@ def placeable(model, position: str) -> str:
     return ",".join(placed)
 
 
+def plain_and_images(case) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The case's model, seeded and perturbed, and two seeded images of its size."""
+    build, size, _ = case
+    torch.manual_seed(0)
+    plain = perturbed(build())
+    return plain, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_cb_matches_the_hand_written_forward(case, position):
-    build, size, forwards = case
-    torch.manual_seed(0)
-    plain = perturbed(build())
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    plain, x = plain_and_images(case)
+    forwards = case[2]
     expected = output(with_reference_forwards(plain, forwards, position), x)
     model = inject(copy.deepcopy(plain), CBSpec("cb", position, layers=placeable(plain, position)))
     got = output(model, x)
@@ -408,10 +414,7 @@ def test_cb_matches_the_hand_written_forward(case, position):
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_remove_and_cbs_scale_zero_give_the_plain_model(case):
-    build, size, _ = case
-    torch.manual_seed(0)
-    plain = perturbed(build())
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    plain, x = plain_and_images(case)
     expected = output(plain, x)
     keys = list(plain.state_dict())
     for position in POSITIONS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_family_reference import CASES, POSITIONS, perturbed, with_reference_forwards
+from test_family_reference import CASES, POSITIONS, perturbed, plain_and_images, with_reference_forwards
 
 from cbtool.spec import CBSpec
 from cbtool.surgery import inject, remove
@@ -28,10 +28,8 @@ def hidden_states(model, x, **flags):
 @pytest.mark.parametrize("position", POSITIONS)
 @pytest.mark.parametrize("case", HF_CASES.values(), ids=HF_CASES.keys())
 def test_hidden_states_hold_the_cb_outputs_after_an_earlier_capturing_call(case, position):
-    build, size, forwards = case
-    torch.manual_seed(0)
-    plain = perturbed(build())
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    build, _, forwards = case
+    plain, x = plain_and_images(case)
     expected = hidden_states(with_reference_forwards(plain, forwards, position), x)
     before = hidden_states(plain, x)  # installs transformers' capturing hooks before CB's
     with torch.no_grad():
