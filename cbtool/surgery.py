@@ -49,7 +49,8 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
         branch = family.branch(block, spec.position)
         if CHILD_NAME in dict(branch.module.named_children()):
             raise UnsupportedModelError(f"a module in block {name} already has a child named {CHILD_NAME!r}")
-        if _is_torch_leaf(branch.module) and not branch.norm_end and any(True for _ in branch.module.parameters()):
+        has_parameters = any(True for _ in branch.module.parameters())
+        if _is_torch_leaf(branch.module) and not branch.norm_end and has_parameters:
             raise UnsupportedModelError(f"the {spec.position} branch of {name} ends in a {type(branch.module).__name__} "
                                         "with parameters, where cbtool cannot attach CB")
         targets.append(_Target(block, branch.module, branch.token_dims, branch.tuple_output,

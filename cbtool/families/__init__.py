@@ -21,7 +21,10 @@ from cbtool.families.timm_sam import TimmSAM
 from cbtool.families.timm_swin import TimmSwin, TimmSwinV2Cr
 from cbtool.families.timm_vit import TimmNaFlexViT, TimmViT
 
-FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSAM(), TimmSwin(), TimmSwinV2Cr(), HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2())
+FAMILIES: tuple[Family, ...] = (
+    TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSAM(), TimmSwin(), TimmSwinV2Cr(),
+    HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2(),
+)
 REGISTRY: dict[str, Family] = {cls: family for family in FAMILIES for cls in family.classes}
 
 SUPPORTED = "; ".join(
@@ -31,15 +34,17 @@ SUPPORTED = "; ".join(
 
 # Why some vision classes of the supported transformers model types are refused (the rest: not registered).
 _PRETRAINING = "a masked-image-modeling pre-training model; load its encoder ({}) instead"
-_SEGMENTATION = "a semantic-segmentation model, and cbtool evaluates image classification; load its encoder ({}) instead"
-_NAFLEX = ("takes patch sequences with pixel_attention_mask and spatial_shapes (NaFlex inputs), not the images cbtool's "
-           "eval, finetune and viz feed")
+_SEGMENTATION = ("a semantic-segmentation model, and cbtool evaluates image classification; load its encoder ({}) "
+                 "instead")
+_NAFLEX = ("takes patch sequences with pixel_attention_mask and spatial_shapes (NaFlex inputs), not the images "
+           "cbtool's eval, finetune and viz feed")
 REFUSED: dict[str, str] = {
     "ViTForMaskedImageModeling": _PRETRAINING.format("ViTModel"),
     "DeiTForMaskedImageModeling": _PRETRAINING.format("DeiTModel"),
     "SwinForMaskedImageModeling": _PRETRAINING.format("SwinModel"),
     "Swinv2ForMaskedImageModeling": _PRETRAINING.format("Swinv2Model"),
-    "ViTMAEForPreTraining": "MAE pre-training (random masking and a decoder); load ViTMAEModel with mask_ratio 0 instead",
+    "ViTMAEForPreTraining": "MAE pre-training (random masking and a decoder); load ViTMAEModel with mask_ratio 0 "
+                            "instead",
     "BeitForSemanticSegmentation": _SEGMENTATION.format("BeitModel or BeitBackbone"),
     "Data2VecVisionForSemanticSegmentation": _SEGMENTATION.format("Data2VecVisionModel"),
     "Siglip2VisionModel": _NAFLEX,
@@ -82,5 +87,5 @@ def hf_architectures() -> tuple[str, ...]:
                  for name in family.classes)
 
 
-__all__ = ["FAMILIES", "REFUSED", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures", "require_head",
-           "support_matrix", "SUPPORTED"]
+__all__ = ["FAMILIES", "REFUSED", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect",
+           "hf_architectures", "require_head", "support_matrix", "SUPPORTED"]

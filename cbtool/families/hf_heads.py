@@ -12,7 +12,7 @@ from cbtool.families.hf_vit import HEADED
 # Vision-tower configs that the classification model wraps in its full (vision + text) config class.
 _OUTER_CONFIG = {"CLIPVisionModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPConfig",
                  "SiglipVisionModel": "SiglipConfig"}
-# Models whose vision tower (``vision_model``) is what moves into the classifier (a text tower or projection is dropped).
+# Models whose vision tower (``vision_model``) moves into the classifier (a text tower or projection is dropped).
 _TOWER_ONLY = ("CLIPModel", "SiglipModel", "CLIPVisionModelWithProjection")
 
 
@@ -35,7 +35,7 @@ def add_head(model: nn.Module, num_classes: int) -> nn.Module:
     source = model.vision_model if architecture in _TOWER_ONLY else model
     encoder = next(m for m in headed.modules() if type(m) is type(source) and m is not headed)
     result = encoder.load_state_dict(source.state_dict(), strict=False)
-    # A pooler belongs to the head: the encoder's own is dropped, or the classifier's is new (Data2Vec's mean-pool norm).
+    # A pooler belongs to the head: the encoder's own is dropped, or the classifier's is new (Data2Vec's pool norm).
     unexpected = [key for key in result.unexpected_keys if not key.startswith("pooler.")]
     missing = [key for key in result.missing_keys if not key.startswith("pooler.")]
     if missing or unexpected:

@@ -30,7 +30,8 @@ class HfViTMAE(HfViT):
         if ratio > 0:
             raise UnsupportedModelError(
                 f"{type(model).__name__} drops a random {ratio:g} of the patches in every forward (MAE pre-training), "
-                "so CB would average a different subset each call; set model.config.mask_ratio = 0 (see `cbtool families`)"
+                "so CB would average a different subset each call; set model.config.mask_ratio = 0 "
+                "(see `cbtool families`)"
             )
         return super().blocks(model)
 
