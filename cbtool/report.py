@@ -273,9 +273,13 @@ def comparison_markdown(comparison: Any) -> str:
 def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write a PNG with per-layer entropy and attention distance, one line per model, and, where a model has
     ``cbs`` scales, their mean per CB layer with the min-max band; returns the path."""
-    with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
+    # Only models with a measured layer: a model whose every layer is n/a (differential attention) has no line.
+    with_density = [m for m in models if any(v is not None for v in _density(m).get("entropy_per_layer") or [])]
     with_scales = [m for m in models if m.get("cb_scales")]
     if not with_density and not with_scales:
+        reasons = sorted({str(r) for m in models for r in (_density(m).get("not_applicable") or {}).values()})
+        if reasons:
+            raise CbtoolError(f"no layer has attention density to plot: {'; '.join(reasons)}")
         raise CbtoolError("no model has per-layer density or cbs scales to plot; evaluate with --density "
                           "(or a cbs model)")
     plt = pyplot()

@@ -76,7 +76,9 @@ def test_eval_density_and_viz_from_the_command_line(tmp_path, main_cli):
     save(inject(tiny_diff(10), CBSpec("cb", "mlp")), path)
     code, err = main_cli("eval", path, "--dataset", "sample", "--density", "--workers", "0", "-q",
                          "--json", tmp_path / "out.json", "--plot", tmp_path / "density.png")  # fmt: skip
-    assert code == 0, err
+    # The results are written; an empty density plot is not: one line says why.
+    assert code == 2 and err.count("\n") == 1 and "no layer has attention density to plot" in err, err
+    assert "differential attention" in err and not (tmp_path / "density.png").exists()
     density = json.loads((tmp_path / "out.json").read_text())["models"][0]["density"]
     assert density["layer_kinds"] == [NOT_APPLICABLE] * 2 and density["entropy_mean"] is None
     code, err = main_cli("viz", path, "--dataset", "sample", "--limit", "1", "--output", tmp_path / "viz.png")
@@ -94,3 +96,17 @@ def test_density_table_says_why_layers_are_not_measured():
     assert text.splitlines()[-1] == f"layers 0 not measured: {reason}"
     assert "layers 0 of m not measured" in density_table([model, {**model, "label": "n"}])
     assert "\n\nlayers 0 not measured" in density_table([model], markdown=True)
+
+
+def test_density_plot_draws_the_measured_layers_and_refuses_when_there_are_none(tmp_path):
+    from cbtool.errors import CbtoolError
+    from cbtool.report import plot_density
+
+    mixed = {"label": "m", "density": {"entropy_per_layer": [None, 0.5], "distance_per_layer": [None, 3.0],
+                                       "not_applicable": {"0": "differential attention"}}}  # fmt: skip
+    assert plot_density([mixed], tmp_path / "mixed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    none = {"label": "n", "density": {"entropy_per_layer": [None], "distance_per_layer": [None],
+                                      "not_applicable": {"0": "differential attention"}}}  # fmt: skip
+    with pytest.raises(CbtoolError, match="no layer has attention density to plot: differential attention"):
+        plot_density([none], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
