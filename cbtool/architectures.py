@@ -18,7 +18,9 @@ _DEFAULT_ARCHITECTURE = {
     "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "dinov2": "Dinov2Model",
     "dinov2_with_registers": "Dinov2WithRegistersModel", "beit": "BeitForImageClassification",
     "swin": "SwinForImageClassification", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
-    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel",
+    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel", "swinv2": "Swinv2ForImageClassification",
+    "data2vec-vision": "Data2VecVisionForImageClassification", "vit_mae": "ViTMAEModel", "vit_msn": "ViTMSNModel",
+    "ijepa": "IJepaModel", "dinov3_vit": "DINOv3ViTModel",
 }
 
 

@@ -114,7 +114,22 @@ def density_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = False
         row += [format_value(at(values, layer), "entropy") for values in entropies]
         row += [format_value(at(values, layer), "distance") for values in distances]
         rows.append(row)
-    return _table(headers, rows, markdown)
+    notes = _not_applicable_notes(with_density, labels, single)
+    table = _table(headers, rows, markdown)
+    return table if not notes else table + ("\n\n" if markdown else "\n") + "\n".join(notes)
+
+
+def _not_applicable_notes(models: Sequence[Mapping[str, Any]], labels: list[str], single: bool) -> list[str]:
+    """One line per model and reason for the layers density is not defined for (``-`` in the table)."""
+    notes = []
+    for model, label in zip(models, labels):
+        by_reason: dict[str, list[str]] = {}
+        for layer, reason in (_density(model).get("not_applicable") or {}).items():
+            by_reason.setdefault(str(reason), []).append(str(layer))
+        for reason, layers in by_reason.items():
+            owner = "" if single else f" of {label}"
+            notes.append(f"layers {', '.join(layers)}{owner} not measured: {reason}")
+    return notes
 
 
 DIFFERENCE_HEADERS = ["model", "Δtop1", "Δtop5", "Δloss", "Δentropy", "Δdistance", "img/s model", "img/s e2e"]
@@ -273,9 +288,13 @@ def plot_density(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
 def density_figure(models: Sequence[Mapping[str, Any]]):
     """The matplotlib figure of :func:`plot_density` (the caller closes it). Each model keeps one colour in every
     panel (``plotting.model_colours``, by its place among ``models``); one legend, below the panels, covers no data."""
-    with_density = [m for m in models if _density(m).get("entropy_per_layer") is not None]
+    # Only models with a measured layer: a model whose every layer is n/a (differential attention) has no line.
+    with_density = [m for m in models if any(v is not None for v in _density(m).get("entropy_per_layer") or [])]
     with_scales = [m for m in models if m.get("cb_scales")]
     if not with_density and not with_scales:
+        reasons = sorted({str(r) for m in models for r in (_density(m).get("not_applicable") or {}).values()})
+        if reasons:
+            raise CbtoolError(f"no layer has attention density to plot: {'; '.join(reasons)}")
         raise CbtoolError("no model has per-layer density or cbs scales to plot; evaluate with --density "
                           "(or a cbs model)")
     plt = pyplot()

@@ -28,6 +28,7 @@ class _Target:
     token_dims: tuple[int, ...]
     tuple_output: bool
     dim: int
+    norm_end: bool = False
 
 
 def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
@@ -48,21 +49,24 @@ def inject(model: nn.Module, spec: CBSpec | None = None) -> nn.Module:
         branch = family.branch(block, spec.position)
         if CHILD_NAME in dict(branch.module.named_children()):
             raise UnsupportedModelError(f"a module in block {name} already has a child named {CHILD_NAME!r}")
-        if _is_torch_leaf(branch.module) and any(True for _ in branch.module.parameters()):
+        has_parameters = any(True for _ in branch.module.parameters())
+        if _is_torch_leaf(branch.module) and not branch.norm_end and has_parameters:
             raise UnsupportedModelError(f"the {spec.position} branch of {name} ends in a {type(branch.module).__name__} "
                                         "with parameters, where cbtool cannot attach CB")
         targets.append(_Target(block, branch.module, branch.token_dims, branch.tuple_output,
-                               family.block_dim(block)))
+                               family.block_dim(block), branch.norm_end))
 
     for target in targets:
-        hooked = _hookable(target.block, target.hooked)
+        hooked = target.hooked if target.norm_end else _hookable(target.block, target.hooked)
         operation = make_broadcast(spec.variant, target.dim, spec.scale_init, target.token_dims)
         reference = next(target.block.parameters(), None)
         if reference is not None:
             operation.to(device=reference.device, dtype=reference.dtype)
         operation.overwrite_output = spec.position != "block"
         hooked.add_module(CHILD_NAME, operation)
-        hooked.register_forward_hook(tuple_output_hook if target.tuple_output else tensor_output_hook)
+        # First among the module's hooks: transformers installs its output-capturing hooks (hidden_states,
+        # attentions) at the first call that asks for them, possibly before inject; they must read CB's output.
+        hooked.register_forward_hook(tuple_output_hook if target.tuple_output else tensor_output_hook, prepend=True)
         if family.masked_tokens:
             target.block.register_forward_pre_hook(partial(_read_mask, family), with_kwargs=True)
     setattr(model, SPEC_ATTRIBUTE, spec)

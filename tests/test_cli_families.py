@@ -18,7 +18,10 @@ def test_families_lists_every_registered_class():
     listed = {name for row in rows for name in row["classes"]}
     assert listed == {name.rsplit(".", 1)[-1] for name in REGISTRY}
     assert {"VisionTransformer", "SwinTransformerV2", "Cait", "NaFlexVit", "CLIPModel", "SiglipVisionModel",
-            "SwinForImageClassification", "BeitModel", "Dinov2WithRegistersModel"} <= listed
+            "SwinForImageClassification", "BeitModel", "Dinov2WithRegistersModel", "DINOv3ViTModel", "Swinv2Model",
+            "Data2VecVisionForImageClassification", "ViTMAEModel", "ViTMSNModel", "IJepaModel", "Dinov2Backbone",
+            "SwinBackbone", "CLIPVisionModelWithProjection", "VisionTransformerRelPos", "VisionTransformerSAM",
+            "SwinTransformerV2Cr"} <= listed
     assert all(row["cb"] and row["density"] for row in rows)
 
 

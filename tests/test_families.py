@@ -11,6 +11,8 @@ from cbtool.spec import CBSpec
 from cbtool.surgery import find_broadcasts, inject
 
 POSITIONS = ("mlp", "attn", "block")
+_TINY_HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8)  # fmt: skip
 
 # id: (timm name, kwargs on top of the tiny defaults, family, blocks, prefix tokens, image size, block widths)
 TIMM_CASES = {
@@ -187,3 +189,108 @@ def test_installed_transformers_is_in_the_supported_range():
     assert requirement.name == "transformers"
     assert requirement.specifier.contains(transformers.__version__), (requirement, transformers.__version__)
     assert not requirement.specifier.contains("4.57.0")  # the 4.x layout (attention.attention.query) is not supported
+
+
+def test_vit_mae_with_random_masking_is_refused_and_with_mask_ratio_zero_keeps_grid_order_for_density():
+    import transformers
+
+    from cbtool import attention_maps
+
+    config = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                       image_size=32, patch_size=8)  # fmt: skip
+    model = transformers.ViTMAEModel(config).eval()
+    keys = list(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match="mask_ratio = 0") as raised:
+        inject(model, CBSpec())
+    assert "\n" not in str(raised.value) and list(model.state_dict()) == keys and find_broadcasts(model) == []
+    model.config.mask_ratio = 0.0
+    inject(model, CBSpec("cb", "block"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        grid = model(pixel_values=x, noise=torch.arange(16.0).expand(2, -1), output_attentions=True).attentions
+    maps = attention_maps(model, x)  # measured with the patches in grid order, whatever the random shuffle
+    assert all(torch.allclose(m, g, atol=1e-6) for m, g in zip(maps, grid))
+
+
+def test_sam_attn_is_placed_in_global_blocks_and_refused_in_windowed_ones():
+    import timm
+
+    model = timm.create_model("samvit_base_patch16", pretrained=False, img_size=64, patch_size=8, embed_dim=32, depth=3,
+                              num_heads=2, window_size=4, global_attn_indexes=(1,), neck_chans=16, num_classes=5)
+    with pytest.raises(UnsupportedModelError, match="global blocks") as raised:
+        inject(model, CBSpec("cb", "attn"))
+    assert "\n" not in str(raised.value) and find_broadcasts(model) == []
+    inject(model, CBSpec("cbs", "attn", layers="1"))
+    assert [name for name, _ in find_broadcasts(model)] == ["blocks.1.ls1.cb"]
+    kinds = [layout.kind for layout in detect(model).attention_layouts(model, (64, 64))]
+    assert kinds == ["window", "global", "window"]
+
+
+@pytest.mark.parametrize(("architecture", "config_class", "headed", "config"), [
+    ("Data2VecVisionModel", "Data2VecVisionConfig", "Data2VecVisionForImageClassification", {}),
+    ("ViTMSNModel", "ViTMSNConfig", "ViTMSNForImageClassification", {}),
+    ("IJepaModel", "IJepaConfig", "IJepaForImageClassification", {}),
+    ("CLIPVisionModelWithProjection", "CLIPVisionConfig", "CLIPForImageClassification", {"projection_dim": 16}),
+])
+def test_new_headless_encoders_get_a_head(architecture, config_class, headed, config):
+    import transformers
+
+    from cbtool.families.hf_heads import add_head
+
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                patch_size=8)  # fmt: skip
+    encoder = getattr(transformers, architecture)(getattr(transformers, config_class)(**tiny, **config)).eval()
+    model = add_head(encoder, 3)
+    assert type(model).__name__ == headed and detect(model).num_classes(model) == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model(pixel_values=x).logits.shape == (2, 3)
+    tower = encoder.vision_model if hasattr(encoder, "vision_model") else encoder
+    moved = next(m for m in model.modules() if type(m) is type(tower))
+    for key, value in tower.state_dict().items():
+        assert torch.equal(moved.state_dict()[key], value), key
+
+
+# The new families through a cbtool file: rebuilt offline from the source record, the same outputs.
+ROUND_TRIP = {
+    "hf-swinv2": ("Swinv2ForImageClassification", "Swinv2Config",
+                  dict(image_size=64, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[1, 2], window_size=4,
+                       num_labels=5), 64, "attn"),
+    "hf-data2vec": ("Data2VecVisionForImageClassification", "Data2VecVisionConfig",
+                    dict(_TINY_HF, use_relative_position_bias=True, num_labels=5), 32, "block"),
+    "hf-vit-mae": ("ViTMAEModel", "ViTMAEConfig", dict(_TINY_HF, mask_ratio=0.0), 32, "mlp"),
+    "hf-dinov3": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(_TINY_HF, num_register_tokens=2), 32, "block"),
+    "hf-dinov2-backbone": ("Dinov2Backbone", "Dinov2Config", dict(_TINY_HF, out_features=["stage2"]), 32, "block"),
+    "timm-relpos": ("vit_relpos_base_patch16_224", None, dict(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                               num_heads=2, num_classes=5), 32, "attn"),
+    "timm-sam": ("samvit_base_patch16", None, dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                                  window_size=4, global_attn_indexes=(1,), neck_chans=16,
+                                                  num_classes=5), 64, "block"),
+    "timm-swinv2-cr": ("swinv2_cr_tiny_224", None, dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2),
+                                                       num_heads=(1, 2), num_classes=5), 64, "attn"),
+}
+
+
+@pytest.mark.parametrize("case", ROUND_TRIP.values(), ids=ROUND_TRIP.keys())
+def test_new_families_round_trip_through_a_cbtool_file(tmp_path, case):
+    import transformers
+    from test_family_reference import output, perturbed
+
+    from cbtool.checkpoint import load, save
+    from cbtool.sources import resolve
+
+    name, config_class, kwargs, size, position = case
+    torch.manual_seed(0)
+    if config_class is None:
+        model = resolve(name, pretrained=False, model_kwargs=kwargs)
+    else:
+        config = getattr(transformers, config_class)(**kwargs)
+        config.architectures = [name]
+        config.save_pretrained(tmp_path / "folder")
+        model = resolve(str(tmp_path / "folder"), pretrained=False)
+    model = inject(perturbed(model), CBSpec("cbs", position))
+    path = save(model, tmp_path / "model.safetensors")
+    loaded = load(path)
+    assert type(loaded) is type(model) and len(find_broadcasts(loaded)) == len(find_broadcasts(model))
+    x = torch.randn(2, 3, size, size)
+    assert torch.equal(output(loaded, x), output(model, x))

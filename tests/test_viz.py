@@ -263,7 +263,13 @@ def test_viz_bad_input_is_one_line_and_no_file(saved, tmp_path, main_cli, extra,
 # ----- every family --------------------------------------------------------------------------------------------
 ROLLOUT = {"timm-vit", "timm-vit-registers-no-class", "timm-vit-respost", "timm-deit3", "timm-deit-distilled",
            "timm-siglip", "timm-eva02", "timm-beit", "hf-vit", "hf-deit-teacher", "hf-dinov2-registers",
-           "hf-clip-vision", "hf-siglip-vision", "hf-beit"}
+           "hf-clip-vision", "hf-siglip-vision", "hf-beit",
+           # residual global-attention encoders of the same layer types, and the families added with them
+           "hf-vit-model", "hf-deit", "hf-deit-model", "hf-dinov2", "hf-dinov2-model", "hf-dinov2-backbone",
+           "hf-dinov2-registers-classifier", "hf-dinov2-registers-backbone", "hf-clip", "hf-clip-classifier",
+           "hf-clip-vision-projection", "hf-siglip", "hf-siglip-classifier", "hf-beit-model", "hf-beit-backbone",
+           "hf-dinov3", "hf-dinov3-backbone", "hf-vit-msn", "hf-vit-msn-model", "hf-ijepa", "hf-ijepa-model",
+           "timm-relpos", "timm-relpos-cls-shared", "timm-relpos-respost"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -66,6 +66,11 @@ EXPECTED_SUPPORTED: dict[str, dict] = {
     "vision_transformer_hybrid": dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=5),
     # vit_tiny_r_s16_p8_224 -> VisionTransformer with a ResNet stem
     "vitamin": dict(img_size=32, depth=2, num_classes=5),   # vitamin_small_224 -> VisionTransformer (MbConv stem)
+    "vision_transformer_relpos": dict(img_size=32, num_classes=5),  # test_vit_relpos -> VisionTransformerRelPos
+    "vision_transformer_sam": dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4,
+                                   global_attn_indexes=(1,), neck_chans=16, global_pool="avg", num_classes=5),
+    # samvit_base_patch16 -> VisionTransformerSAM (the default spec: mlp, every block)
+    "swin_transformer_v2_cr": TINY_SWIN,            # swinv2_cr_tiny_224 -> SwinTransformerV2Cr
 }
 
 # The timm ViT variants people use, built tiny: (name, kwargs).

@@ -10,14 +10,21 @@ from torch import nn
 
 from cbtool.errors import UnsupportedModelError
 from cbtool.families.base import Branch, Family, Support, TokenLayout, class_name
+from cbtool.families.hf_data2vec import HfData2VecVision
+from cbtool.families.hf_mae import HfViTMAE
 from cbtool.families.hf_swin import HfSwin
+from cbtool.families.hf_swinv2 import HfSwinv2
 from cbtool.families.hf_vit import HfViT
 from cbtool.families.timm_cait import TimmCaiT
 from cbtool.families.timm_pit import TimmPiT
-from cbtool.families.timm_swin import TimmSwin
+from cbtool.families.timm_sam import TimmSAM
+from cbtool.families.timm_swin import TimmSwin, TimmSwinV2Cr
 from cbtool.families.timm_vit import TimmNaFlexViT, TimmViT
 
-FAMILIES: tuple[Family, ...] = (TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSwin(), HfViT(), HfSwin())
+FAMILIES: tuple[Family, ...] = (
+    TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSAM(), TimmSwin(), TimmSwinV2Cr(),
+    HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2(),
+)
 REGISTRY: dict[str, Family] = {cls: family for family in FAMILIES for cls in family.classes}
 
 SUPPORTED = "; ".join(
@@ -25,13 +32,37 @@ SUPPORTED = "; ".join(
 )
 
 
+# Why some vision classes of the supported transformers model types are refused (the rest: not registered).
+_PRETRAINING = "a masked-image-modeling pre-training model; load its encoder ({}) instead"
+_SEGMENTATION = ("a semantic-segmentation model, and cbtool evaluates image classification; load its encoder ({}) "
+                 "instead")
+_NAFLEX = ("takes patch sequences with pixel_attention_mask and spatial_shapes (NaFlex inputs), not the images "
+           "cbtool's eval, finetune and viz feed")
+REFUSED: dict[str, str] = {
+    "ViTForMaskedImageModeling": _PRETRAINING.format("ViTModel"),
+    "DeiTForMaskedImageModeling": _PRETRAINING.format("DeiTModel"),
+    "SwinForMaskedImageModeling": _PRETRAINING.format("SwinModel"),
+    "Swinv2ForMaskedImageModeling": _PRETRAINING.format("Swinv2Model"),
+    "ViTMAEForPreTraining": "MAE pre-training (random masking and a decoder); load ViTMAEModel with mask_ratio 0 "
+                            "instead",
+    "BeitForSemanticSegmentation": _SEGMENTATION.format("BeitModel or BeitBackbone"),
+    "Data2VecVisionForSemanticSegmentation": _SEGMENTATION.format("Data2VecVisionModel"),
+    "Siglip2VisionModel": _NAFLEX,
+    "Siglip2Model": _NAFLEX,
+    "Siglip2ForImageClassification": _NAFLEX,
+}
+
+
 def detect(model: nn.Module) -> Family:
     """The family adapter registered for ``model``'s class; any other class is refused in one line."""
     family = REGISTRY.get(class_name(model))
     if family is None:
+        name = type(model).__name__
+        reason = REFUSED.get(name) if type(model).__module__.startswith("transformers.") else None
+        why = reason or ("Context Broadcasting and attention density are defined per family")
         raise UnsupportedModelError(
-            f"{type(model).__name__} ({type(model).__module__}) is not a model class cbtool supports: Context "
-            "Broadcasting and attention density are defined per family; run `cbtool families` for the list"
+            f"{name} ({type(model).__module__}) is not a model class cbtool supports: {why}; run `cbtool families` "
+            "for the list"
         )
     return family
 
@@ -56,5 +87,5 @@ def hf_architectures() -> tuple[str, ...]:
                  for name in family.classes)
 
 
-__all__ = ["FAMILIES", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect", "hf_architectures", "require_head",
-           "support_matrix", "SUPPORTED"]
+__all__ = ["FAMILIES", "REFUSED", "REGISTRY", "Branch", "Family", "Support", "TokenLayout", "detect",
+           "hf_architectures", "require_head", "support_matrix", "SUPPORTED"]

@@ -63,6 +63,9 @@ class Branch:
     module: nn.Module
     token_dims: tuple[int, ...] = (1,)
     tuple_output: bool = False
+    norm_end: bool = False
+    """``module`` is a post-norm ``torch.nn.LayerNorm`` that carries the hook itself (transformers post-norm
+    layers, where no other module receives the normalised branch alone; torch.fx does not trace these models)."""
 
 
 @dataclass(frozen=True)

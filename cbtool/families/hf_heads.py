@@ -10,7 +10,10 @@ from cbtool.errors import UnsupportedModelError
 from cbtool.families.hf_vit import HEADED
 
 # Vision-tower configs that the classification model wraps in its full (vision + text) config class.
-_OUTER_CONFIG = {"CLIPVisionModel": "CLIPConfig", "SiglipVisionModel": "SiglipConfig"}
+_OUTER_CONFIG = {"CLIPVisionModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPConfig",
+                 "SiglipVisionModel": "SiglipConfig"}
+# Models whose vision tower (``vision_model``) moves into the classifier (a text tower or projection is dropped).
+_TOWER_ONLY = ("CLIPModel", "SiglipModel", "CLIPVisionModelWithProjection")
 
 
 def add_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -28,12 +31,14 @@ def add_head(model: nn.Module, num_classes: int) -> nn.Module:
     config.id2label = {i: f"LABEL_{i}" for i in range(num_classes)}
     config.label2id = {label: i for i, label in config.id2label.items()}
     headed = getattr(transformers, target)(config)
-    # CLIPModel / SiglipModel: only the vision tower moves over; the text tower is dropped.
-    source = model.vision_model if architecture in ("CLIPModel", "SiglipModel") else model
+    # CLIPModel / SiglipModel: only the vision tower moves over; the text tower (or the projection) is dropped.
+    source = model.vision_model if architecture in _TOWER_ONLY else model
     encoder = next(m for m in headed.modules() if type(m) is type(source) and m is not headed)
     result = encoder.load_state_dict(source.state_dict(), strict=False)
+    # A pooler belongs to the head: the encoder's own is dropped, or the classifier's is new (Data2Vec's pool norm).
     unexpected = [key for key in result.unexpected_keys if not key.startswith("pooler.")]
-    if result.missing_keys or unexpected:
-        key = (result.missing_keys or unexpected)[0]
+    missing = [key for key in result.missing_keys if not key.startswith("pooler.")]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
         raise UnsupportedModelError(f"cannot move the {architecture} weights into {target} (e.g. {key})")
     return headed.to(next(model.parameters()).dtype).eval()

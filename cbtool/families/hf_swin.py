@@ -13,7 +13,8 @@ from cbtool.families.hf_vit import HfViT, _MODELS, _vision_config
 
 class HfSwin(HfViT):
     name = "hf-swin"
-    classes = (f"{_MODELS}.swin.modeling_swin.SwinModel", f"{_MODELS}.swin.modeling_swin.SwinForImageClassification")
+    classes = (f"{_MODELS}.swin.modeling_swin.SwinModel", f"{_MODELS}.swin.modeling_swin.SwinForImageClassification",
+               f"{_MODELS}.swin.modeling_swin.SwinBackbone")
     cb_semantics = "mean over the whole H x W map of the stage (never per window)"
     density_semantics = (
         "window attention: entropy over each query's valid keys (shifted-window masks excluded), distances on "
@@ -43,9 +44,12 @@ class HfSwin(HfViT):
         for name, block in self.blocks(model):
             stage = int(name.split("layers.")[1].split(".")[0])
             window = min(int(config.window_size), max(rows >> stage, 1))
-            heads = int(block.attention.num_attention_heads)
+            heads = self.heads(block)
             layouts.append(TokenLayout(0, (window, window), float(patch * 2**stage), heads, kind=WINDOW))
         return layouts
+
+    def heads(self, block: nn.Module) -> int:
+        return int(block.attention.num_attention_heads)
 
     def mask_to_allowed(self, mask: Optional[torch.Tensor], probs: torch.Tensor) -> Optional[torch.Tensor]:
         return None if mask is None else window_allowed(mask, probs)

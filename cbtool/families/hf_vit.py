@@ -25,6 +25,10 @@ _LAYERS = {
     f"{_MODELS}.clip.modeling_clip.CLIPEncoderLayer": ("self_attn", "mlp"),
     f"{_MODELS}.siglip.modeling_siglip.SiglipEncoderLayer": ("self_attn", "mlp"),
     f"{_MODELS}.beit.modeling_beit.BeitLayer": ("attention", "mlp"),
+    f"{_MODELS}.vit_msn.modeling_vit_msn.ViTMSNLayer": ("attention", "mlp"),
+    f"{_MODELS}.ijepa.modeling_ijepa.IJepaLayer": ("attention", "mlp"),
+    f"{_MODELS}.vit_mae.modeling_vit_mae.ViTMAELayer": ("attention", "mlp"),
+    f"{_MODELS}.dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayer": ("attention", "mlp"),
 }
 
 # Headless encoder -> the classification model of the same architecture (``--num-classes`` adds a head).
@@ -39,6 +43,11 @@ HEADED = {
     "CLIPModel": "CLIPForImageClassification",
     "SiglipVisionModel": "SiglipForImageClassification",
     "SiglipModel": "SiglipForImageClassification",
+    "ViTMSNModel": "ViTMSNForImageClassification",
+    "IJepaModel": "IJepaForImageClassification",
+    "Data2VecVisionModel": "Data2VecVisionForImageClassification",
+    "Swinv2Model": "Swinv2ForImageClassification",
+    "CLIPVisionModelWithProjection": "CLIPForImageClassification",
 }
 
 # The embeddings transformers keeps free of weight decay.
@@ -56,12 +65,15 @@ class HfViT(Family):
     classes = _classes(
         ("vit.modeling_vit", "ViTForImageClassification ViTModel"),
         ("deit.modeling_deit", "DeiTForImageClassification DeiTForImageClassificationWithTeacher DeiTModel"),
-        ("dinov2.modeling_dinov2", "Dinov2ForImageClassification Dinov2Model"),
+        ("dinov2.modeling_dinov2", "Dinov2ForImageClassification Dinov2Model Dinov2Backbone"),
         ("dinov2_with_registers.modeling_dinov2_with_registers",
-         "Dinov2WithRegistersForImageClassification Dinov2WithRegistersModel"),
-        ("clip.modeling_clip", "CLIPVisionModel CLIPModel CLIPForImageClassification"),
+         "Dinov2WithRegistersForImageClassification Dinov2WithRegistersModel Dinov2WithRegistersBackbone"),
+        ("clip.modeling_clip", "CLIPVisionModel CLIPVisionModelWithProjection CLIPModel CLIPForImageClassification"),
         ("siglip.modeling_siglip", "SiglipVisionModel SiglipModel SiglipForImageClassification"),
-        ("beit.modeling_beit", "BeitForImageClassification BeitModel"),
+        ("beit.modeling_beit", "BeitForImageClassification BeitModel BeitBackbone"),
+        ("vit_msn.modeling_vit_msn", "ViTMSNForImageClassification ViTMSNModel"),
+        ("ijepa.modeling_ijepa", "IJepaForImageClassification IJepaModel"),
+        ("dinov3_vit.modeling_dinov3_vit", "DINOv3ViTModel DINOv3ViTBackbone"),
     )
     cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
     density_semantics = "global self-attention over prefix and patch tokens; distances on the patch grid"
@@ -125,8 +137,8 @@ class HfViT(Family):
         if getattr(config, "patch_size", None) is None:
             return None, None
         patch = (int(config.patch_size),) * 2
-        if getattr(config, "model_type", None) in ("dinov2", "dinov2_with_registers"):
-            return None, patch  # interpolates its position embeddings
+        if getattr(config, "model_type", None) in ("dinov2", "dinov2_with_registers", "dinov3_vit"):
+            return None, patch  # interpolates its position embeddings (DINOv3: rotary, any grid)
         return (int(getattr(config, "image_size", 224)),) * 2, patch
 
     def head_prefixes(self, model: nn.Module) -> list[str]:
@@ -200,9 +212,12 @@ def _vision_config(module: nn.Module):
 
 
 def _remember_mask(store: list):
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         store[0] = mask if torch.is_tensor(mask) else None
+        if "output_attentions" in kwargs:  # layers written before transformers 5 return the maps only when asked
+            return args, {**kwargs, "output_attentions": True}
+        return None
 
     return hook
 

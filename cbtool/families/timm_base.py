@@ -110,8 +110,9 @@ class TimmFamily(Family):
             return fc2.out_features
         raise UnsupportedModelError(f"cannot tell the channel width of block {type(block).__name__}")
 
-    def probes(self, model: nn.Module) -> list[AttentionProbe]:
-        """One probe per attention layer, in the order of ``attention_layouts``."""
+    def probes(self, model: nn.Module) -> list[AttentionProbe | None]:
+        """One probe per attention layer, in the order of ``attention_layouts``; None for a layer whose layout is
+        ``n/a`` (never measured)."""
         raise NotImplementedError
 
     @contextmanager
@@ -119,6 +120,8 @@ class TimmFamily(Family):
                           query_chunks: bool = False) -> Iterator[None]:
         with ExitStack() as stack:
             for index, probe in enumerate(self.probes(model)):
+                if probe is None:
+                    continue
                 if query_chunks and probe.reads_qk:
                     stack.enter_context(_chunked_attention(probe, index, callback))
                 else:

@@ -10,6 +10,7 @@ from cbtool.families.timm_base import POST_NORM, PRE_NORM, AttentionProbe, TimmF
 _BLOCKS = {
     "timm.models.swin_transformer.SwinTransformerBlock": PRE_NORM,
     "timm.models.swin_transformer_v2.SwinTransformerV2Block": POST_NORM,
+    "timm.models.swin_transformer_v2_cr.SwinTransformerV2CrBlock": POST_NORM,
 }
 
 
@@ -48,11 +49,31 @@ class TimmSwin(TimmFamily):
         grid0 = model.patch_embed.grid_size[0]
         layouts = []
         for _, block in self.blocks(model):
-            stride = patch * grid0 / block.input_resolution[0]
+            stride = patch * grid0 / self.resolution(block)[0]
             window = tuple(int(w) for w in block.attn.window_size)
             layouts.append(TokenLayout(0, window, float(stride), int(block.attn.num_heads), kind=WINDOW))
         return layouts
 
+    def resolution(self, block: nn.Module) -> tuple[int, int]:
+        """The (H, W) of the map the block was built for."""
+        return block.input_resolution
+
     def probes(self, model: nn.Module) -> list[AttentionProbe]:
         return [AttentionProbe(block.attn, block.attn.attn_drop, mask_arg="mask", to_allowed=window_allowed)
                 for _, block in self.blocks(model)]
+
+
+class TimmSwinV2Cr(TimmSwin):
+    """timm's SwinTransformerV2Cr: post-norm blocks in ``stages`` (a block's optional ``norm3`` is inside it)."""
+
+    name = "timm-swinv2-cr"
+    classes = ("timm.models.swin_transformer_v2_cr.SwinTransformerV2Cr",)
+    cb_semantics = "mean over the whole H x W map of the stage (never per window), after the branch's post-norm"
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        found = [(f"stages.{s}.blocks.{i}", block)
+                 for s, stage in enumerate(model.stages) for i, block in enumerate(stage.blocks)]
+        return checked_blocks(type(model).__name__, found, _BLOCKS)
+
+    def resolution(self, block: nn.Module) -> tuple[int, int]:
+        return block.feat_size

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cbtool.families.base import TokenLayout, allowed_from_mask, checked_blocks, class_name
+from cbtool.families.base import NOT_APPLICABLE, TokenLayout, allowed_from_mask, checked_blocks, class_name
 from cbtool.families.timm_base import POST_NORM, PRE_NORM, AttentionProbe, TimmFamily, attn_drop_probe, timm_branch
 
 _BLOCKS = {
@@ -17,7 +17,16 @@ _BLOCKS = {
     "timm.models.eva.EvaBlock": PRE_NORM,
     "timm.models.eva.EvaBlockPostNorm": POST_NORM,
     "timm.models.beit.Block": PRE_NORM,
+    "timm.models.vision_transformer_relpos.RelPosBlock": PRE_NORM,
+    "timm.models.vision_transformer_relpos.ResPostRelPosBlock": POST_NORM,
 }
+
+# timm's differential attention (``attn_layer='diff'``: vit_dwee, vit_dlittle) mixes two softmax maps per head.
+_DIFFERENTIAL = "timm.layers.diff_attention.DiffAttention"
+DIFFERENTIAL_REASON = (
+    "differential attention: each head's map is softmax1 - lambda * softmax2, which has negative entries and is no "
+    "distribution, so entropy and distance are not defined"
+)
 
 
 def patch_grid(embed: nn.Module, image_size: tuple[int, int]) -> tuple[tuple[int, int], float]:
@@ -38,9 +47,13 @@ class TimmViT(TimmFamily):
         "timm.models.deit.VisionTransformerDistilled",
         "timm.models.eva.Eva",
         "timm.models.beit.Beit",
+        "timm.models.vision_transformer_relpos.VisionTransformerRelPos",
     )
     cb_semantics = "mean over all of one image's tokens (class, distillation and register tokens included)"
-    density_semantics = "global self-attention over prefix and patch tokens; distances on the patch grid"
+    density_semantics = (
+        "global self-attention over prefix and patch tokens; distances on the patch grid; differential attention "
+        "(attn_layer='diff'): n/a, its maps are no distributions"
+    )
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return checked_blocks(type(model).__name__, [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)], _BLOCKS)
@@ -51,10 +64,16 @@ class TimmViT(TimmFamily):
     def attention_layouts(self, model: nn.Module, image_size: tuple[int, int]) -> list[TokenLayout]:
         grid, stride = patch_grid(self._embed(model), image_size)
         prefix = self.num_prefix_tokens(model)
-        return [TokenLayout(prefix, grid, stride, int(block.attn.num_heads)) for _, block in self.blocks(model)]
+        return [
+            TokenLayout(prefix, grid, stride, int(block.attn.num_heads), kind=NOT_APPLICABLE, reason=DIFFERENTIAL_REASON)
+            if class_name(block.attn) == _DIFFERENTIAL else TokenLayout(prefix, grid, stride, int(block.attn.num_heads))
+            for _, block in self.blocks(model)
+        ]
 
-    def probes(self, model: nn.Module) -> list[AttentionProbe]:
-        return [attn_drop_probe(block.attn, f"{name}.attn") for name, block in self.blocks(model)]
+    def probes(self, model: nn.Module) -> list[AttentionProbe | None]:
+        # A differential layer's softmaxes are its two components, not its map: it is not measured (None).
+        return [None if class_name(block.attn) == _DIFFERENTIAL else attn_drop_probe(block.attn, f"{name}.attn")
+                for name, block in self.blocks(model)]
 
     def _embed(self, model: nn.Module) -> nn.Module:
         return model.patch_embed

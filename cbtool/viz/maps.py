@@ -9,6 +9,7 @@ from torch import nn
 
 from cbtool.errors import VizError
 from cbtool.families import TokenLayout, detect
+from cbtool.families.base import NOT_APPLICABLE
 
 LayerChoice = Sequence[int] | str | None
 
@@ -45,8 +46,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers: LayerChoice =
     ``cbtool.families`` layouts.
     """
     family = detect(model)
-    count = len(family.attention_layouts(model, tuple(images.shape[-2:])))
-    chosen = choose_layers(layers, count)
+    layouts = family.attention_layouts(model, tuple(images.shape[-2:]))
+    chosen = choose_layers(layers, len(layouts))
+    unmeasured = [index for index in chosen if layouts[index].kind == NOT_APPLICABLE]
+    if unmeasured:  # never hand out a layer's component maps as if they were its attention
+        raise VizError(f"{type(model).__name__} attention layer {unmeasured[0]} has no attention map to show: "
+                       f"{layouts[unmeasured[0]].reason}")
     wanted = set(chosen)
     found: dict[int, torch.Tensor] = {}
 
@@ -59,8 +64,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers: LayerChoice =
     try:
         pixels = images.to(model_device(model))
         with family.capture_attention(model, keep):
-            # transformers' CLIPModel/SiglipModel take input_ids first: name the images
-            model(pixel_values=pixels) if family.library == "transformers" else model(pixels)
+            if family.library != "transformers":
+                model(pixels)
+            elif isinstance(getattr(model, "text_model", None), nn.Module):  # CLIPModel / SiglipModel want text too
+                model.vision_model(pixel_values=pixels)
+            else:
+                model(pixel_values=pixels)
     finally:
         model.train(training)
     missing = [index for index in chosen if index not in found]
