@@ -121,7 +121,7 @@ def test_generic_tables_from_a_hand_made_record():
     assert ("mce", 0.7321) in cells and ("ce:fog", 0.5513) in cells and ("mean_error:gaussian_noise", 0.61) in cells
     assert ("gaussian_noise:5", 0.85) in cells
     record = {**ROBUSTNESS, "correct": {"fog": {"1": "01" * 20}}}
-    document = {"schema_version": 1, "dataset": {"name": "x"},
+    document = {"schema_version": 1, "dataset": {"name": "x", "num_samples": 40},
                 "models": [{"label": "m", "metrics": {"top1": 50.0}, "robustness": {"mce": 0.5}},
                            {"label": "n", "metrics": {"top1": 50.0}, "robustness": record}]}
     page = report_page([("robust.json", document)])  # not records cbtool wrote: their averages, said to be partial
