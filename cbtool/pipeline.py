@@ -41,13 +41,15 @@ def evaluate_dataset(
     corruptions: Sequence[str] | str | None = None,
     severities: Sequence[int] | str = (1, 2, 3, 4, 5),
     save_examples: str | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (cbtool files, timm names, HF ids or folders) on ``dataset``, all on the same batches.
 
     Returns the results document on every rank (metrics are reduced over ranks under torchrun). Options mean
     what the ``cbtool eval`` options of the same names mean. With ``corruptions`` (names, or a string such as
     ``"all"`` or ``"fog,noise"``) each model also gets a ``robustness`` record (cbtool.robustness.record), and
-    ``save_examples`` names a folder for one picture per corruption (main rank only).
+    ``save_examples`` names a folder for one picture per corruption (main rank only). ``seed`` draws random
+    weights (``pretrained=False``, a new head) alike on every run: each model is built from it.
     """
     from cbtool import data, distributed, results, sources
     from cbtool.evaluation import evaluate
@@ -60,7 +62,7 @@ def evaluate_dataset(
     dist_info, torch_device = distributed.setup(device)
     try:
         loaded = [sources.resolve(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                                  img_size=img_size, model_kwargs=model_kwargs) for name in models]
+                                  img_size=img_size, model_kwargs=model_kwargs, seed=seed) for name in models]
         _refuse_fresh_heads(models, loaded, num_classes)
         data_config = shared_data_config(models, loaded)
         heads = [require_head(model, name) for name, model in zip(models, loaded)]

@@ -29,3 +29,14 @@ def _describe(low, high, low_open: bool, high_open: bool) -> str:
     if high is not None:
         return ("less than " if high_open else "at most ") + f"{high:g}"
     return "a finite number"
+
+
+# numpy's seeds are 32-bit; torch's and Python's take these too.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def check_seed(value: int, flag: str = "--seed") -> None:
+    """Raise ``CbtoolError`` unless ``value`` is an integer seed in ``SEED_RANGE``."""
+    low, high = SEED_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CbtoolError(f"{flag} must be an integer in [{low}, {high}], not {value!r}")

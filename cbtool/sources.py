@@ -21,6 +21,7 @@ from cbtool.fit import (check_input_size, check_option_conflicts, has_trained_we
 from cbtool import provenance
 from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
 from cbtool.hub import hub_access
+from cbtool.ranges import check_seed
 
 # The record's attribute names, kept here for code written against cbtool 0.1.0; cbtool.provenance owns them.
 SOURCE_ATTRIBUTE = provenance.SOURCE
@@ -51,11 +52,31 @@ def resolve(
     num_classes: int | None = None,
     img_size: int | None = None,
     model_kwargs: dict[str, Any] | list[str] | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Build the model that ``model`` names, with ``model.cbtool_source`` and ``model.cbtool_data_config`` set.
 
     ``model_kwargs`` are timm ``create_model`` arguments: a dict, or ``key=value`` strings as the CLI takes them.
+    ``seed`` seeds torch before anything is built, so random weights (``pretrained=False``, a new head) are the
+    same on every run; the source record keeps it (``seed``) when the model has any.
     """
+    if seed is not None:
+        check_seed(seed)
+        import torch
+
+        torch.manual_seed(seed)
+    return _resolve(model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                    img_size=img_size, model_kwargs=model_kwargs, seed=seed)
+
+
+def _record_seed(model: nn.Module, seed: int | None, random_weights: bool) -> nn.Module:
+    """Keep ``seed`` in the source record of a model some of whose weights it drew."""
+    if seed is not None and random_weights and provenance.source_of(model) is not None:
+        provenance.attach(model, source={**provenance.source_of(model), "seed": seed})
+    return model
+
+
+def _resolve(model: str, *, pretrained: bool, checkpoint, num_classes, img_size, model_kwargs, seed) -> nn.Module:
     if isinstance(model_kwargs, (list, tuple)):
         model_kwargs = parse_model_kwargs(list(model_kwargs))
     model_kwargs = dict(model_kwargs or {})
@@ -75,6 +96,7 @@ def resolve(
             if detect(loaded).num_classes(loaded) != num_classes:
                 set_num_classes(loaded, num_classes)
                 provenance.mark_fresh_head(loaded, has_trained_weights(loaded))
+                _record_seed(loaded, seed, True)
         if img_size is not None:  # the size it was built for, or any size a dynamic-size model takes
             check_input_size(loaded, img_size, str(model))
             config = provenance.data_config_of(loaded) or {"input_size": [3, img_size, img_size]}
@@ -86,18 +108,19 @@ def resolve(
         config = json.loads((path / "config.json").read_text())
         if "architecture" in config and "model_type" not in config:  # a timm model saved with push_to_hub layout
             raise ModelSourceError(f"{path} holds a timm model: use its name with --checkpoint {path}/model.safetensors")
-        return _resolve_transformers(str(path), local=True, pretrained=pretrained, num_classes=num_classes,
-                                     img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint)
-    if model.startswith("hf-hub:") or model.startswith("timm/"):
-        name = model if model.startswith("hf-hub:") else f"hf-hub:{model}"
-        return _resolve_timm(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                             img_size=img_size, model_kwargs=model_kwargs, origin=model)
-    if _is_timm_name(model):
-        return _resolve_timm(model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                             img_size=img_size, model_kwargs=model_kwargs, origin=model)
+        return _record_seed(_resolve_transformers(str(path), local=True, pretrained=pretrained, num_classes=num_classes,
+                                                  img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint),
+                            seed, not pretrained or num_classes is not None)
+    if model.startswith(("hf-hub:", "timm/")) or _is_timm_name(model):
+        name = f"hf-hub:{model}" if model.startswith("timm/") else model
+        built = _resolve_timm(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                              img_size=img_size, model_kwargs=model_kwargs, origin=model)
+        drawn = checkpoint is None and not provenance.source_of(built)["pretrained"]
+        return _record_seed(built, seed, drawn or provenance.has_fresh_head(built))
     if "/" in model and not model.startswith((".", "/", "~")):
-        return _resolve_transformers(model, local=False, pretrained=pretrained, num_classes=num_classes,
-                                     img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint)
+        return _record_seed(_resolve_transformers(model, local=False, pretrained=pretrained, num_classes=num_classes,
+                                                  img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint),
+                            seed, not pretrained or num_classes is not None)
     if "/" in model or path.suffix:
         raise ModelSourceError(f"{model} does not exist")
     raise ModelSourceError(_unknown_name_message(model))

@@ -49,6 +49,7 @@ def bench_command(
     num_classes: opt.NumClasses = None,
     img_size: opt.ImgSize = None,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     json_out: opt.JsonOut = None,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -58,7 +59,10 @@ def bench_command(
 
     from cbtool.files import check_outputs
 
+    from cbtool.ranges import check_seed
+
     spec = CBSpec(variant=variant, position=position, layers=layers)
+    check_seed(seed)
     check_outputs({"--json": json_out}, [model, checkpoint])
     if json_out is not None:
         json_out = check_output_folder(json_out)  # fail before building the model
@@ -75,6 +79,7 @@ def bench_command(
         num_classes=num_classes,
         img_size=img_size,
         model_kwargs=model_kwargs,
+        seed=seed,
     )
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

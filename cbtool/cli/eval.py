@@ -30,6 +30,7 @@ def eval_command(
     checkpoint: opt.Checkpoint = None,
     num_classes: opt.NumClasses = None,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     device: opt.Device = None,
     amp: opt.Amp = False,
     channels_last: opt.ChannelsLast = False,
@@ -47,6 +48,9 @@ def eval_command(
     from cbtool.pipeline import check_corruption_options
     from cbtool.report import check_output_folder
 
+    from cbtool.ranges import check_seed
+
+    check_seed(seed)
     check_corruption_options(corruptions, severities, density=density,
                              save_examples=str(save_examples) if save_examples is not None else None)
     if save_examples is not None and not save_examples.is_dir():
@@ -69,7 +73,7 @@ def eval_command(
         img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, pretrained=not no_pretrained,
         checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs, device=device, amp=amp,
         channels_last=channels_last, compile=compile, progress=not quiet, corruptions=corruptions,
-        severities=severities, save_examples=str(save_examples) if save_examples is not None else None,
+        severities=severities, seed=seed, save_examples=str(save_examples) if save_examples is not None else None,
     )
     if not distributed.is_main_process():
         return

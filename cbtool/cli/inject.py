@@ -22,6 +22,7 @@ def inject_command(
     num_classes: opt.NumClasses = None,
     img_size: opt.ImgSize = None,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -31,7 +32,10 @@ def inject_command(
 
     from cbtool.files import check_outputs
 
+    from cbtool.ranges import check_seed
+
     spec = CBSpec.from_options(variant, position, layers, scale_init)
+    check_seed(seed)
     check_outputs({"--output": output}, [model, checkpoint])
     output = check_output_path(output, force=force)  # fail before a long download
 
@@ -46,6 +50,7 @@ def inject_command(
         num_classes=num_classes,
         img_size=img_size,
         model_kwargs=model_kwargs,
+        seed=seed,
     )
     inject(model_obj, spec)
     save(model_obj, output, force=force)

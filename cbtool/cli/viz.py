@@ -46,6 +46,7 @@ def viz_command(
     cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colormap of the heatmaps.")] = "inferno",
     no_pretrained: opt.NoPretrained = False,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     device: opt.Device = None,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -55,7 +56,10 @@ def viz_command(
     from cbtool.errors import VizError
     from cbtool.files import check_output_folder
 
+    from cbtool.ranges import check_seed
+
     check_output_folder(output)
+    check_seed(seed)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
@@ -76,7 +80,7 @@ def viz_command(
     options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
                          head_fusion=head_fusion, discard_ratio=discard_ratio)
     torch_device = distributed.pick_device(device)
-    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs).to(torch_device)
+    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs, seed=seed).to(torch_device)
               for name in models]
     attention_figure(loaded, pictures, output, labels=model_labels(models), names=names, options=options,
                      panel=panel, cmap=cmap)

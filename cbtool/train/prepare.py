@@ -26,8 +26,7 @@ def new_model(name: str, *, seed: int, spec=None, **source_options: Any) -> nn.M
     """
     from cbtool.sources import resolve
 
-    torch.manual_seed(seed)
-    model = resolve(name, **source_options)
+    model = resolve(name, seed=seed, **source_options)
     if spec is not None:
         from cbtool.surgery import inject
 
