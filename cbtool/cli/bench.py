@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 Repeats = Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats per model, alternating plain and CB.")]
 Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Untimed forwards per model before timing.")]
@@ -107,5 +108,4 @@ def bench_command(
         from cbtool.report import write_json_atomic
 
         write_json_atomic(json_out, result.to_dict())
-        if not quiet:
-            print(f"wrote {json_out}", file=sys.stderr)
+        wrote(json_out, quiet=quiet)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 from cbtool.errors import OutputError
 
 
@@ -80,6 +81,7 @@ def eval_command(
     _print_summary(document, report, quiet)
     if json_out is not None:
         report.write_json_atomic(json_out, document)
+        wrote(json_out, quiet=quiet)
     if plot is not None:  # error against severity with --corruptions, else per-layer density
         if corruptions:
             from cbtool.robustness.render import plot_robustness
@@ -87,6 +89,7 @@ def eval_command(
             plot_robustness(document["models"], plot)
         else:
             report.plot_density(document["models"], plot)
+        wrote(plot, quiet=quiet)
 
 
 def _print_summary(document: dict, report, quiet: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 
 def inject_command(
@@ -56,7 +57,5 @@ def inject_command(
     save(model_obj, output, force=force)
     family = detect(model_obj)
     rewritten = len(find_broadcasts(model_obj))
-    typer.echo(
-        f"wrote {output}: {family.name}, {spec.variant} at {spec.position} in {rewritten} of "
-        f"{len(family.blocks(model_obj))} blocks"
-    )
+    wrote(output, quiet=quiet, detail=f"{family.name}, {spec.variant} at {spec.position} in {rewritten} of "
+                                      f"{len(family.blocks(model_obj))} blocks")

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 
 def parse_query(text: str | None) -> tuple[int, int] | None:
@@ -51,7 +52,6 @@ def viz_command(
     quiet: opt.Quiet = False,
 ) -> None:
     """Draw attention maps: class-token (or mean-query) attention per layer, a query patch, entropy, rollout."""
-    import sys
 
     from cbtool.errors import VizError
     from cbtool.files import check_output_folder
@@ -84,5 +84,4 @@ def viz_command(
               for name in models]
     attention_figure(loaded, pictures, output, labels=model_labels(models), names=names, options=options,
                      panel=panel, cmap=cmap)
-    if not quiet:
-        print(f"wrote {output}", file=sys.stderr)
+    wrote(output, quiet=quiet)
