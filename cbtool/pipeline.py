@@ -39,7 +39,7 @@ def evaluate_dataset(
     compile: bool = False,
     progress: bool = True,
     corruptions: Sequence[str] | str | None = None,
-    severities: Sequence[int] | str = (1, 2, 3, 4, 5),
+    severities: Sequence[int] | str | None = None,
     save_examples: str | None = None,
     seed: int | None = None,
 ) -> dict[str, Any]:
@@ -125,16 +125,20 @@ def evaluate_dataset(
         distributed.teardown()
 
 
-def check_corruption_options(corruptions: Sequence[str] | str | None, severities: Sequence[int] | str, *,
+def check_corruption_options(corruptions: Sequence[str] | str | None, severities: Sequence[int] | str | None, *,
                              density: bool = False, save_examples: str | None = None) -> tuple[list[str], list[int]]:
-    """The corruption names and severities to evaluate (empty without ``corruptions``); one-line errors for the
-    combinations that cannot work, before any model or image is loaded."""
-    from cbtool.robustness import check_corruption, check_severity, parse_corruptions, parse_severities
+    """The corruption names and severities (None: 1-5) to evaluate (empty without ``corruptions``); one-line errors
+    for the combinations that cannot work, before any model or image is loaded."""
+    from cbtool.robustness import SEVERITIES, check_corruption, check_severity, parse_corruptions, parse_severities
 
     if not corruptions:
         if save_examples is not None:
             raise CbtoolError("--save-examples shows what corruptions do; give them with --corruptions (e.g. all)")
+        if severities is not None:
+            raise CbtoolError("--severities goes with --corruptions (e.g. --corruptions all); without it nothing is "
+                              "corrupted")
         return [], []
+    severities = SEVERITIES if severities is None else severities
     names = list(parse_corruptions(corruptions)) if isinstance(corruptions, str) else [
         check_corruption(name) for name in corruptions]
     levels = list(parse_severities(severities)) if isinstance(severities, str) else [

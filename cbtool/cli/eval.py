@@ -37,7 +37,7 @@ def eval_command(
     channels_last: opt.ChannelsLast = False,
     compile: opt.Compile = False,
     corruptions: Annotated[Optional[str], typer.Option("--corruptions", help="Also evaluate on corrupted images (ImageNet-C): all, common, a group (noise, blur, weather, digital, extra) or names, comma-separated.")] = None,
-    severities: Annotated[str, typer.Option("--severities", help="Corruption severities: 1-5, 3, or 1,3,5.")] = "1-5",
+    severities: Annotated[Optional[str], typer.Option("--severities", help="Corruption severities: 1-5 (default), 3, or 1,3,5.")] = None,
     save_examples: Annotated[Optional[Path], typer.Option("--save-examples", help="Write one picture per corruption (clean, then each severity across; the first images down) to this folder.")] = None,
     json_out: opt.JsonOut = None,
     plot: opt.Plot = None,
@@ -54,6 +54,8 @@ def eval_command(
     check_seed(seed)
     check_corruption_options(corruptions, severities, density=density,
                              save_examples=str(save_examples) if save_examples is not None else None)
+    if plot is not None and not density and not corruptions:
+        _check_scales_to_plot(models)
     if save_examples is not None and not save_examples.is_dir():
         raise OutputError(f"--save-examples {save_examples}: no such folder; create it first")
     if save_examples is not None:
@@ -109,3 +111,24 @@ def _print_summary(document: dict, report, quiet: bool) -> None:
         typer.echo("")
         typer.echo("Top-1 error (%) under corruptions; CE and mCE in % of AlexNet's")
         typer.echo(robustness_table(document["models"]))
+
+
+def _check_scales_to_plot(models: list[str]) -> None:
+    """Without --density or --corruptions, --plot draws learned cbs scales: refuse it before any work when no
+    model can have them (only a cbtool file of a cbs model does)."""
+    from pathlib import Path
+
+    from cbtool.checkpoint import has_cb_scales
+    from cbtool.errors import CbtoolError
+
+    def scaled(name: str) -> bool:
+        path = Path(name).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            return False
+        try:
+            return has_cb_scales(path)
+        except CbtoolError:
+            return True  # unreadable: loading the model says why, in its own words
+    if not any(scaled(name) for name in models):
+        raise CbtoolError("--plot draws per-layer density (add --density), error against severity (add "
+                          "--corruptions) or learned cbs scales, and no model here has cbs scales")

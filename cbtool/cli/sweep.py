@@ -24,7 +24,7 @@ _SWEEP_OPTIONS = {
     "eval_split": (Optional[str], None, typer.Option("--eval-split", help="Split to evaluate (default: validation, else test; never the split the runs train on).")),
     "eval_limit": (Optional[int], None, typer.Option("--eval-limit", min=1, help="Evaluate on a class-balanced subset of N images.")),
     "corruptions": (Optional[str], None, typer.Option("--corruptions", help="Also evaluate under ImageNet-C corruptions (as cbtool eval): all, a group or names; adds mCE.")),
-    "severities": (str, "1-5", typer.Option("--severities", help="Corruption severities: 1-5, 3, or 1,3,5.")),
+    "severities": (Optional[str], None, typer.Option("--severities", help="Corruption severities: 1-5 (default), 3, or 1,3,5.")),
     "density": (bool, True, typer.Option("--density/--no-density", help="Measure attention entropy (at validation and evaluation).")),
     "no_finetune": (bool, False, typer.Option("--no-finetune", help="Do not train: evaluate each model as built, with CB as its cell says.")),
     "devices": (Optional[str], None, typer.Option("--devices", help="Run the runs as subprocesses, one per device at a time: CUDA indices like 0,1,2,3, or cpu,cpu.")),

@@ -41,8 +41,8 @@ def viz_command(
     query: Annotated[Optional[str], typer.Option("--query", help="Also draw the attention of the patch at ROW,COL.")] = None,
     entropy: Annotated[bool, typer.Option("--entropy", help="Also draw each query's attention entropy (bright: dense, dark: sharp).")] = False,
     rollout: Annotated[bool, typer.Option("--rollout", help="Also draw attention rollout (residual ViTs only).")] = False,
-    head_fusion: Annotated[str, typer.Option("--head-fusion", help="How rollout fuses heads: mean, max or min.")] = "mean",
-    discard_ratio: Annotated[float, typer.Option("--discard-ratio", help="Fraction of the weakest attention rollout drops per layer.")] = 0.9,
+    head_fusion: Annotated[Optional[str], typer.Option("--head-fusion", help="How rollout fuses heads: mean (default), max or min.")] = None,
+    discard_ratio: Annotated[Optional[float], typer.Option("--discard-ratio", help="Fraction of the weakest attention rollout drops per layer (default 0.9).")] = None,
     panel: Annotated[int, typer.Option("--panel", min=32, help="Pixels per picture.")] = 160,
     cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colormap of the heatmaps.")] = "inferno",
     no_pretrained: opt.NoPretrained = False,
@@ -63,6 +63,9 @@ def viz_command(
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
+    if not rollout and (head_fusion is not None or discard_ratio is not None):
+        flag = "--head-fusion" if head_fusion is not None else "--discard-ratio"
+        raise VizError(f"{flag} sets how attention rollout is drawn; add --rollout, or drop {flag}")
 
     from cbtool import distributed, sources
     from cbtool.viz.figure import VizOptions, attention_figure, load_images
@@ -78,7 +81,7 @@ def viz_command(
         known = ds.class_names or []
         names = [str(known[label]) if 0 <= label < len(known) else f"image {i}" for i, label in enumerate(labels)]
     options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
-                         head_fusion=head_fusion, discard_ratio=discard_ratio)
+                         head_fusion=head_fusion or "mean", discard_ratio=0.9 if discard_ratio is None else discard_ratio)
     torch_device = distributed.pick_device(device)
     loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs, seed=seed).to(torch_device)
               for name in models]

@@ -42,7 +42,7 @@ def make_plan(model: str, dataset: str, *, variants: str | Sequence[str] = "plai
               positions: str | Sequence[str] = "mlp", layers: str | Sequence[str] | None = None,
               seeds: str | Sequence[int] = "0", eval_dataset: str | None = None, eval_split: str | None = None,
               eval_limit: int | None = None, corruptions: str | Sequence[str] | None = None,
-              severities: str | Sequence[int] = "1-5", density: bool = True, finetune: bool = True,
+              severities: str | Sequence[int] | None = None, density: bool = True, finetune: bool = True,
               processes: int = 1, **options: Any) -> SweepPlan:
     """The plan of a sweep of ``model`` trained on ``dataset``; ``options`` are ``cbtool finetune``'s (parameter
     names, e.g. ``lr=1e-3, steps=2000``) and every run gets them; ``processes``: per run (``--torchrun N``), part of
