@@ -26,6 +26,9 @@ check_venv() {
 
 check_venv
 [ "${1:-}" = "--check-venv" ] && exit 0
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+    echo "scripts/install.sh: note: .venv has no torch yet: installing torch 2.14.1 from PyPI (with CUDA libraries; for a CPU-only torch, see the README's set-up)" >&2
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
