@@ -230,3 +230,22 @@ def test_progress_in_a_log_is_a_line_every_five_percent():
     terminal_bar = progress_bar(10, desc="eval", unit="batch", file=Terminal())
     assert isinstance(terminal_bar, tqdm)
     terminal_bar.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--auto-augment", "rand-m9-mstd0.5"], "--auto-augment sets the training augmentation, which is off (the default "
+                                            "for inputs under 64 px); add --augment, or drop --auto-augment"),
+    (["--no-augment", "--hflip", "0"], "--hflip sets the training augmentation, which is off (--no-augment); add "
+                                       "--augment, or drop --hflip"),
+])  # fmt: skip
+def test_augmentation_options_without_augmentation_are_refused_before_the_data(tmp_path, monkeypatch, args, message):
+    import cbtool.train.data
+
+    def no_data(*_, **__):
+        raise AssertionError("the dataset was opened")
+
+    monkeypatch.setattr(cbtool.train.data, "resolve_training_data", no_data)
+    code, out, err = run_cli("finetune", *TINY, "--dataset", "sample", "--steps", "1", *args, "-o", "t.safetensors",
+                             cwd=tmp_path)
+    assert (code, out) == (2, "") and err.strip() == f"cbtool: error: {message}"
+    assert list(tmp_path.iterdir()) == []

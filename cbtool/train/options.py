@@ -39,7 +39,7 @@ def train_from_options(o: dict[str, Any], shown: set[str] | None = None):
     from cbtool.train.config import Interrupted
     from cbtool.train.data import resolve_training_data
     from cbtool.train.loop import finetune
-    from cbtool.train.prepare import check_new_head, check_run_outputs, fit_head, new_model
+    from cbtool.train.prepare import check_augmentation, check_new_head, check_run_outputs, fit_head, new_model
     from cbtool.train.resume import load_run, recordable
 
     info, _ = distributed.setup(o["device"])
@@ -73,6 +73,7 @@ def train_from_options(o: dict[str, Any], shown: set[str] | None = None):
             o["model"], seed=o["seed"], spec=spec, pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"],
             num_classes=o["num_classes"], img_size=o["img_size"], model_kwargs=o["model_kwargs"],
         )  # fmt: skip
+    check_augmentation(model, config)  # before the data: an option that would do nothing is refused
     train_ds, val_ds, data_note = resolve_training_data(
         o["dataset"], split=o["split"], val_split=o["val_split"], val_fraction=o["val_fraction"], seed=o["seed"],
         limit=o["limit"], val_limit=o["val_limit"], num_model_classes=detect(model).num_classes(model),

@@ -227,6 +227,19 @@ def _augmentation(model: nn.Module, config: FinetuneConfig) -> tuple[dict, dict 
     return data_config, options
 
 
+def check_augmentation(model: nn.Module, config: FinetuneConfig) -> None:
+    """Augmentation options need augmentation: one line when it is off (``--no-augment``, or a small input)."""
+    if _augmentation(model, config)[1] is not None:
+        return
+    given = [flag for flag, value, default in (("--scale", config.scale, None), ("--hflip", config.hflip, 0.5),
+                                               ("--color-jitter", config.color_jitter, 0.4),
+                                               ("--auto-augment", config.auto_augment, None)) if value != default]
+    if given:
+        why = "--no-augment" if config.augment is False else f"the default for inputs under {SMALL_INPUT} px"
+        raise CbtoolError(f"{given[0]} sets the training augmentation, which is off ({why}); add --augment, "
+                          f"or drop {given[0]}")
+
+
 def _transformed(data, data_config: dict, train_options: dict | None = None):
     """A torch dataset of ``(tensor, label, index)``: ``data`` itself, or a ``ResolvedDataset`` with the model's transform."""
     if data is None or not hasattr(data, "with_transform"):
