@@ -249,3 +249,16 @@ def test_augmentation_options_without_augmentation_are_refused_before_the_data(t
                              cwd=tmp_path)
     assert (code, out) == (2, "") and err.strip() == f"cbtool: error: {message}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_viz_checks_the_pictures_before_opening_the_dataset(tmp_path, monkeypatch):
+    import cbtool.data
+
+    def no_data(*_, **__):
+        raise AssertionError("the dataset was opened")
+
+    monkeypatch.setattr(cbtool.data, "resolve_dataset", no_data)
+    model = ["vit_tiny_patch16_224", "--no-pretrained", "--model-kwargs", "img_size=32", "patch_size=8", "depth=2"]
+    code, _, err = run_cli("viz", *model, "--dataset", "sample", "--layers", "5", "-o", tmp_path / "v.png")
+    assert code == 2 and "out of range" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "v.png").exists()

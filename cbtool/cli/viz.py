@@ -68,11 +68,17 @@ def viz_command(
         raise VizError(f"{flag} sets how attention rollout is drawn; add --rollout, or drop {flag}")
 
     from cbtool import distributed, sources
-    from cbtool.viz.figure import VizOptions, attention_figure, load_images
+    from cbtool.viz.figure import VizOptions, attention_figure, check_options, load_images
 
     if images:
         pictures, names = load_images(images), [path.name for path in images]
-    else:
+    options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
+                         head_fusion=head_fusion or "mean", discard_ratio=0.9 if discard_ratio is None else discard_ratio)
+    torch_device = distributed.pick_device(device)
+    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs, seed=seed).to(torch_device)
+              for name in models]
+    check_options(loaded, model_labels(models), options)  # before the dataset is opened
+    if not images:
         from cbtool.data import resolve_dataset
 
         ds = resolve_dataset(dataset, split, purpose="eval", limit=limit)
@@ -80,11 +86,6 @@ def viz_command(
         labels = ds.labels[: len(pictures)]
         known = ds.class_names or []
         names = [str(known[label]) if 0 <= label < len(known) else f"image {i}" for i, label in enumerate(labels)]
-    options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
-                         head_fusion=head_fusion or "mean", discard_ratio=0.9 if discard_ratio is None else discard_ratio)
-    torch_device = distributed.pick_device(device)
-    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs, seed=seed).to(torch_device)
-              for name in models]
     attention_figure(loaded, pictures, output, labels=model_labels(models), names=names, options=options,
                      panel=panel, cmap=cmap)
     wrote(output, quiet=quiet)
