@@ -54,8 +54,6 @@ def eval_command(
     check_seed(seed)
     check_corruption_options(corruptions, severities, density=density,
                              save_examples=str(save_examples) if save_examples is not None else None)
-    if plot is not None and not density and not corruptions:
-        _check_scales_to_plot(models)
     if save_examples is not None and not save_examples.is_dir():
         raise OutputError(f"--save-examples {save_examples}: no such folder; create it first")
     if save_examples is not None:
@@ -66,6 +64,8 @@ def eval_command(
     for path in (json_out, plot):
         if path is not None:
             check_output_folder(path)
+    if plot is not None and not density and not corruptions:
+        _check_scales_to_plot(models)
 
     from cbtool import distributed, report
     from cbtool.pipeline import evaluate_dataset
