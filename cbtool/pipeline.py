@@ -66,17 +66,18 @@ def evaluate_dataset(
         _refuse_fresh_heads(models, loaded, num_classes)
         data_config = shared_data_config(models, loaded)
         heads = [require_head(model, name) for name, model in zip(models, loaded)]
+        preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
+        for name, model in zip(models, loaded):  # before the dataset is opened (a download, perhaps)
+            check_input_size(model, preprocessing["input_size"], name, option="the input size")
+        if corruptions:
+            check_corruptible_size(preprocessing["input_size"])
         ds = data.resolve_dataset(
             dataset, split, purpose="eval", image_column=image_column, label_column=label_column,
             streaming=streaming, limit=limit, num_model_classes=heads[0], skip_bad_images=skip_bad_images,
         )
         for model_classes in heads:
             data.check_num_classes(ds, model_classes)
-        preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
-        for name, model in zip(models, loaded):  # before the first forward
-            check_input_size(model, preprocessing["input_size"], name, option="the input size")
         if corruptions:
-            check_corruptible_size(preprocessing["input_size"])
             if save_examples is not None and dist_info.is_main:
                 from cbtool.robustness.examples import save_examples as write_examples
 

@@ -153,6 +153,7 @@ def test_eval_of_random_weights_is_seeded(tmp_path):
                           "or learned cbs scales, and no model here has cbs scales"),
     (["--severities", "3"], "--severities goes with --corruptions (e.g. --corruptions all); without it nothing is "
                             "corrupted"),
+    (["--crop-pct", "5"], "--crop-pct must be in (0, 1], not 5.0"),
 ])  # fmt: skip
 def test_eval_options_that_cannot_work_are_refused_before_any_image(tmp_path, monkeypatch, args, message):
     import cbtool.data
