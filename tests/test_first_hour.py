@@ -263,3 +263,15 @@ def test_viz_checks_the_pictures_before_opening_the_dataset(tmp_path, monkeypatc
     code, _, err = run_cli("viz", *model, "--dataset", "sample", "--layers", "5", "-o", tmp_path / "v.png")
     assert code == 2 and "out of range" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "v.png").exists()
+
+
+def test_finetune_announces_each_output_and_quiet_silences_it(tmp_path):
+    common = [*TINY, "--dataset", "sample", "--steps", "1", "--limit", "20", "--val-limit", "10", "--batch-size", "10",
+              "--workers", "0"]  # fmt: skip
+    code, out, err = run_cli("finetune", *common, "-o", "t.safetensors", "--save-best", "b.safetensors", "--log", "l.jsonl",
+                             "--run-dir", "run", cwd=tmp_path)
+    assert code == 0, err
+    written = [line.split(":")[0] for line in err.splitlines() if line.startswith("wrote ")]
+    assert written == ["wrote t.safetensors", "wrote b.safetensors", "wrote l.jsonl"] and out == ""
+    code, out, err = run_cli("finetune", *common, "-o", "q.safetensors", "--run-dir", "run2", "--quiet", cwd=tmp_path)
+    assert (code, out, err) == (0, "", "")

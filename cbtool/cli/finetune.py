@@ -111,6 +111,8 @@ def _run(o: dict[str, Any]) -> None:
         wrote(result.output, quiet=o["quiet"], detail=f"{result.step} steps, {final}{best}; run folder {result.run_dir}")
         if o["save_best"] is not None and result.best:
             wrote(o["save_best"], quiet=o["quiet"], detail=f"the best validation, step {result.best['step']}")
+        if o["log"] is not None:
+            wrote(o["log"], quiet=o["quiet"], detail="the run's log")
 
 
 def _interrupted_message(stop) -> str:
