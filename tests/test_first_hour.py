@@ -275,3 +275,17 @@ def test_finetune_announces_each_output_and_quiet_silences_it(tmp_path):
     assert written == ["wrote t.safetensors", "wrote b.safetensors", "wrote l.jsonl"] and out == ""
     code, out, err = run_cli("finetune", *common, "-o", "q.safetensors", "--run-dir", "run2", "--quiet", cwd=tmp_path)
     assert (code, out, err) == (0, "", "")
+
+
+def test_check_and_compare_announce_what_they_wrote(readme_runs, tmp_path):
+    folder, _ = readme_runs[0]
+    results = folder / "results.json"
+    code, _, err = run_cli("check", results, "--baseline", results, "--json", tmp_path / "c.json", "--markdown",
+                           tmp_path / "c.md")
+    assert code == 0 and err.splitlines() == [f"wrote {tmp_path / 'c.md'}: appended the summary",
+                                              f"wrote {tmp_path / 'c.json'}"], err
+    code, _, err = run_cli("compare", results, results, "--json", tmp_path / "k.json", "--markdown", tmp_path / "k.md",
+                           "--quiet")
+    assert (code, err) == (0, "") and (tmp_path / "k.json").is_file() and (tmp_path / "k.md").is_file()
+    code, _, err = run_cli("compare", results, results, "--markdown", tmp_path / "k.md")
+    assert code == 0 and err.splitlines()[-1] == f"wrote {tmp_path / 'k.md'}: appended the comparison", err

@@ -43,10 +43,10 @@ def compare_command(
     typer.echo(comparison_text(comparison))
     if plot is not None:  # first: the likeliest to fail (no matplotlib), before other files are written
         plot_density(comparison.models, plot)
+        wrote(plot, quiet=quiet)
     if markdown is not None:
         write_text_atomic(markdown, comparison_markdown(comparison), append=True)
+        wrote(markdown, quiet=quiet, detail="appended the comparison")
     if json_out is not None:
         write_json_atomic(json_out, comparison.to_dict())
-    for path in (plot, markdown, json_out):
-        if path is not None:
-            wrote(path, quiet=quiet)
+        wrote(json_out, quiet=quiet)
