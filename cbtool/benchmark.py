@@ -194,10 +194,7 @@ def measure_overhead(
     if clock not in CLOCKS:
         raise CbtoolError(f"unknown clock {clock!r}: choose one of {', '.join(CLOCKS)}")
     existing = spec_of(model)
-    origin = (provenance.source_of(model) or {}).get("origin") or "the plain model"
-    hint = "" if existing is None else (
-        f", e.g. cbtool bench {origin} --variant {existing.variant} --position {existing.position} "
-        f"--layers {existing.layers}")
+    hint = "" if existing is None else f", e.g. {plain_bench_command(model, existing)}"
     require_plain(model, f"bench injects CB itself: pass the plain source instead{hint}")
     input_size = _input_size(model, input_size)
     check_input_size(model, input_size, label or type(model).__name__, option="the input size")  # before any forward
@@ -311,6 +308,30 @@ def _time(module: nn.Module, images: torch.Tensor, device: torch.device, number:
         module(images)
     synchronize(device)
     return now() - begin
+
+
+def plain_bench_command(model: nn.Module, spec: CBSpec) -> str:
+    """The ``cbtool bench`` command that times ``model``'s architecture with the CB it has: its source with
+    the same architecture options, random weights (the timing does not depend on them, and nothing is downloaded)."""
+    import ast
+    import shlex
+
+    record = provenance.source_of(model) or {}
+    if record.get("library") == "timm":
+        words = [record["model_name"], "--no-pretrained"]
+        kwargs = record.get("model_kwargs") or {}
+        if kwargs:
+            def text(value: Any) -> str:  # what parse_model_kwargs reads back as the same value
+                try:
+                    same = isinstance(value, str) and ast.literal_eval(value) == value
+                except (ValueError, SyntaxError):
+                    same = isinstance(value, str)
+                return value if same else repr(value)
+            words += ["--model-kwargs", *(f"{key}={text(value)}" for key, value in sorted(kwargs.items()))]
+    else:
+        words = [str(record.get("origin") or "MODEL"), "--no-pretrained"]
+    words += ["--variant", spec.variant, "--position", spec.position, "--layers", str(spec.layers)]
+    return "cbtool bench " + " ".join(shlex.quote(word) for word in words)
 
 
 def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:

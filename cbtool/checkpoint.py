@@ -118,6 +118,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return decoded
 
 
+def has_cb_scales(path: str | Path) -> bool:
+    """Whether the safetensors file at ``path`` holds learned cbs scales (from its header; no torch)."""
+    _, tensors = read_header(path)
+    return any(key.endswith("cb.scale") for key in tensors)
+
+
 def describe(path: str | Path) -> dict[str, Any]:
     """What ``cbtool info`` shows: source, spec, parameters and data config, from the header alone."""
     raw, tensors = read_header(path)

@@ -93,9 +93,9 @@ def evaluate(
 
     progress_bar = None
     if progress:
-        from tqdm import tqdm
+        from cbtool.progress import progress_bar as make_bar
 
-        progress_bar = tqdm(total=total_batches, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+        progress_bar = make_bar(total_batches, desc="eval", unit="batch", leave=False)
     with ExitStack() as captures:
         if progress_bar is not None:  # cleared on errors and Ctrl-C too, so messages start on a clean line
             captures.callback(progress_bar.close)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from cbtool.errors import ModelSourceError, first_line
 
@@ -213,3 +214,28 @@ def check_strict_load(model: Any, loading: dict, name: str, *, new_head: bool) -
         if keys:
             head = " (give --num-classes N for a new head)" if all(is_head_key(model, k) for k in keys) else ""
             raise ModelSourceError(f"{name}: {len(keys)} tensor(s) {what}: {name_list(sorted(keys))}{head}")
+
+
+@contextmanager
+def quiet_loading_report(*, bars: bool) -> Iterator[None]:
+    """Hold back transformers' multi-line MISSING/UNEXPECTED report while a model loads (and, unless ``bars``, its
+    progress bars: a local folder loads in a moment, and a refusal stays one line)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+    # A filter, not a level: transformers reads this logger's level to decide whether to run other checks.
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(errors_only)
+    shown = hf_logging.is_progress_bar_enabled()
+    if shown and not bars:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.removeFilter(errors_only)
+        if shown and not bars:
+            hf_logging.enable_progress_bar()

@@ -42,6 +42,7 @@ def evaluate_dataset(
     severities: Sequence[int] | str | None = None,
     save_examples: str | None = None,
     jpeg_quality: int | None = 85,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (cbtool files, timm names, HF ids or folders) on ``dataset``, all on the same batches.
 
@@ -50,6 +51,7 @@ def evaluate_dataset(
     ``"all"`` or ``"fog,noise"``) each model also gets a ``robustness`` record (cbtool.robustness.record) at
     ``severities`` (default 1-5), the corrupted images re-encoded as JPEG at ``jpeg_quality`` (ImageNet-C's 85;
     ``None``: not), and ``save_examples`` names a folder (created) for one picture per corruption (main rank only).
+    ``seed`` draws random weights (``pretrained=False``, a new head) alike on every run: each model is built from it.
     """
     from cbtool import data, distributed, results, sources
     from cbtool.evaluation import evaluate
@@ -62,21 +64,22 @@ def evaluate_dataset(
     dist_info, torch_device = distributed.setup(device)
     try:
         loaded = [sources.resolve(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                                  img_size=img_size, model_kwargs=model_kwargs) for name in models]
+                                  img_size=img_size, model_kwargs=model_kwargs, seed=seed) for name in models]
         _refuse_fresh_heads(models, loaded, num_classes)
         data_config = shared_data_config(models, loaded)
         heads = [require_head(model, name) for name, model in zip(models, loaded)]
+        preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
+        for name, model in zip(models, loaded):  # before the dataset is opened (a download, perhaps)
+            check_input_size(model, preprocessing["input_size"], name, option="the input size")
+        if corruptions:
+            check_corruptible_size(preprocessing["input_size"])
         ds = data.resolve_dataset(
             dataset, split, purpose="eval", image_column=image_column, label_column=label_column,
             streaming=streaming, limit=limit, num_model_classes=heads[0], skip_bad_images=skip_bad_images,
         )
         for model_classes in heads:
             data.check_num_classes(ds, model_classes)
-        preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
-        for name, model in zip(models, loaded):  # before the first forward
-            check_input_size(model, preprocessing["input_size"], name, option="the input size")
         if corruptions:
-            check_corruptible_size(preprocessing["input_size"])
             if save_examples is not None and dist_info.is_main:
                 from cbtool.robustness.examples import save_examples as write_examples
 

@@ -37,6 +37,7 @@ def _shown(bound: float | int) -> str:
 
 # Seeds as numpy (np.random.seed) and torch (manual_seed on every device) both take them.
 SEED_MAX = 2**32 - 1
+SEED_RANGE = (0, SEED_MAX)
 _BIG = 2**31 - 1  # counts that end up in a C int somewhere (DataLoader, torch sizes, range lengths)
 # Every integer option of the commands, by parameter name: (least, most). The lower bounds repeat Typer's
 # ``min=`` (whose usage error comes first, for the CLI); the upper bounds keep a number inside what the

@@ -10,19 +10,19 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, first_line
 from cbtool.fit import (check_finite_weights, check_input_size, check_option_conflicts, check_strict_load,  # noqa: F401
-                        has_trained_weights, is_head_key, mismatch_message, read_json_object, unreadable_message,
-                        wrong_kwarg_types)
+                        has_trained_weights, is_head_key, mismatch_message, quiet_loading_report, read_json_object,
+                        unreadable_message, wrong_kwarg_types)
 from cbtool import provenance
 from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
 from cbtool.hub import hub_access
+from cbtool.ranges import check_seed
 
 # The record's attribute names, kept here for code written against cbtool 0.1.0; cbtool.provenance owns them.
 SOURCE_ATTRIBUTE = provenance.SOURCE
@@ -55,11 +55,31 @@ def resolve(
     num_classes: int | None = None,
     img_size: int | None = None,
     model_kwargs: dict[str, Any] | list[str] | None = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Build the model that ``model`` names, with ``model.cbtool_source`` and ``model.cbtool_data_config`` set.
 
     ``model_kwargs`` are timm ``create_model`` arguments: a dict, or ``key=value`` strings as the CLI takes them.
+    ``seed`` seeds torch before anything is built, so random weights (``pretrained=False``, a new head) are the
+    same on every run; the source record keeps it (``seed``) when the model has any.
     """
+    if seed is not None:
+        check_seed("seed", seed)
+        import torch
+
+        torch.manual_seed(seed)
+    return _resolve(model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                    img_size=img_size, model_kwargs=model_kwargs, seed=seed)
+
+
+def _record_seed(model: nn.Module, seed: int | None, random_weights: bool) -> nn.Module:
+    """Keep ``seed`` in the source record of a model some of whose weights it drew."""
+    if seed is not None and random_weights and provenance.source_of(model) is not None:
+        provenance.attach(model, source={**provenance.source_of(model), "seed": seed})
+    return model
+
+
+def _resolve(model: str, *, pretrained: bool, checkpoint, num_classes, img_size, model_kwargs, seed) -> nn.Module:
     if isinstance(model_kwargs, (list, tuple)):
         model_kwargs = parse_model_kwargs(list(model_kwargs))
     model_kwargs = dict(model_kwargs or {})
@@ -79,6 +99,7 @@ def resolve(
             if detect(loaded).num_classes(loaded) != num_classes:
                 set_num_classes(loaded, num_classes)
                 provenance.mark_fresh_head(loaded, has_trained_weights(loaded))
+                _record_seed(loaded, seed, True)
         if img_size is not None:  # the size it was built for, or any size a dynamic-size model takes
             check_input_size(loaded, img_size, str(model))
             config = provenance.data_config_of(loaded) or {"input_size": [3, img_size, img_size]}
@@ -90,18 +111,19 @@ def resolve(
         config = read_json_object(path / "config.json")
         if "architecture" in config and "model_type" not in config:  # a timm model saved with push_to_hub layout
             raise ModelSourceError(f"{path} holds a timm model: use its name with --checkpoint {path}/model.safetensors")
-        return _resolve_transformers(str(path), local=True, pretrained=pretrained, num_classes=num_classes,
-                                     img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint)
-    if model.startswith("hf-hub:") or model.startswith("timm/"):
-        name = model if model.startswith("hf-hub:") else f"hf-hub:{model}"
-        return _resolve_timm(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                             img_size=img_size, model_kwargs=model_kwargs, origin=model)
-    if _is_timm_name(model):
-        return _resolve_timm(model, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                             img_size=img_size, model_kwargs=model_kwargs, origin=model)
+        return _record_seed(_resolve_transformers(str(path), local=True, pretrained=pretrained, num_classes=num_classes,
+                                                  img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint),
+                            seed, not pretrained or num_classes is not None)
+    if model.startswith(("hf-hub:", "timm/")) or _is_timm_name(model):
+        name = f"hf-hub:{model}" if model.startswith("timm/") else model
+        built = _resolve_timm(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                              img_size=img_size, model_kwargs=model_kwargs, origin=model)
+        drawn = checkpoint is None and not provenance.source_of(built)["pretrained"]
+        return _record_seed(built, seed, drawn or provenance.has_fresh_head(built))
     if "/" in model and not model.startswith((".", "/", "~")):
-        return _resolve_transformers(model, local=False, pretrained=pretrained, num_classes=num_classes,
-                                     img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint)
+        return _record_seed(_resolve_transformers(model, local=False, pretrained=pretrained, num_classes=num_classes,
+                                                  img_size=img_size, model_kwargs=model_kwargs, checkpoint=checkpoint),
+                            seed, not pretrained or num_classes is not None)
     if "/" in model or path.suffix:
         raise ModelSourceError(f"{model} does not exist")
     raise ModelSourceError(_unknown_name_message(model))
@@ -277,7 +299,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
             architecture = choose_architecture(config, name)
             cls = getattr(transformers, architecture)
             if pretrained:
-                with _quiet_loading_report(bars=not local):  # cbtool says what did not fit, in one line (check_strict_load)
+                with quiet_loading_report(bars=not local):  # cbtool says what did not fit, in one line (check_strict_load)
                     model, loading = cls.from_pretrained(name, config=config, trust_remote_code=False, output_loading_info=True,
                                                          ignore_mismatched_sizes=num_classes is not None)  # fmt: skip
             else:
@@ -310,31 +332,6 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     return model
 
 
-
-
-@contextmanager
-def _quiet_loading_report(*, bars: bool) -> Iterator[None]:
-    """Hold back transformers' multi-line MISSING/UNEXPECTED report while a model loads (and, unless ``bars``, its
-    progress bars: a local folder loads in a moment, and a refusal stays one line)."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    def errors_only(record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
-
-    # A filter, not a level: transformers reads this logger's level to decide whether to run other checks.
-    logger = logging.getLogger("transformers.modeling_utils")
-    logger.addFilter(errors_only)
-    shown = hf_logging.is_progress_bar_enabled()
-    if shown and not bars:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logger.removeFilter(errors_only)
-        if shown and not bars:
-            hf_logging.enable_progress_bar()
 
 
 def _image_processor_config(name: str) -> dict | None:

@@ -7,10 +7,10 @@ bash scripts/install.sh
 out=runs/quickstart
 mkdir -p "$out"
 cb=.venv/bin/cbtool
-$cb inject vit_tiny_patch16_224 --no-pretrained --num-classes 10 --img-size 28 \
+$cb inject vit_tiny_patch16_224 --no-pretrained --num-classes 10 --img-size 32 \
     --model-kwargs patch_size=4 embed_dim=96 depth=4 num_heads=3 -o "$out/tiny-cb.safetensors" --force
 $cb info "$out/tiny-cb.safetensors"
 $cb finetune "$out/tiny-cb.safetensors" --dataset sample --epochs 10 --run-dir "$out/run" \
     -o "$out/tuned.safetensors" --force
 $cb eval "$out/tuned.safetensors" --dataset sample --density --json "$out/results.json"
-echo "results: $out/results.json"
+$cb eval "$out/tuned.safetensors" --dataset sample --corruptions noise --json "$out/robust.json" --plot "$out/robust.png"

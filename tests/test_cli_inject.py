@@ -216,7 +216,7 @@ def test_model_kwargs_take_several_values_after_one_flag(tmp_path, capsys, no_de
                                      "img_size=32", "patch_size=4", "embed_dim=32", "depth=2", "num_heads=2",
                                      "--variant", "cbs", "--layers", "-1", "-o", str(out)], capsys)
     assert code == 0, stderr
-    assert stdout.strip() == f"wrote {out}: timm-vit, cbs at mlp in 1 of 2 blocks"
+    assert stderr.strip() == f"wrote {out}: timm-vit, cbs at mlp in 1 of 2 blocks" and not stdout
     model = load(out)
     assert tuple(model.patch_embed.patch_size) == (4, 4)
     assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (32, 2, 2)

@@ -410,6 +410,7 @@ def test_hub_error_messages(case):
     [
         ("./no/such/folder", {}, "no dataset './no/such/folder': no such folder"),
         ("not a dataset!", {}, "no such folder, and not 'sample'"),
+        ("nosuchdir", {}, "no dataset 'nosuchdir': no such folder, .*a Hub id, which needs ORG/NAME"),
         ("", {}, "no dataset given"),
         ("sample", {"streaming": True}, "--streaming only apply"),
         ("sample", {"split": "validation"}, "no split 'validation'.*splits: train, test"),

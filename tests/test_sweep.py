@@ -371,3 +371,15 @@ def test_torchrun_runs_each_run_in_two_processes(tmp_path, main_cli, monkeypatch
     assert code == 0, err
     assert read_json(out / "runs" / "plain-seed0" / "checkpoint.json")["world_size"] == 2
     assert read_json(out / "summary.json")["cells"][0]["metrics"]["top1"]["n"] == 1
+
+
+def test_the_data_note_is_said_once_and_the_outputs_are_announced(tmp_path, cli):
+    """Every run holds out the same validation split: the note says so once, not once per run; the summary and
+    the plot are announced as written."""
+    out = tmp_path / "sweep"
+    quick = [arg for arg in QUICK if arg != "--quiet"]
+    code, _, err = cli("sweep", *MODEL, *quick, "--variants", "plain", "--seeds", "0,1", "--no-density", "-o", out,
+                       "--plot", out / "sweep.png")
+    assert code == 0, err
+    assert err.count("has no validation split: holding out 10%") == 1, err
+    assert f"wrote {out / 'summary.json'}" in err.splitlines() and f"wrote {out / 'sweep.png'}" in err.splitlines()

@@ -140,7 +140,7 @@ def test_compose_without_scales_keeps_each_panel_stretched():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--discard-ratio", "0.9"], "--discard-ratio applies to attention rollout only"),
+    (["--discard-ratio", "0.9"], "--discard-ratio sets how attention rollout is drawn; add --rollout"),
     (["--scale", "stretch"], "--scale must be shared or per-panel"),
 ])
 def test_viz_command_refuses_options_that_do_nothing(saved, tmp_path, main_cli, extra, message):

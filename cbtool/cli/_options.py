@@ -26,6 +26,7 @@ NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="Random init
 Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights for a timm name: .safetensors, or .pth/.bin (read with weights_only=True).")]
 NumClasses = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Reset the classifier head to this many classes.")]
 ImgSize = Annotated[Optional[int], typer.Option("--img-size", min=1, help="The model's input size in pixels: builds a timm model at this size (a saved or Hugging Face model must already take it); preprocessing follows the model.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for random weights (--no-pretrained, a new head): the same seed gives the same weights.")]
 ModelKwargs = Annotated[Optional[list[str]], typer.Option("--model-kwargs", help="key=value architecture arguments for timm's create_model (repeatable).")]
 
 # Context Broadcasting spec options, shared by inject, finetune --inject and bench.

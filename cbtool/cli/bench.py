@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 Repeats = Annotated[int, typer.Option("--repeats", min=1, help="Timed repeats per model, alternating plain and CB.")]
 Warmup = Annotated[int, typer.Option("--warmup", min=0, help="Untimed forwards per model before timing.")]
@@ -49,6 +50,7 @@ def bench_command(
     num_classes: opt.NumClasses = None,
     img_size: opt.ImgSize = None,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     json_out: opt.JsonOut = None,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -58,7 +60,10 @@ def bench_command(
 
     from cbtool.files import check_outputs
 
+    from cbtool.ranges import check_seed
+
     spec = CBSpec(variant=variant, position=position, layers=layers)
+    check_seed("--seed", seed)
     check_outputs({"--json": json_out}, [model, checkpoint])
     if json_out is not None:
         json_out = check_output_folder(json_out)  # fail before building the model
@@ -75,6 +80,7 @@ def bench_command(
         num_classes=num_classes,
         img_size=img_size,
         model_kwargs=model_kwargs,
+        seed=seed,
     )
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -102,5 +108,4 @@ def bench_command(
         from cbtool.report import write_json_atomic
 
         write_json_atomic(json_out, result.to_dict())
-        if not quiet:
-            print(f"wrote {json_out}", file=sys.stderr)
+        wrote(json_out, quiet=quiet)

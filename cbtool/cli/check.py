@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli._options import JsonOut, MarkdownOut, Quiet
+from cbtool.cli._say import wrote
 
 MaxDrop = Annotated[
     Optional[list[str]],
@@ -62,7 +63,6 @@ def check_command(
     --strict counts it regardless. Verdicts: ok, improved, regression, and
     noise (beyond the bound but not significant).
     """
-    import sys
 
     from cbtool.check import check_results, parse_rules
     from cbtool.files import check_output_folder, check_outputs, check_text_file, write_json_atomic, write_text_atomic
@@ -90,8 +90,8 @@ def check_command(
     typer.echo(report.to_text())
     if markdown is not None:
         write_text_atomic(markdown, report.to_markdown(), append=True)  # GitHub's step summary expects appends
+        wrote(markdown, quiet=quiet, detail="appended the summary")
     if json_out is not None:
         write_json_atomic(json_out, report.to_dict())
-        if not quiet:
-            print(f"wrote {json_out}", file=sys.stderr)
+        wrote(json_out, quiet=quiet)
     report.raise_for_regression()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cbtool.cli._options import JsonOut, MarkdownOut, Plot, Quiet
+from cbtool.cli._say import wrote
 
 
 def compare_command(
@@ -23,7 +24,6 @@ def compare_command(
 
     --plot draws per-layer entropy and distance, and the learned cbs scales per layer where a model has them.
     """
-    import sys
 
     from cbtool.check import compare_results
     from cbtool.errors import CbtoolError
@@ -47,11 +47,10 @@ def compare_command(
     typer.echo(comparison_text(comparison))
     if plot is not None:  # first: the likeliest to fail (no matplotlib), before other files are written
         plot_density(comparison.models, plot)
+        wrote(plot, quiet=quiet)
     if markdown is not None:
         write_text_atomic(markdown, comparison_markdown(comparison), append=True)
+        wrote(markdown, quiet=quiet, detail="appended the comparison")
     if json_out is not None:
         write_json_atomic(json_out, comparison.to_dict())
-    if not quiet:
-        for path in (json_out, plot):
-            if path is not None:
-                print(f"wrote {path}", file=sys.stderr)
+        wrote(json_out, quiet=quiet)

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 
 def eval_command(
@@ -29,6 +30,7 @@ def eval_command(
     checkpoint: opt.Checkpoint = None,
     num_classes: opt.NumClasses = None,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     device: opt.Device = None,
     amp: opt.Amp = False,
     channels_last: opt.ChannelsLast = False,
@@ -60,6 +62,8 @@ def eval_command(
     for path in (json_out, plot):
         if path is not None:
             check_output_folder(path)
+    if plot is not None and not density and not corruptions:
+        _check_scales_to_plot(models)
 
     from cbtool import distributed, report
     from cbtool.pipeline import evaluate_dataset
@@ -70,7 +74,7 @@ def eval_command(
         img_size=img_size, crop_pct=crop_pct, interpolation=interpolation, pretrained=not no_pretrained,
         checkpoint=checkpoint, num_classes=num_classes, model_kwargs=model_kwargs, device=device, amp=amp,
         channels_last=channels_last, compile=compile, progress=not quiet, corruptions=corruptions,
-        severities=severities, save_examples=str(save_examples) if save_examples is not None else None,
+        severities=severities, seed=seed, save_examples=str(save_examples) if save_examples is not None else None,
         jpeg_quality=jpeg_quality,
     )
     if not distributed.is_main_process():
@@ -78,6 +82,7 @@ def eval_command(
     _print_summary(document, report, quiet)
     if json_out is not None:
         report.write_json_atomic(json_out, document)
+        wrote(json_out, quiet=quiet)
     if plot is not None:  # error against severity with --corruptions, else per-layer density
         if corruptions:
             from cbtool.robustness.render import plot_robustness
@@ -85,6 +90,7 @@ def eval_command(
             plot_robustness(document["models"], plot)
         else:
             report.plot_density(document["models"], plot)
+        wrote(plot, quiet=quiet)
 
 
 def _print_summary(document: dict, report, quiet: bool) -> None:
@@ -104,3 +110,24 @@ def _print_summary(document: dict, report, quiet: bool) -> None:
         typer.echo("")
         typer.echo(robustness_title(document["models"]))
         typer.echo(robustness_table(document["models"]))
+
+
+def _check_scales_to_plot(models: list[str]) -> None:
+    """Without --density or --corruptions, --plot draws learned cbs scales: refuse it before any work when no
+    model can have them (only a cbtool file of a cbs model does)."""
+    from pathlib import Path
+
+    from cbtool.checkpoint import has_cb_scales
+    from cbtool.errors import CbtoolError
+
+    def scaled(name: str) -> bool:
+        path = Path(name).expanduser()
+        if path.suffix != ".safetensors" or not path.is_file():
+            return False
+        try:
+            return has_cb_scales(path)
+        except CbtoolError:
+            return True  # unreadable: loading the model says why, in its own words
+    if not any(scaled(name) for name in models):
+        raise CbtoolError("--plot draws per-layer density (add --density), error against severity (add "
+                          "--corruptions) or learned cbs scales, and no model here has cbs scales")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 _FLAGS = {"model": "MODEL", "inject_cb": "--inject", "compile_model": "--compile"}
 
@@ -129,7 +130,11 @@ def _run(o: dict[str, Any]) -> None:
     if result is not None:
         final = f"val top-1 {result.final['top1']:.2f}%" if result.final else "no validation"
         best = f", best {result.best['top1']:.2f}% at step {result.best['step']}" if result.best else ""
-        typer.echo(f"wrote {result.output}: {result.step} steps, {final}{best}; run folder {result.run_dir}")
+        wrote(result.output, quiet=o["quiet"], detail=f"{result.step} steps, {final}{best}; run folder {result.run_dir}")
+        if o["save_best"] is not None and result.best:
+            wrote(o["save_best"], quiet=o["quiet"], detail=f"the best validation, step {result.best['step']}")
+        if o["log"] is not None:
+            wrote(o["log"], quiet=o["quiet"], detail="the run's log")
 
 
 def _interrupted_message(stop) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 
 def inject_command(
@@ -22,6 +23,7 @@ def inject_command(
     num_classes: opt.NumClasses = None,
     img_size: opt.ImgSize = None,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     force: opt.Force = False,
     quiet: opt.Quiet = False,
 ) -> None:
@@ -31,7 +33,10 @@ def inject_command(
 
     from cbtool.files import check_outputs
 
+    from cbtool.ranges import check_seed
+
     spec = CBSpec.from_options(variant, position, layers, scale_init)
+    check_seed("--seed", seed)
     check_outputs({"--output": output}, [model, checkpoint])
     output = check_output_path(output, force=force)  # fail before a long download
 
@@ -46,12 +51,11 @@ def inject_command(
         num_classes=num_classes,
         img_size=img_size,
         model_kwargs=model_kwargs,
+        seed=seed,
     )
     inject(model_obj, spec)
     save(model_obj, output, force=force)
     family = detect(model_obj)
     rewritten = len(find_broadcasts(model_obj))
-    typer.echo(
-        f"wrote {output}: {family.name}, {spec.variant} at {spec.position} in {rewritten} of "
-        f"{len(family.blocks(model_obj))} blocks"
-    )
+    wrote(output, quiet=quiet, detail=f"{family.name}, {spec.variant} at {spec.position} in {rewritten} of "
+                                      f"{len(family.blocks(model_obj))} blocks")

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli._options import Quiet
+from cbtool.cli._say import wrote
 
 
 def report_command(
@@ -19,7 +20,6 @@ def report_command(
     quiet: Quiet = False,
 ) -> None:
     """Write one self-contained HTML page: metrics, per-layer density, robustness, pictures and provenance."""
-    import sys
 
     from cbtool.files import check_output_folder, check_outputs
     from cbtool.results import load_results
@@ -29,5 +29,4 @@ def report_command(
     check_output_folder(output)
     documents = [(str(path), load_results(path)) for path in files]
     write_report_page(output, documents, pictures=pictures or [], title=title, allow_mismatch=allow_mismatch)
-    if not quiet:
-        print(f"wrote {output}", file=sys.stderr)
+    wrote(output, quiet=quiet)

@@ -12,6 +12,7 @@ import typer
 
 from cbtool.cli import _options as opt
 from cbtool.cli._slurm import SLURM_OPTIONS
+from cbtool.cli._say import wrote
 from cbtool.cli.finetune import finetune_command
 
 _SWEEP_OPTIONS = {
@@ -62,7 +63,7 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
         from cbtool.sweep.start import write_summary
 
         _check_plot(options["plot"])
-        return _show(write_summary(options["summarize"]), options)
+        return _show(write_summary(options["summarize"]), options, options["summarize"])
 
     from cbtool.sweep.start import make_plan, run_sweep, training_only
 
@@ -96,7 +97,8 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
     devices = [d.strip() for d in options["devices"].split(",")] if options["devices"] else None
     if devices is not None and not all(devices):
         raise CbtoolError(f"--devices {options['devices']!r} has an empty item; give e.g. 0,1,2,3 or cpu,cpu")
-    _show(run_sweep(plan, options["output"], devices=devices, torchrun=options["torchrun"]), options)
+    _show(run_sweep(plan, options["output"], devices=devices, torchrun=options["torchrun"]), options,
+          options["output"])
 
 
 def _slurm(ctx: typer.Context, options: dict, typed: set[str]):
@@ -140,14 +142,17 @@ def _show_status(folder: Path, json_out: bool) -> None:
     typer.echo(json.dumps(rows, indent=2) if json_out else status_text(rows))
 
 
-def _show(summary: dict, options: dict) -> None:
+def _show(summary: dict, options: dict, folder: Path) -> None:
     import json
 
+    from cbtool.sweep.plan import SUMMARY_FILE
     from cbtool.sweep.render import plot_summary, summary_text
 
     typer.echo(json.dumps(summary, indent=2, sort_keys=True) if options["json_out"] else summary_text(summary))
+    wrote(Path(folder) / SUMMARY_FILE, quiet=options["quiet"])
     if options["plot"] is not None:
         plot_summary(summary, options["plot"])
+        wrote(options["plot"], quiet=options["quiet"])
 
 
 def _check_plot(plot: Path | None, folder: Path | None = None) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbtool.cli import _options as opt
+from cbtool.cli._say import wrote
 
 
 def parse_query(text: str | None) -> tuple[int, int] | None:
@@ -40,18 +41,18 @@ def viz_command(
     query: Annotated[Optional[str], typer.Option("--query", help="Also draw the attention of the patch at ROW,COL (outlined in cyan).")] = None,
     entropy: Annotated[bool, typer.Option("--entropy", help="Also draw each query's attention entropy (bright: dense, dark: sharp).")] = False,
     rollout: Annotated[bool, typer.Option("--rollout", help="Also draw attention rollout (residual ViTs only).")] = False,
-    head_fusion: Annotated[str, typer.Option("--head-fusion", help="How rollout fuses heads: mean, max or min.")] = "mean",
+    head_fusion: Annotated[Optional[str], typer.Option("--head-fusion", help="How rollout fuses heads: mean (default), max or min.")] = None,
     discard_ratio: Annotated[Optional[float], typer.Option("--discard-ratio", help="Rollout only: zero this fraction of each layer's weakest attention (vit-explain's variant; default 0: Abnar & Zuidema, nothing discarded).")] = None,
     scale: Annotated[str, typer.Option("--scale", help="shared: one colour scale per view for all panels, with a colour bar (entropy 0-1; attention from 0, the uniform 1/N marked); per-panel: each panel stretched to its own min-max.")] = "shared",
     panel: Annotated[int, typer.Option("--panel", min=32, help="Pixels per picture.")] = 160,
     cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colormap of the heatmaps.")] = "inferno",
     no_pretrained: opt.NoPretrained = False,
     model_kwargs: opt.ModelKwargs = None,
+    seed: opt.Seed = 0,
     device: opt.Device = None,
     quiet: opt.Quiet = False,
 ) -> None:
     """Draw attention maps: class-token (or mean-query) attention per layer, a query patch, entropy, rollout."""
-    import sys
 
     from cbtool.errors import VizError
     from cbtool.files import check_output_folder, check_outputs, check_png_name
@@ -61,22 +62,29 @@ def viz_command(
     check_png_name("--output", output)
     check_output_folder(output)
     check_scale(scale)
-    if discard_ratio is not None and not rollout:
-        raise VizError("--discard-ratio applies to attention rollout only: add --rollout, or leave it out")
+    if not rollout and (head_fusion is not None or discard_ratio is not None):
+        flag = "--head-fusion" if head_fusion is not None else "--discard-ratio"
+        raise VizError(f"{flag} sets how attention rollout is drawn; add --rollout, or drop {flag}")
     if rollout:  # before any model or image is read
         from cbtool.viz.rollout import check_rollout_options
 
-        check_rollout_options(head_fusion, discard_ratio or 0.0)
+        check_rollout_options(head_fusion or "mean", discard_ratio or 0.0)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
 
     from cbtool import distributed, sources
-    from cbtool.viz.figure import VizOptions, attention_figure, load_images
+    from cbtool.viz.figure import VizOptions, attention_figure, check_options, load_images
 
     if images:
         pictures, names = load_images(images), [path.name for path in images]
-    else:
+    options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
+                         head_fusion=head_fusion or "mean", discard_ratio=discard_ratio or 0.0, scale=scale)
+    torch_device = distributed.pick_device(device)
+    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs, seed=seed).to(torch_device)
+              for name in models]
+    check_options(loaded, model_labels(models), options)  # before the dataset is opened
+    if not images:
         from cbtool.data import resolve_dataset
 
         ds = resolve_dataset(dataset, split, purpose="eval", limit=limit)
@@ -84,12 +92,6 @@ def viz_command(
         labels = ds.labels[: len(pictures)]
         known = ds.class_names or []
         names = [str(known[label]) if 0 <= label < len(known) else f"image {i}" for i, label in enumerate(labels)]
-    options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
-                         head_fusion=head_fusion, discard_ratio=discard_ratio or 0.0, scale=scale)
-    torch_device = distributed.pick_device(device)
-    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs).to(torch_device)
-              for name in models]
     attention_figure(loaded, pictures, output, labels=model_labels(models), names=names, options=options,
                      panel=panel, cmap=cmap)
-    if not quiet:
-        print(f"wrote {output}", file=sys.stderr)
+    wrote(output, quiet=quiet)

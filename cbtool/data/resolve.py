@@ -16,7 +16,7 @@ from cbtool.data.splits import choose_split
 from cbtool.errors import DatasetError
 
 SAMPLE_NAME = "sample"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _PURPOSES = ("eval", "train")
 
 
@@ -81,7 +81,10 @@ def resolve_dataset(
                 raise DatasetError(f"'{name}' is a file; pass a folder of class subfolders, a save_to_disk folder, or a Hub dataset id")
             ds = _resolve_local(request, path)
         elif _looks_like_path(name) or not _HUB_ID.fullmatch(name):
-            raise DatasetError(f"no dataset '{name}': no such folder, and not 'sample', 'imagenet-1k' or a Hub id like 'owner/name'")
+            # The Hub's dataset ids are ORG/NAME (its old single-word ids moved under organisations), so a bare
+            # word is a folder that is missing, not a download to try.
+            raise DatasetError(f"no dataset '{name}': no such folder, and not 'sample', 'imagenet-1k' or a Hub id, "
+                               "which needs ORG/NAME (e.g. ylecun/mnist)")
         else:
             ds = _resolve_hub(request, name)
     return apply_limit(ds, limit)

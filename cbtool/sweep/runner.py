@@ -25,6 +25,8 @@ from cbtool.sweep.plan import CORRUPTIONS_FILE, EVAL_FILE, MODEL_FILE, PLAIN, Ru
 
 Note = Callable[[str], None]
 CHILD_LOG = "sweep-run.log"
+# The notes finetune has printed, per sweep folder: every run shares the data, so a note about it is said once.
+_NOTES_SHOWN: dict[str, set[str]] = {}
 
 
 def finetune_options(plan: SweepPlan, run: RunSpec, root: str | Path, *, resume: bool) -> dict[str, Any]:
@@ -73,7 +75,8 @@ def _train(plan: SweepPlan, run: RunSpec, root, *, resume: bool) -> None:
     from cbtool.train import train_from_options
 
     try:
-        train_from_options(finetune_options(plan, run, root, resume=resume))
+        shown = _NOTES_SHOWN.setdefault(str(Path(root).resolve()), set())
+        train_from_options(finetune_options(plan, run, root, resume=resume), shown)
     except train.Interrupted as stop:
         if not stop.is_main:
             raise

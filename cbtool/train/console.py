@@ -33,9 +33,9 @@ class Progress:
 def progress(total: int, initial: int, *, enabled: bool) -> Progress:
     if not enabled:
         return Progress(None)
-    from tqdm import tqdm
+    from cbtool.progress import progress_bar
 
-    return Progress(tqdm(total=total, initial=initial, desc="finetune", unit="step", file=sys.stderr, dynamic_ncols=True))
+    return Progress(progress_bar(total, initial=initial, desc="finetune", unit="step"))
 
 
 def _validation_text(val: dict | None) -> str:

@@ -28,21 +28,22 @@ def option_defaults() -> dict[str, Any]:
     return {**_MODEL_AND_DATA, **config}
 
 
-def train_from_options(o: dict[str, Any]):
+def train_from_options(o: dict[str, Any], shown: set[str] | None = None):
     """What ``cbtool finetune`` does with its options (``o``: parameter name -> value, as the command gets them):
     build or resume the model, resolve the data, train and save. Returns the ``FinetuneResult`` on the main rank
     (None on the others); Ctrl-C raises ``train.Interrupted`` with ``is_main`` set. ``cbtool sweep`` runs each
-    of its runs through here."""
+    of its runs through here, with one ``shown`` set of the notes already printed, so each is printed once."""
     from cbtool import distributed
     from cbtool.families import detect
     from cbtool.spec import CBSpec
     from cbtool.train.config import Interrupted
     from cbtool.train.data import resolve_training_data
     from cbtool.train.loop import finetune
-    from cbtool.train.prepare import check_new_head, check_run_outputs, fit_head, new_model
+    from cbtool.train.prepare import check_augmentation, check_new_head, check_run_outputs, fit_head, new_model
     from cbtool.train.resume import load_run, recordable
 
     info, _ = distributed.setup(o["device"])
+    shown = set() if shown is None else shown
     note = (lambda text: print(text, file=sys.stderr)) if info.is_main and not o["quiet"] else (lambda text: None)
     if o.get("scale_init") is not None and not o["inject_cb"]:
         raise CbtoolError("--scale-init goes with --inject (it sets the cbs scales CB is inserted with)")
@@ -72,12 +73,14 @@ def train_from_options(o: dict[str, Any]):
             o["model"], seed=o["seed"], spec=spec, pretrained=not o["no_pretrained"], checkpoint=o["checkpoint"],
             num_classes=o["num_classes"], img_size=o["img_size"], model_kwargs=o["model_kwargs"],
         )  # fmt: skip
+    check_augmentation(model, config)  # before the data: an option that would do nothing is refused
     train_ds, val_ds, data_note = resolve_training_data(
         o["dataset"], split=o["split"], val_split=o["val_split"], val_fraction=o["val_fraction"], seed=o["seed"],
         limit=o["limit"], val_limit=o["val_limit"], num_model_classes=detect(model).num_classes(model),
         image_column=o["image_column"], label_column=o["label_column"], skip_bad_images=o["skip_bad_images"],
     )  # fmt: skip
-    if data_note:
+    if data_note and data_note not in shown:
+        shown.add(data_note)
         note(f"note: {data_note}")
     old = fit_head(model, train_ds.num_classes)
     if old is not None:

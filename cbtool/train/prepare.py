@@ -26,8 +26,7 @@ def new_model(name: str, *, seed: int, spec=None, **source_options: Any) -> nn.M
     """
     from cbtool.sources import resolve
 
-    torch.manual_seed(seed)
-    model = resolve(name, **source_options)
+    model = resolve(name, seed=seed, **source_options)
     if spec is not None:
         from cbtool.surgery import inject
 
@@ -235,6 +234,19 @@ def _augmentation(model: nn.Module, config: FinetuneConfig) -> tuple[dict, dict 
     scale = config.scale if config.scale is not None else (0.08 if size >= SMALL_INPUT else 0.35)
     options = dict(scale=(scale, 1.0), hflip=config.hflip, color_jitter=config.color_jitter, auto_augment=config.auto_augment)
     return data_config, options
+
+
+def check_augmentation(model: nn.Module, config: FinetuneConfig) -> None:
+    """Augmentation options need augmentation: one line when it is off (``--no-augment``, or a small input)."""
+    if _augmentation(model, config)[1] is not None:
+        return
+    given = [flag for flag, value, default in (("--scale", config.scale, None), ("--hflip", config.hflip, 0.5),
+                                               ("--color-jitter", config.color_jitter, 0.4),
+                                               ("--auto-augment", config.auto_augment, None)) if value != default]
+    if given:
+        why = "--no-augment" if config.augment is False else f"the default for inputs under {SMALL_INPUT} px"
+        raise CbtoolError(f"{given[0]} sets the training augmentation, which is off ({why}); add --augment, "
+                          f"or drop {given[0]}")
 
 
 def _transformed(data, data_config: dict, train_options: dict | None = None):

@@ -48,13 +48,9 @@ class VizOptions:
 
 def preprocess(model: nn.Module, images: Sequence) -> tuple[torch.Tensor, list[np.ndarray]]:
     """PIL images -> the model's eval batch (``cbtool eval``'s transform) and, per image, what it sees in [0, 1]."""
-    from cbtool.data import build_transform, resolve_preprocessing
-    from cbtool import provenance
+    from cbtool.data import build_transform
 
-    config = provenance.data_config_of(model)
-    if config is None:
-        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.sources.resolve or cbtool.load")
-    preprocessing = resolve_preprocessing(config)
+    preprocessing = _preprocessing(model)
     batch = torch.stack([build_transform(preprocessing)(image) for image in images])
     mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
@@ -80,6 +76,25 @@ def _plan(model: nn.Module, label: str, size: tuple[int, int], options: VizOptio
     return layers
 
 
+def check_options(models: Sequence[nn.Module], labels: Sequence[str], options: VizOptions) -> None:
+    """Every asked picture against every model's layers at its input size: one ``VizError`` before any image."""
+    if not options.views() and not options.rollout:
+        raise VizError("nothing to draw: ask for the class map, --query, --entropy or --rollout")
+    for model, label in zip(models, labels):
+        _plan(model, label, tuple(_preprocessing(model)["input_size"][-2:]), options)
+
+
+def _preprocessing(model: nn.Module) -> dict:
+    """The model's eval preprocessing (``cbtool eval``'s), from its data config."""
+    from cbtool import provenance
+    from cbtool.data import resolve_preprocessing
+
+    config = provenance.data_config_of(model)
+    if config is None:
+        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.sources.resolve or cbtool.load")
+    return resolve_preprocessing(config)
+
+
 def attention_panels(models: Sequence[nn.Module], images: Sequence, *, labels: Sequence[str] | None = None,
                      names: Sequence[str] | None = None, options: VizOptions = VizOptions()) -> list[list[Panel]]:
     """One row of panels per image (PIL RGB images): the image, then every model's attention pictures, each
@@ -99,8 +114,7 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
         raise VizError("no images: pass --images FILE ... or --dataset")
     labels = list(labels) if labels is not None else [f"model{i}" for i in range(len(models))]
     names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-    if not options.views() and not options.rollout:
-        raise VizError("nothing to draw: ask for the class map, --query, --entropy or --rollout")
+    check_options(models, labels, options)
     batches = [preprocess(model, images) for model in models]
     plans = [_plan(m, label, tuple(b.shape[-2:]), options) for m, label, (b, _) in zip(models, labels, batches)]
     rows: list[list[Panel]] = [[Panel(name, shown)] for name, shown in zip(names, batches[0][1])]
