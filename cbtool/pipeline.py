@@ -146,7 +146,8 @@ def check_corruption_options(corruptions: Sequence[str] | str | None, severities
                                          ("--save-examples", save_examples is not None),
                                          ("--no-jpeg", jpeg_quality != JPEG_QUALITY)) if used]
         if given:
-            raise CbtoolError(f"{' and '.join(given)} only apply to corrupted images; give --corruptions too "
+            verb = "applies" if len(given) == 1 else "apply"
+            raise CbtoolError(f"{' and '.join(given)} only {verb} to corrupted images; give --corruptions too "
                               "(e.g. --corruptions all), or leave them out")
         return [], []
     check_jpeg_quality(jpeg_quality)

@@ -151,7 +151,7 @@ def test_eval_of_random_weights_is_seeded(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--plot", "p.png"], "--plot draws per-layer density (add --density), error against severity (add --corruptions) "
                           "or learned cbs scales, and no model here has cbs scales"),
-    (["--severities", "3"], "--severities only apply to corrupted images; give --corruptions too (e.g. --corruptions all), "
+    (["--severities", "3"], "--severities only applies to corrupted images; give --corruptions too (e.g. --corruptions all), "
                             "or leave them out"),
     (["--crop-pct", "5"], "--crop-pct must be in (0, 1], not 5.0"),
 ])  # fmt: skip

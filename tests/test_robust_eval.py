@@ -177,9 +177,9 @@ def test_fewer_severities_give_errors_but_no_ce_and_labelled_examples_are_writte
     [
         (["--corruptions", "fogg"], "unknown corruption 'fogg'"),
         (["--corruptions", "fog", "--severities", "6"], "severit"),
-        (["--save-examples", "."], "--save-examples only apply to corrupted images; give --corruptions too"),
-        (["--severities", "1,3"], "--severities only apply to corrupted images; give --corruptions too"),
-        (["--no-jpeg"], "--no-jpeg only apply to corrupted images"),
+        (["--save-examples", "."], "--save-examples only applies to corrupted images; give --corruptions too"),
+        (["--severities", "1,3"], "--severities only applies to corrupted images; give --corruptions too"),
+        (["--no-jpeg"], "--no-jpeg only applies to corrupted images"),
         (["--corruptions", "fog", "--density"], "--density measures clean images"),
     ],
 )
