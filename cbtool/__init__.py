@@ -10,14 +10,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from cbtool import _moved
 from cbtool._version import __version__
+
+_moved.install()  # old module paths (cbtool.sources, cbtool.checkpoint, ...) keep working for one release
 
 _LAZY = {
     "CBSpec": "cbtool.spec",
     "inject": "cbtool.surgery",
     "remove": "cbtool.surgery",
-    "load": "cbtool.checkpoint",
-    "save": "cbtool.checkpoint",
+    "load": "cbtool.models.checkpoint",
+    "save": "cbtool.models.checkpoint",
     "evaluate": "cbtool.evaluation",
     "evaluate_dataset": "cbtool.pipeline",
     "finetune": "cbtool.train",

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool._version import __version__
 from cbtool.distributed import amp_dtype, pick_device, synchronize
 from cbtool.errors import CbtoolError
@@ -181,7 +181,7 @@ def measure_overhead(
 
     ``model`` is moved to ``device`` (and to ``channels_last``) in place and otherwise left as it was.
     """
-    from cbtool.fit import check_input_size
+    from cbtool.models.fit import check_input_size
     from cbtool.surgery import inject, require_plain, spec_of
 
     spec = spec or CBSpec()

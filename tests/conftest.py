@@ -78,7 +78,7 @@ def timm_model():
     """
     import torch
 
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     def build(name: str = "vit_tiny_patch16_224", *, seed: int = SEED, perturb: bool = True, **kwargs):
         torch.manual_seed(seed)
@@ -111,7 +111,7 @@ def hf_model(tmp_path_factory, hf_config):
     """
     import torch
 
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     def build(architecture: str = "ViTForImageClassification", *, seed: int = SEED, perturb: bool = True, **overrides):
         config = hf_config(HF_MODEL_TYPES[architecture], **overrides)
@@ -204,7 +204,7 @@ def plain_and_cb_files(tmp_path_factory) -> Path:
     import torch
 
     import cbtool
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     folder = tmp_path_factory.mktemp("plain_and_cb")
     torch.manual_seed(SEED)

@@ -15,7 +15,7 @@ _LAZY = {
     "attention_rollout": "cbtool.viz.rollout",
     "attention_figure": "cbtool.viz.figure",
     "overlay": "cbtool.viz.pictures",
-    "report_page": "cbtool.viz.page",
+    "report_page": "cbtool.report.page",
 }
 
 __all__ = list(_LAZY)

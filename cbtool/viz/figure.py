@@ -49,7 +49,7 @@ class VizOptions:
 def preprocess(model: nn.Module, images: Sequence) -> tuple[torch.Tensor, list[np.ndarray]]:
     """PIL images -> the model's eval batch (``cbtool eval``'s transform) and, per image, what it sees in [0, 1]."""
     from cbtool.data import build_transform, resolve_preprocessing
-    from cbtool import provenance
+    from cbtool.models import provenance
 
     config = provenance.data_config_of(model)
     if config is None:

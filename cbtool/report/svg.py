@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from html import escape
 
-from cbtool.plotting import PALETTE, colour  # noqa: F401  (PALETTE kept importable here)
+from cbtool.report.plotting import PALETTE, colour  # noqa: F401  (PALETTE kept importable here)
 
 
 def _finite(value: object) -> bool:

@@ -17,12 +17,12 @@ from typing import Any, Iterator
 from torch import nn
 
 from cbtool.errors import CbtoolError, ModelSourceError, first_line
-from cbtool.fit import (check_finite_weights, check_input_size, check_option_conflicts, check_strict_load,  # noqa: F401
+from cbtool.models.fit import (check_finite_weights, check_input_size, check_option_conflicts, check_strict_load,  # noqa: F401
                         has_trained_weights, is_head_key, mismatch_message, read_json_object, unreadable_message,
                         wrong_kwarg_types)
-from cbtool import provenance
-from cbtool.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
-from cbtool.hub import hub_access
+from cbtool.models import provenance
+from cbtool.models.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
+from cbtool.models.hub import hub_access
 
 # The record's attribute names, kept here for code written against cbtool 0.1.0; cbtool.provenance owns them.
 SOURCE_ATTRIBUTE = provenance.SOURCE
@@ -70,7 +70,7 @@ def resolve(
             raise ModelSourceError("--checkpoint goes with a timm model name, not with a file")
         if model_kwargs:
             raise ModelSourceError("--img-size and --model-kwargs cannot change a saved model's architecture")
-        from cbtool.checkpoint import load
+        from cbtool.models.checkpoint import load
 
         loaded = load(path)
         if num_classes is not None:
@@ -303,7 +303,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     }
     data_config = hf_data_config(model.config, processor)
     if processor:  # the image processor's mean, std and sizes are input like any other file's
-        from cbtool.metadata_check import check_data_config
+        from cbtool.models.metadata import check_data_config
 
         check_data_config(data_config, f"{name}/preprocessor_config.json", "its data config")
     provenance.attach(model, source=record, data_config=data_config)

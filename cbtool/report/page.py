@@ -21,9 +21,9 @@ from cbtool._version import __version__
 from cbtool.check.comparison import compare_results
 from cbtool.errors import CbtoolError
 from cbtool.files import write_text_atomic
-from cbtool.plotting import model_colours
+from cbtool.report.plotting import model_colours
 from cbtool.report import METRIC_HEADERS, difference_rows, format_p, format_value, label_models, metrics_row
-from cbtool.viz.svg import line_chart
+from cbtool.report.svg import line_chart
 
 _METRIC_KEYS = [("metrics", "top1"), ("metrics", "top5"), ("metrics", "loss"), ("metrics", "num_samples"),
                 ("throughput", "model_images_per_s"), ("throughput", "end_to_end_images_per_s"),

@@ -13,9 +13,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool.errors import CheckpointError, OutputError, SpecError, first_line
-from cbtool.metadata_check import check_data_config, check_source
+from cbtool.models.metadata import check_data_config, check_source
 from cbtool.files import atomic_path, check_writable_output, write_safetensors  # noqa: F401  (atomic_path: public name kept here)
 from cbtool.spec import CBSpec, scale_stats
 
@@ -199,8 +199,8 @@ def load(path: str | Path, device: str = "cpu"):
     """Rebuild architecture, CB and weights from a cbtool file alone (offline); returns the model in eval mode."""
     from safetensors.torch import load_file
 
-    from cbtool.architectures import rebuild
-    from cbtool.fit import check_finite_weights
+    from cbtool.models.architectures import rebuild
+    from cbtool.models.fit import check_finite_weights
     from cbtool.surgery import inject, legacy_scale_keys
 
     metadata = read_metadata(path)

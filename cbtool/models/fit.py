@@ -25,7 +25,7 @@ def check_option_conflicts(img_size: int | None, num_classes: int | None, model_
 
 def has_trained_weights(model: Any) -> bool:
     """Whether ``model``'s weights were trained (pretrained, a checkpoint, a cbtool fine-tune), as its record says."""
-    from cbtool import provenance
+    from cbtool.models import provenance
 
     record = provenance.source_of(model) or {}
     return bool(record.get("pretrained") or record.get("checkpoint") or provenance.training_of(model))

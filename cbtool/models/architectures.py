@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool.errors import ModelSourceError, UnsupportedModelError, first_line
 from cbtool.families import hf_architectures
 
