@@ -320,7 +320,7 @@ def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int
         if input_size is None:
             raise CbtoolError(
                 f"cannot tell the input size of {type(model).__name__}: pass input_size=(3, H, W) "
-                "or build the model with cbtool.sources.resolve"
+                "or build the model with cbtool.models.resolve.resolve"
             )
     if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
         raise CbtoolError(f"input_size must be (channels, height, width), got {tuple(input_size)}")

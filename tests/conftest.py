@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random models (fixed seed, float32, eval mode), input images, and a ``python -m cbtool`` runner.
 
-The model factories build through ``cbtool.sources.resolve`` with ``pretrained=False``, so every model carries a
+The model factories build through ``cbtool.models.resolve.resolve`` with ``pretrained=False``, so every model carries a
 source record and can be saved; nothing touches the network.
 """
 
@@ -106,7 +106,7 @@ def hf_config():
 def hf_model(tmp_path_factory, hf_config):
     """Factory ``hf_model(architecture="ViTForImageClassification", seed=SEED, perturb=True, **config)``.
 
-    Built through ``cbtool.sources.resolve`` from a local folder holding only ``config.json``, as cbtool
+    Built through ``cbtool.models.resolve.resolve`` from a local folder holding only ``config.json``, as cbtool
     builds a Hugging Face model offline.
     """
     import torch

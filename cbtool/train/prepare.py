@@ -220,7 +220,8 @@ def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, for
     if output is not None and best is not None and output.resolve() == best.resolve():
         raise OutputError("--save-best and --output name the same file; give the best model its own name")
     if (output or best) and provenance.source_of(unwrap(model)) is None:
-        raise CbtoolError("this model has no cbtool source record, so it cannot be saved; build it with cbtool.sources.resolve() or cbtool.load()")
+        raise CbtoolError("this model has no cbtool source record, so it cannot be saved; "
+                          "build it with cbtool.models.resolve.resolve() or cbtool.load()")
 
 
 def _augmentation(model: nn.Module, config: FinetuneConfig) -> tuple[dict, dict | None]:

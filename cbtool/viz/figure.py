@@ -53,7 +53,7 @@ def preprocess(model: nn.Module, images: Sequence) -> tuple[torch.Tensor, list[n
 
     config = provenance.data_config_of(model)
     if config is None:
-        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.sources.resolve or cbtool.load")
+        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.models.resolve.resolve or cbtool.load")
     preprocessing = resolve_preprocessing(config)
     batch = torch.stack([build_transform(preprocessing)(image) for image in images])
     mean = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1)
