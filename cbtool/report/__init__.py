@@ -27,6 +27,9 @@ __all__ = [name for name in _SUMMARIES if not name.startswith("_")]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _SUMMARIES:
-        return getattr(import_module("cbtool.report.summaries"), name)
+    # Any other name summaries defines is found too, so a name added there later needs no line here.
+    if not name.startswith("__"):
+        summaries = import_module("cbtool.report.summaries")
+        if hasattr(summaries, name):
+            return getattr(summaries, name)
     raise AttributeError(f"module 'cbtool.report' has no attribute {name!r}")
