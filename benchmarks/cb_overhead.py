@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from cbtool import sources
+    from cbtool.models import resolve as sources
     from cbtool.benchmark import measure_overhead
     from cbtool.files import write_json_atomic
     from cbtool.report import format_table

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from cbtool import sources
+    from cbtool.models import resolve as sources
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -72,7 +72,7 @@ class _RandomImages:
 def build(args, with_cb: bool):
     import torch
 
-    from cbtool.sources import parse_model_kwargs, resolve
+    from cbtool.models.resolve import parse_model_kwargs, resolve
     from cbtool.spec import CBSpec
     from cbtool.surgery import inject
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool._version import __version__
 from cbtool.distributed import amp_dtype, pick_device, synchronize
 from cbtool.errors import CbtoolError
@@ -181,7 +181,7 @@ def measure_overhead(
 
     ``model`` is moved to ``device`` (and to ``channels_last``) in place and otherwise left as it was.
     """
-    from cbtool.fit import check_input_size
+    from cbtool.models.fit import check_input_size
     from cbtool.surgery import inject, require_plain, spec_of
 
     spec = spec or CBSpec()
@@ -341,7 +341,7 @@ def _input_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int
         if input_size is None:
             raise CbtoolError(
                 f"cannot tell the input size of {type(model).__name__}: pass input_size=(3, H, W) "
-                "or build the model with cbtool.sources.resolve"
+                "or build the model with cbtool.models.resolve.resolve"
             )
     if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
         raise CbtoolError(f"input_size must be (channels, height, width), got {tuple(input_size)}")

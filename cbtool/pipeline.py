@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool.errors import CbtoolError, DatasetError
 
 
@@ -53,10 +53,11 @@ def evaluate_dataset(
     ``None``: not), and ``save_examples`` names a folder (created) for one picture per corruption (main rank only).
     ``seed`` draws random weights (``pretrained=False``, a new head) alike on every run: each model is built from it.
     """
-    from cbtool import data, distributed, results, sources
+    from cbtool import data, distributed, results
+    from cbtool.models import resolve as sources
     from cbtool.evaluation import evaluate
     from cbtool.families import require_head
-    from cbtool.fit import check_input_size
+    from cbtool.models.fit import check_input_size
 
     models = list(models)
     corruptions, severities = check_corruption_options(corruptions, severities, density=density,

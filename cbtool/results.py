@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool._version import __version__
 from cbtool.errors import CbtoolError
 

@@ -13,7 +13,7 @@ from functools import partial
 from torch import nn
 
 from cbtool.broadcast import CHILD_NAME, BranchEnd, is_broadcast, make_broadcast, tensor_output_hook, tuple_output_hook
-from cbtool import provenance
+from cbtool.models import provenance
 from cbtool.errors import SpecError, UnsupportedModelError
 from cbtool.families import Family, detect
 from cbtool.spec import CBSpec, scale_stats

@@ -64,7 +64,7 @@ def train(model, out: Path, *, epochs: int, seed: int, lr: float, **options) -> 
 
 def main(argv=None) -> None:
     from cbtool import CBSpec, inject, load
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     args = parse_args(argv)
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random models (fixed seed, float32, eval mode), input images, and a ``python -m cbtool`` runner.
 
-The model factories build through ``cbtool.sources.resolve`` with ``pretrained=False``, so every model carries a
+The model factories build through ``cbtool.models.resolve.resolve`` with ``pretrained=False``, so every model carries a
 source record and can be saved; nothing touches the network.
 """
 
@@ -78,7 +78,7 @@ def timm_model():
     """
     import torch
 
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     def build(name: str = "vit_tiny_patch16_224", *, seed: int = SEED, perturb: bool = True, **kwargs):
         torch.manual_seed(seed)
@@ -106,12 +106,12 @@ def hf_config():
 def hf_model(tmp_path_factory, hf_config):
     """Factory ``hf_model(architecture="ViTForImageClassification", seed=SEED, perturb=True, **config)``.
 
-    Built through ``cbtool.sources.resolve`` from a local folder holding only ``config.json``, as cbtool
+    Built through ``cbtool.models.resolve.resolve`` from a local folder holding only ``config.json``, as cbtool
     builds a Hugging Face model offline.
     """
     import torch
 
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     def build(architecture: str = "ViTForImageClassification", *, seed: int = SEED, perturb: bool = True, **overrides):
         config = hf_config(HF_MODEL_TYPES[architecture], **overrides)
@@ -204,7 +204,7 @@ def plain_and_cb_files(tmp_path_factory) -> Path:
     import torch
 
     import cbtool
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     folder = tmp_path_factory.mktemp("plain_and_cb")
     torch.manual_seed(SEED)

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cbtool.checkpoint import save
+from cbtool.models.checkpoint import save
 from cbtool.cli.app import main
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 from cbtool.spec import CBSpec
 from cbtool.surgery import inject
 
@@ -937,7 +937,7 @@ def test_sweep_devices_without_cuda_is_refused(inputs, tmp_path, capsys, monkeyp
 
 def test_hf_folder_without_its_head_takes_a_new_one_with_num_classes(inputs, tmp_path, capsys):
     """--num-classes is the one way to put a fresh head on a Hugging Face folder; the encoder is the saved one."""
-    from cbtool.sources import resolve as resolve_model
+    from cbtool.models.resolve import resolve as resolve_model
 
     import transformers
 

@@ -164,7 +164,7 @@ def test_library_refuses_models_it_cannot_measure(timm_model):
 
 @pytest.fixture
 def cb_file(tmp_path, timm_model):
-    from cbtool.checkpoint import save
+    from cbtool.models.checkpoint import save
     from cbtool.surgery import inject
 
     path = tmp_path / "cb.safetensors"
@@ -173,7 +173,7 @@ def cb_file(tmp_path, timm_model):
 
 
 def test_cli_accepts_a_plain_cbtool_file(tmp_path, timm_model):
-    from cbtool.checkpoint import save
+    from cbtool.models.checkpoint import save
 
     path = tmp_path / "plain.safetensors"
     save(timm_model(depth=1), path)

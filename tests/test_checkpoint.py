@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cbtool import checkpoint
-from cbtool.checkpoint import describe, load, read_header, read_metadata, save
+from cbtool.models import checkpoint
+from cbtool.models.checkpoint import describe, load, read_header, read_metadata, save
 from cbtool.errors import CbtoolError, CheckpointError, OutputError
 from cbtool.spec import CBSpec
 from cbtool.surgery import find_broadcasts, inject, spec_of
@@ -332,7 +332,7 @@ def _escaped(text: str) -> str:
 def test_non_finite_weights_are_refused_at_load_with_their_names(tmp_path, timm_model):
     """A bit-rotted file (issue 24): refused in one line naming the tensors, never evaluated as numbers."""
     from cbtool.errors import ModelSourceError
-    from cbtool.fit import check_finite_weights, name_list
+    from cbtool.models.fit import check_finite_weights, name_list
 
     path = tiny_file(timm_model, tmp_path)
     metadata, _ = read_header(path)

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cbtool.checkpoint import load, read_header, save
+from cbtool.models.checkpoint import load, read_header, save
 from cbtool.cli.app import expand_multi_value_options, main
-from cbtool.sources import parse_model_kwargs, resolve
+from cbtool.models.resolve import parse_model_kwargs, resolve
 from cbtool.spec import CBSpec
 from cbtool.surgery import find_broadcasts, inject, spec_of
 

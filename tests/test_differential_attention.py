@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from cbtool.checkpoint import save
+from cbtool.models.checkpoint import save
 from cbtool.errors import VizError
 from cbtool.evaluation import evaluate
 from cbtool.families import detect
 from cbtool.families.base import NOT_APPLICABLE
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 from cbtool.spec import CBSpec
 from cbtool.surgery import inject
 

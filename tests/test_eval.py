@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from cbtool.checkpoint import save
+from cbtool.models.checkpoint import save
 from cbtool.cli.app import app
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

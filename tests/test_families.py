@@ -276,8 +276,8 @@ def test_new_families_round_trip_through_a_cbtool_file(tmp_path, case):
     import transformers
     from test_family_reference import output, perturbed
 
-    from cbtool.checkpoint import load, save
-    from cbtool.sources import resolve
+    from cbtool.models.checkpoint import load, save
+    from cbtool.models.resolve import resolve
 
     name, config_class, kwargs, size, position = case
     torch.manual_seed(0)

@@ -516,7 +516,7 @@ def test_naflexvit_cb_averages_valid_tokens_only(position, monkeypatch):
     ("SiglipVisionModel", "SiglipVisionConfig", "SiglipForImageClassification"),
 ])
 def test_headless_encoder_folder_gets_a_head_with_num_classes(tmp_path, architecture, config_class, headed):
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     torch.manual_seed(0)
     encoder = perturbed(_hf(architecture, config_class, **_HF)())

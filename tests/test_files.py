@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from cbtool import files
-from cbtool.checkpoint import save
+from cbtool.models.checkpoint import save
 from cbtool.errors import OutputError
 from cbtool.files import (atomic_path, check_outputs, check_writable_folder, remove_stale_temporaries, temporary_name,
                           write_safetensors)  # fmt: skip
@@ -51,7 +51,7 @@ def test_a_save_creates_one_temporary_with_cbtool_name_and_nothing_else(tmp_path
         real(state, path, metadata)
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
 
-    monkeypatch.setattr("cbtool.checkpoint.write_safetensors", spy)
+    monkeypatch.setattr("cbtool.models.checkpoint.write_safetensors", spy)
     save(timm_model(), tmp_path / "m.safetensors")
     assert len(seen[0]) == 1 and seen[1] == seen[0]  # the one temporary, even after writing
     assert seen[0][0].startswith(".m.safetensors.cbtool-") and seen[0][0].endswith(".tmp")

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cbtool.checkpoint import load, read_metadata, save
+from cbtool.models.checkpoint import load, read_metadata, save
 from cbtool.cli.app import main
 from cbtool.errors import CbtoolError, TrainingError
 from cbtool.optim import WarmupCosine, param_groups, parse_train_parts, select_trainable
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 from cbtool.spec import CBSpec
 from cbtool.surgery import broadcast_parameters, inject
 from cbtool.train import FinetuneConfig, finetune, resolve_training_data

@@ -103,7 +103,7 @@ def test_readme_offline_commands_are_reproducible(readme_runs):
         a, b = (json.loads((folder / name).read_text()) for folder in (first, second))
         assert a["created"] != b["created"] or a["created"]  # the part that may differ is there
         assert without_timing(a) == without_timing(b), name
-    from cbtool.checkpoint import describe
+    from cbtool.models.checkpoint import describe
 
     assert describe(first / "tiny-cb.safetensors")["source"]["seed"] == 0  # the file says what drew its weights
 
@@ -175,7 +175,7 @@ def test_viz_rollout_options_need_rollout(tmp_path):
 
 
 def test_a_cbs_file_has_scales_to_plot(tmp_path):
-    from cbtool.checkpoint import has_cb_scales
+    from cbtool.models.checkpoint import has_cb_scales
 
     for variant in ("cb", "cbs"):
         code, _, err = run_cli("inject", *TINY, "--variant", variant, "-o", tmp_path / f"{variant}.safetensors", "-q")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cbtool.checkpoint import load
+from cbtool.models.checkpoint import load
 from cbtool.optim import param_groups, ramp_factor
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 from cbtool.spec import CBSpec
 from cbtool.surgery import find_broadcasts, inject, set_ramp
 from cbtool.train import FinetuneConfig, finetune, resolve_training_data

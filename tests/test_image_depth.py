@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cbtool.checkpoint import save
+from cbtool.models.checkpoint import save
 from cbtool.cli.app import main
 from cbtool.data.dataset import open_rgb
 from cbtool.data.embedded import read_sample

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbtool.checkpoint import load, save
+from cbtool.models.checkpoint import load, save
 from cbtool.cli.app import main
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 from cbtool.spec import CBSpec
 from cbtool.surgery import inject
 

@@ -8,7 +8,7 @@ from matplotlib.colors import to_hex
 from test_report import CB, PLAIN, SCALES, model
 from test_sweep_stats import fake_sweep  # noqa: F401  (a fixture)
 
-from cbtool.plotting import PALETTE, model_colours
+from cbtool.report.plotting import PALETTE, model_colours
 from cbtool.report import density_figure
 
 pytest.importorskip("matplotlib")
@@ -29,7 +29,7 @@ def test_model_colours_follow_the_order_given():
 
 
 def test_compare_plot_keeps_each_model_in_one_colour_and_the_legend_off_the_axes():
-    from cbtool.plotting import pyplot
+    from cbtool.report.plotting import pyplot
 
     cbs = {**model("cbs", "1" * 89 + "0" * 11), "cb_scales": SCALES}
     figure = density_figure([PLAIN, CB, cbs])
@@ -51,7 +51,7 @@ def test_compare_plot_keeps_each_model_in_one_colour_and_the_legend_off_the_axes
 
 
 def test_a_model_without_density_keeps_its_colour_in_the_scales_panel():
-    from cbtool.plotting import pyplot
+    from cbtool.report.plotting import pyplot
 
     scales_only = {**model("cbs", "1", entropy=None), "cb_scales": SCALES}
     figure = density_figure([PLAIN, scales_only])
@@ -62,7 +62,7 @@ def test_a_model_without_density_keeps_its_colour_in_the_scales_panel():
 
 
 def test_sweep_plot_colours_cells_in_the_order_of_the_other_plots(fake_sweep):  # noqa: F811
-    from cbtool.plotting import pyplot
+    from cbtool.report.plotting import pyplot
     from cbtool.sweep.render import summary_figure
     from cbtool.sweep.summary import summarize
 
@@ -78,7 +78,7 @@ def test_sweep_plot_colours_cells_in_the_order_of_the_other_plots(fake_sweep):  
 
 
 def test_report_page_charts_keep_colours_when_a_model_has_no_density():
-    from cbtool.viz.page import density_section
+    from cbtool.report.page import density_section
 
     no_density = model("first", "10", entropy=None)
     html = density_section([no_density, PLAIN, CB])

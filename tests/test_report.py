@@ -198,7 +198,7 @@ def _png_width(path) -> int:
 
 def test_plot_draws_the_learned_scales_per_layer(tmp_path):
     pytest.importorskip("matplotlib")
-    from cbtool.plotting import pyplot
+    from cbtool.report.plotting import pyplot
     from cbtool.report import _plot_scales
 
     cbs = {**model("cbs", "1" * 89 + "0" * 11), "cb_scales": SCALES}

@@ -15,7 +15,7 @@ import pytest
 
 from cbtool.errors import CbtoolError
 from cbtool.report import format_value
-from cbtool.viz.page import generic_tables, report_page, write_report_page
+from cbtool.report.page import generic_tables, report_page, write_report_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: .ci/run)")

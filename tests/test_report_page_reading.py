@@ -15,7 +15,7 @@ from test_report_page import CHROMIUM, ROBUSTNESS, needs_chromium, parse
 
 from cbtool.check import check_results, compare_results
 from cbtool.errors import CbtoolError
-from cbtool.viz.page import report_page
+from cbtool.report.page import report_page
 
 SUBSET = results(model("plain", "1" * 28 + "0" * 2), sha="cd" * 32)  # the same model on 30 other images
 

@@ -19,11 +19,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cbtool import data
-from cbtool.checkpoint import save
+from cbtool.models.checkpoint import save
 from cbtool.results import SCHEMA_VERSION
 from cbtool.cli.app import app
 from cbtool.robustness import corrupt, summarize
-from cbtool.sources import resolve
+from cbtool.models.resolve import resolve
 from test_eval import DIGIT_CLASSES, digit_picks, tiny_vit, train, write_folder
 
 CORRUPTIONS = ["gaussian_noise", "fog"]

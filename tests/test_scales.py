@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cbtool.checkpoint import describe, save
+from cbtool.models.checkpoint import describe, save
 from cbtool.cli.app import app
 from cbtool.errors import SpecError
 from cbtool.spec import CBSpec

@@ -68,7 +68,7 @@ def bench_command(
     if json_out is not None:
         json_out = check_output_folder(json_out)  # fail before building the model
 
-    from cbtool import sources
+    from cbtool.models import resolve as sources
     from cbtool.benchmark import measure_overhead
     from cbtool.distributed import pick_device
 

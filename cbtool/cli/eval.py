@@ -117,7 +117,7 @@ def _check_scales_to_plot(models: list[str]) -> None:
     model can have them (only a cbtool file of a cbs model does)."""
     from pathlib import Path
 
-    from cbtool.checkpoint import has_cb_scales
+    from cbtool.models.checkpoint import has_cb_scales
     from cbtool.errors import CbtoolError
 
     def scaled(name: str) -> bool:

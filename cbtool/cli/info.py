@@ -14,7 +14,7 @@ def info_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Show the source model, CB spec, parameter count and data config of FILE."""
-    from cbtool.checkpoint import describe
+    from cbtool.models.checkpoint import describe
 
     info = describe(file)
     if as_json:

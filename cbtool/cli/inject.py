@@ -28,7 +28,7 @@ def inject_command(
     quiet: opt.Quiet = False,
 ) -> None:
     """Insert Context Broadcasting into every (or the chosen) block and save the model."""
-    from cbtool.checkpoint import check_output_path, save
+    from cbtool.models.checkpoint import check_output_path, save
     from cbtool.spec import CBSpec
 
     from cbtool.files import check_outputs
@@ -40,7 +40,7 @@ def inject_command(
     check_outputs({"--output": output}, [model, checkpoint])
     output = check_output_path(output, force=force)  # fail before a long download
 
-    from cbtool import sources
+    from cbtool.models import resolve as sources
     from cbtool.families import detect
     from cbtool.surgery import find_broadcasts, inject
 

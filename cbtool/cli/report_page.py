@@ -23,7 +23,7 @@ def report_command(
 
     from cbtool.files import check_output_folder, check_outputs
     from cbtool.results import load_results
-    from cbtool.viz.page import write_report_page
+    from cbtool.report.page import write_report_page
 
     check_outputs({"--output": output}, [*files, *(pictures or [])])
     check_output_folder(output)

@@ -73,7 +73,8 @@ def viz_command(
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
 
-    from cbtool import distributed, sources
+    from cbtool import distributed
+    from cbtool.models import resolve as sources
     from cbtool.viz.figure import VizOptions, attention_figure, check_options, load_images
 
     if images:

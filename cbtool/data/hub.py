@@ -16,7 +16,7 @@ import numpy as np
 
 from cbtool.data.images import BadImage, open_rgb
 from cbtool.errors import CbtoolError, DatasetError, NetworkError, first_line
-from cbtool.hub import hub_reachable
+from cbtool.models.hub import hub_reachable
 
 IMAGENET_1K_REPO = "ILSVRC/imagenet-1k"
 HUB_ALIASES = {"imagenet-1k": IMAGENET_1K_REPO}

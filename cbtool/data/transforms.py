@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cbtool.errors import DatasetError
-from cbtool.metadata_check import INTERPOLATIONS  # noqa: F401  (public name kept here)
+from cbtool.models.metadata import INTERPOLATIONS  # noqa: F401  (public name kept here)
 
 _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 

@@ -10,9 +10,9 @@ from typing import Any
 
 from cbtool.errors import CbtoolError
 from cbtool.files import atomic_path, check_parent_folder
-from cbtool.plotting import pyplot
+from cbtool.report.plotting import pyplot
 from cbtool.robustness.record import versus
-from cbtool.tables import delta, format_table, format_value, markdown_table
+from cbtool.report.tables import delta, format_table, format_value, markdown_table
 
 
 Cell = tuple[Any, str]  # (the JSON value, its text)

@@ -11,7 +11,7 @@ from cbtool.sweep.summary import METRICS
 
 
 def _mean_std(entry: Mapping[str, Any], kind: str) -> str:
-    from cbtool.tables import format_value
+    from cbtool.report.tables import format_value
 
     if entry["mean"] is None:
         return "-"
@@ -31,7 +31,7 @@ def summary_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
 
 def summary_text(summary: Mapping[str, Any], *, markdown: bool = False) -> str:
     """The table, then one sentence per comparison with ``plain`` (or why there is none), then what is missing."""
-    from cbtool.tables import format_table, markdown_table
+    from cbtool.report.tables import format_table, markdown_table
 
     headers, rows = summary_rows(summary)
     lines = [(markdown_table if markdown else format_table)(headers, rows), ""]
@@ -47,7 +47,7 @@ def plot_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
     """A PNG with one panel per metric among top-1 and entropy (and mCE): each seed's value as a dot, the mean
     with a ±1 standard deviation bar, one column per cell."""
     from cbtool.files import atomic_path
-    from cbtool.plotting import pyplot
+    from cbtool.report.plotting import pyplot
 
     plt = pyplot()
     figure = summary_figure(summary)
@@ -63,7 +63,7 @@ def plot_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Pa
 def summary_figure(summary: Mapping[str, Any]):
     """The figure of :func:`plot_summary` (the caller closes it). Each cell's mean is drawn in its colour from
     ``plotting.model_colours`` over the cells in order, as ``compare --plot`` colours models (plain first: blue)."""
-    from cbtool.plotting import model_colours, pyplot
+    from cbtool.report.plotting import model_colours, pyplot
 
     plt = pyplot()
     wanted = [(key, label) for key, label, *_ in METRICS

@@ -88,7 +88,7 @@ def _train(plan: SweepPlan, run: RunSpec, root, *, resume: bool) -> None:
 def _build(plan: SweepPlan, run: RunSpec, output: Path) -> None:
     """No training (``--no-finetune``): the model as built for this seed, with CB as the cell says, saved."""
     from cbtool import distributed
-    from cbtool.checkpoint import save
+    from cbtool.models.checkpoint import save
     from cbtool.spec import CBSpec
     from cbtool.train import new_model
 

@@ -87,9 +87,9 @@ def _json_values(data: dict[str, Any]) -> dict[str, Any]:
 def check_plan(plan: SweepPlan) -> None:
     """Everything that can be checked before the first run: the recipe's ranges and, on the model built once
     (without downloading weights), every cell's CB spec and the input size corruptions need."""
-    from cbtool import provenance
+    from cbtool.models import provenance
     from cbtool.ranges import check_range
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
     from cbtool.spec import CBSpec
     from cbtool.surgery import inject, remove
 

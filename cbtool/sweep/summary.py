@@ -136,7 +136,7 @@ def verdict(key: str, entry: dict[str, Any], mcnemar: dict | None) -> str:
 def statement(comparison: dict[str, Any]) -> str:
     """The comparison in one sentence, e.g. ``cb-mlp vs plain over 3 seeds: top-1 +0.40 points, within noise
     (paired t-test p = 0.412; McNemar on 3,000 pooled predictions p = 0.310); entropy -0.0194, lower (p = 0.012)``."""
-    from cbtool.tables import format_p, format_value
+    from cbtool.report.tables import format_p, format_value
 
     seeds = comparison["seeds"]
     head = f"{comparison['cell']} vs {comparison['baseline']}"

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cbtool import distributed
-from cbtool.checkpoint import save, unwrap
+from cbtool.models.checkpoint import save, unwrap
 from cbtool.errors import TrainingError
 from cbtool.memory import is_out_of_memory
 from cbtool.optim import ramp_factor

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cbtool import distributed
-from cbtool.checkpoint import check_output_path, unwrap
+from cbtool.models.checkpoint import check_output_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
 from cbtool.optim import WarmupCosine, param_groups, parse_train_parts, select_trainable
 from cbtool.train.config import CB_LR, PRETRAINED_LR, SCRATCH_LR, SMALL_INPUT, FinetuneConfig, State
@@ -24,7 +24,7 @@ def new_model(name: str, *, seed: int, spec=None, **source_options: Any) -> nn.M
 
     A new head is drawn from ``seed``: the same head on every rank and every run.
     """
-    from cbtool.sources import resolve
+    from cbtool.models.resolve import resolve
 
     model = resolve(name, seed=seed, **source_options)
     if spec is not None:
@@ -36,8 +36,8 @@ def new_model(name: str, *, seed: int, spec=None, **source_options: Any) -> nn.M
 
 def default_lr(model: nn.Module) -> float:
     """1e-5 for pretrained weights (healing), 1e-3 for randomly initialised ones (training from scratch)."""
-    from cbtool import provenance
-    from cbtool.fit import has_trained_weights
+    from cbtool.models import provenance
+    from cbtool.models.fit import has_trained_weights
 
     record = provenance.source_of(unwrap(model))
     return PRETRAINED_LR if (has_trained_weights(unwrap(model)) or not record) else SCRATCH_LR
@@ -46,7 +46,7 @@ def default_lr(model: nn.Module) -> float:
 def fit_head(model: nn.Module, num_classes: int) -> int | None:
     """Give ``model`` a fresh ``num_classes`` head when its head differs; returns the old class count (or None)."""
     from cbtool.families import detect
-    from cbtool.sources import set_num_classes
+    from cbtool.models.resolve import set_num_classes
 
     current = detect(model).num_classes(model)
     if current == num_classes:
@@ -210,7 +210,7 @@ def check_run_outputs(output, *, save_best=None, log=None, run_dir=None, resume=
 
 
 def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, force: bool, *, resuming: bool) -> None:
-    from cbtool import provenance
+    from cbtool.models import provenance
 
     for path in (output, best):
         if path is not None:
@@ -219,13 +219,14 @@ def _check_outputs(model: nn.Module, output: Path | None, best: Path | None, for
     if output is not None and best is not None and output.resolve() == best.resolve():
         raise OutputError("--save-best and --output name the same file; give the best model its own name")
     if (output or best) and provenance.source_of(unwrap(model)) is None:
-        raise CbtoolError("this model has no cbtool source record, so it cannot be saved; build it with cbtool.sources.resolve() or cbtool.load()")
+        raise CbtoolError("this model has no cbtool source record, so it cannot be saved; "
+                          "build it with cbtool.models.resolve.resolve() or cbtool.load()")
 
 
 def _augmentation(model: nn.Module, config: FinetuneConfig) -> tuple[dict, dict | None]:
     """The model's data config, and timm's training-transform options (None: train on the eval transform)."""
-    from cbtool import provenance
-    from cbtool.sources import timm_data_config
+    from cbtool.models import provenance
+    from cbtool.models.resolve import timm_data_config
 
     data_config = provenance.data_config_of(unwrap(model)) or timm_data_config(unwrap(model))
     size = min(int(s) for s in data_config["input_size"][1:])

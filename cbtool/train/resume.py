@@ -35,9 +35,9 @@ def load_run(path: str | Path) -> tuple[nn.Module, dict]:
 
     The info is ``checkpoint.json``: ``step``, ``config``, ``run_info`` and the model ``record``.
     """
-    from cbtool import provenance
-    from cbtool.architectures import rebuild
-    from cbtool.metadata_check import check_data_config, check_source
+    from cbtool.models import provenance
+    from cbtool.models.architectures import rebuild
+    from cbtool.models.metadata import check_data_config, check_source
     from cbtool.spec import CBSpec
     from cbtool.surgery import inject
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from cbtool import distributed
-from cbtool.checkpoint import atomic_path, unwrap
+from cbtool.models.checkpoint import atomic_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
 from cbtool.files import finite_or_null, json_text, writing
 from cbtool.train.config import CHECKPOINT_FORMAT, CHECKPOINT_INFO_NAME, CHECKPOINT_NAME, LOG_NAME, FinetuneConfig, State
@@ -88,7 +88,7 @@ class Run:
         path = self.checkpoint
         if not self.info.is_main:
             return None
-        from cbtool import provenance
+        from cbtool.models import provenance
 
         plain = unwrap(model)
         record = provenance.of(plain).to_dict()
@@ -122,7 +122,7 @@ def _load_checkpoint(path: Path) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises many types
-        from cbtool.fit import unreadable_message
+        from cbtool.models.fit import unreadable_message
 
         raise CbtoolError(unreadable_message(path, error)) from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:

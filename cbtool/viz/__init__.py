@@ -1,8 +1,8 @@
-"""Attention maps and pictures: the model's own probabilities, heatmaps, rollout and the HTML report page.
+"""Attention maps and pictures: the model's own probabilities, heatmaps and rollout.
 
 ``maps`` (torch) reads the maps; ``views`` and ``rollout`` turn them into per-image heatmaps; ``pictures``
-draws them with matplotlib (imported lazily); ``page`` writes the report page without torch. Importing
-this package imports none of them.
+draws them with matplotlib (imported lazily). The report page moved to ``cbtool.report.page``
+(``report_page`` stays importable from here). Importing this package imports none of them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ _LAZY = {
     "attention_rollout": "cbtool.viz.rollout",
     "attention_figure": "cbtool.viz.figure",
     "overlay": "cbtool.viz.pictures",
-    "report_page": "cbtool.viz.page",
+    "report_page": "cbtool.report.page",
 }
 
 __all__ = list(_LAZY)

@@ -86,12 +86,12 @@ def check_options(models: Sequence[nn.Module], labels: Sequence[str], options: V
 
 def _preprocessing(model: nn.Module) -> dict:
     """The model's eval preprocessing (``cbtool eval``'s), from its data config."""
-    from cbtool import provenance
     from cbtool.data import resolve_preprocessing
+    from cbtool.models import provenance
 
     config = provenance.data_config_of(model)
     if config is None:
-        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.sources.resolve or cbtool.load")
+        raise VizError(f"{type(model).__name__} has no data config; build it with cbtool.models.resolve.resolve or cbtool.load")
     return resolve_preprocessing(config)
 
 

@@ -170,7 +170,7 @@ def png_bytes(picture) -> bytes:
 
 def save_png(picture, path: str | os.PathLike[str]) -> Path:
     """Write a ``PIL.Image`` as PNG to ``path``, atomically."""
-    from cbtool.checkpoint import atomic_path
+    from cbtool.models.checkpoint import atomic_path
 
     path = Path(path)
     with atomic_path(path) as temporary:

@@ -16,8 +16,8 @@ from cbtool.robustness.render import (
     robustness_title,
     table_rows,
 )
-from cbtool.tables import format_value
-from cbtool.viz.svg import line_chart
+from cbtool.report.tables import format_value
+from cbtool.report.svg import line_chart
 
 _NEEDED = ("corruptions", "severities", "error", "mean_error", "clean_error")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cbtool.errors import CbtoolError
-from cbtool.plotting import model_colours, pyplot
+from cbtool.report.plotting import model_colours, pyplot
 from cbtool.robustness.render import robustness_section
-from cbtool.tables import _table, delta, format_p, format_table, format_value, markdown_table  # noqa: F401  (names kept here)
+from cbtool.report.tables import _table, delta, format_p, format_table, format_value, markdown_table  # noqa: F401  (names kept here)
 # The atomic writers live in files.py; they stay importable from here, where eval, compare and check found them.
 from cbtool.files import atomic_path, check_output_folder, check_parent_folder, write_json_atomic, write_text_atomic  # noqa: F401
 
