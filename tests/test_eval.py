@@ -506,3 +506,18 @@ def test_library_evaluate_dataset_returns_what_the_command_writes(models, folder
 
     assert timeless(returned) == timeless(written)
     assert returned["models"][1]["density"]["entropy_per_layer"] == written["models"][1]["density"]["entropy_per_layer"]
+
+
+def test_top5_of_a_three_class_model_is_null_with_its_reason():
+    from cbtool.metrics.accuracy import AccuracyAccumulator
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 2.0], [2.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2, 2, 1])
+    three = AccuracyAccumulator(3)
+    three.update(logits, labels, torch.arange(4))
+    result = three.result()
+    assert result["top1"] == 50.0 and result["correct"] == "1010"
+    assert result["top5"] is None and result["null_reasons"] == {"top5": "top-5 needs 5 classes; the model has 3"}
+    five = AccuracyAccumulator(5)
+    five.update(torch.cat([logits, torch.zeros(4, 2)], dim=1), labels, torch.arange(4))
+    assert five.result()["top5"] == 100.0 and "null_reasons" not in five.result()

@@ -47,6 +47,8 @@ class AccuracyAccumulator:
         if count == 0:
             return {"num_samples": 0, "top1": None, "top5": None, "loss": None, "per_class_top1": {}, "correct": ""}
         ordered = [per_sample[i] for i in sorted(per_sample)]
+        # A value that does not exist is null with its reason beside it, never a number that means something else.
+        reasons = {} if len(self.topk) > 1 else {"top5": f"top-5 needs 5 classes; the model has {self.num_classes}"}
         return {
             "num_samples": count,
             "top1": 100.0 * sums[1].item() / count,
@@ -57,4 +59,5 @@ class AccuracyAccumulator:
                 for c in range(self.num_classes) if class_total[c] > 0
             },
             "correct": "".join("1" if hit else "0" for hit in ordered),
+            **({"null_reasons": reasons} if reasons else {}),
         }
