@@ -182,6 +182,12 @@ def test_robustness_is_the_cli_table_and_plot(evaluated):
         assert escape(note) in section
     assert "CE and mCE in % of AlexNet" not in section and "has 10 classes, not ImageNet-1k" in section
     assert section.count("<svg") == 19 and "mean_corruption_error_over" not in section and ">18<" not in section
+    # the 19 charts are meant to be compared: one y scale, so every chart has the same tick labels
+    import re
+
+    charts = re.findall(r"<svg.*?</svg>", section, flags=re.S)
+    ticks = {tuple(re.findall(r'text-anchor="end">([^<]*)<', chart)) for chart in charts}
+    assert len(ticks) == 1 and len(next(iter(ticks))) >= 3, ticks
 
 
 def test_write_is_atomic_and_bad_pictures_are_one_line(evaluated, tmp_path):

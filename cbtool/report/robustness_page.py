@@ -76,9 +76,10 @@ def _averages(models: Sequence[Mapping[str, Any]], cell, table) -> str:
 
 
 def _charts(models: Sequence[Mapping[str, Any]]) -> str:
-    """One chart per corruption: top-1 error at severity 0 (clean) to 5, one line per model (the CLI's --plot)."""
+    """One chart per corruption: top-1 error at severity 0 (clean) to 5, one line per model (the CLI's --plot),
+    all on one y scale, so that a steeper line is a larger rise in error."""
     names = list(dict.fromkeys(c for m in models for c in m["robustness"]["corruptions"]))
-    charts = []
+    every = {}
     for name in names:
         series = []
         for model in models:
@@ -86,6 +87,8 @@ def _charts(models: Sequence[Mapping[str, Any]]) -> str:
             errors = record["error"].get(name) or {}
             series.append((str(model.get("label", "?")),
                            [record.get("clean_error"), *[errors.get(str(s)) for s in range(1, 6)]]))
-        charts.append(line_chart(name, series, x_label="severity (0 = clean)", y_label="top-1 error (%)",
-                                 width=280, height=220))
-    return "".join(charts)
+        every[name] = series
+    values = [v for series in every.values() for _, ys in series for v in ys if isinstance(v, (int, float))]
+    shared = (min(values), max(values)) if values else None
+    return "".join(line_chart(name, series, x_label="severity (0 = clean)", y_label="top-1 error (%)", width=280,
+                              height=220, y_range=shared) for name, series in every.items())

@@ -21,12 +21,14 @@ def _ticks(low: float, high: float, count: int = 5) -> list[tuple[float, str]]:
 
 
 def line_chart(title: str, series: Sequence[tuple[str, Sequence[float | None]]], *, x_label: str = "layer",
-               y_label: str = "", width: int = 520, height: int = 300, colours: Mapping[str, str] | None = None) -> str:
+               y_label: str = "", width: int = 520, height: int = 300, colours: Mapping[str, str] | None = None,
+               y_range: tuple[float, float] | None = None) -> str:
     """An ``<svg>`` with one polyline per ``(label, values)`` over x = 0, 1, ...; missing values break the line.
 
-    ``colours`` (label -> colour, ``plotting.model_colours``) keeps a model's colour when some models are not drawn."""
+    ``colours`` (label -> colour, ``plotting.model_colours``) keeps a model's colour when some models are not drawn;
+    ``y_range`` (low, high) gives charts meant to be compared side by side one y scale (default: this data's)."""
     values = [v for _, ys in series for v in ys if _finite(v)]
-    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    low, high = y_range if y_range is not None else (min(values), max(values)) if values else (0.0, 1.0)
     if high - low < 1e-12:
         low, high = low - 0.5, high + 0.5
     pad = 0.05 * (high - low)
