@@ -151,9 +151,9 @@ def test_preempted_then_killed_run_ends_at_the_uninterrupted_weights(tmp_path, s
     wait_until(lambda: events(run).count("resume") == 1, timeout=120, what="the requeued job to resume")
     assert jobs_of(out)[0]["job"] == job  # the same job, requeued
 
-    checkpoint = json.loads((run / "checkpoint.json").read_text())["step"]
-    wait_until(lambda: json.loads((run / "checkpoint.json").read_text())["step"] > checkpoint, what="a new checkpoint")
-    slurm.run("scancel", job)  # killed outright: no checkpoint, no requeue
+    # killed outright (no checkpoint, no requeue) as soon as the requeued job trains again: on an idle machine the
+    # tiny run takes seconds, and waiting longer could let it finish before the kill
+    slurm.run("scancel", job)
     wait_until(lambda: not _queued(job), what="the killed job to leave the queue")
     status = cbtool("sweep", "--status", out)
     assert "failed" in status.stdout and "killed" in status.stdout, status.stdout
