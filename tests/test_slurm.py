@@ -151,9 +151,10 @@ def test_preempted_then_killed_run_ends_at_the_uninterrupted_weights(tmp_path, s
     wait_until(lambda: events(run).count("resume") == 1, timeout=120, what="the requeued job to resume")
     assert jobs_of(out)[0]["job"] == job  # the same job, requeued
 
-    # killed outright (no checkpoint, no requeue) as soon as the requeued job trains again: on an idle machine the
-    # tiny run takes seconds, and waiting longer could let it finish before the kill
-    slurm.run("scancel", job)
+    # killed outright, as by a node failure or scancel's SIGKILL (no checkpoint, no requeue), as soon as the
+    # requeued job trains again. A plain scancel sends SIGTERM first, which submitit ignores, and SIGKILL only
+    # KillWait later: on an idle machine the tiny run finishes within that wait.
+    slurm.run("scancel", "--full", "--signal=KILL", job)
     wait_until(lambda: not _queued(job), what="the killed job to leave the queue")
     status = cbtool("sweep", "--status", out)
     assert "failed" in status.stdout and "killed" in status.stdout, status.stdout
