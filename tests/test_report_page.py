@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -183,8 +184,6 @@ def test_robustness_is_the_cli_table_and_plot(evaluated):
     assert "CE and mCE in % of AlexNet" not in section and "has 10 classes, not ImageNet-1k" in section
     assert section.count("<svg") == 19 and "mean_corruption_error_over" not in section and ">18<" not in section
     # the 19 charts are meant to be compared: one y scale, so every chart has the same tick labels
-    import re
-
     charts = re.findall(r"<svg.*?</svg>", section, flags=re.S)
     ticks = {tuple(re.findall(r'text-anchor="end">([^<]*)<', chart)) for chart in charts}
     assert len(ticks) == 1 and len(next(iter(ticks))) >= 3, ticks
@@ -290,3 +289,15 @@ def test_robustness_section_fits_the_page_in_chromium(evaluated, tmp_path):
     layout = json.loads(__import__("html").unescape(dumped.stdout.split('data-layout="')[1].split('"')[0]))
     assert layout["right"] <= layout["view"], layout  # every table cell, note and chart inside the viewport
     assert layout["font"] >= 12 and layout["height"] < 3500, layout
+
+
+def test_robustness_charts_keep_each_models_page_colour(evaluated):
+    """A model keeps its page colour in the robustness charts when the models before it have no record."""
+    from cbtool.report.plotting import colour
+
+    document = robust_document(json.loads(evaluated.read_text()))
+    del document["models"][0]["robustness"]
+    html = report_page([(str(evaluated), document)])
+    section = html[html.index('<div id="robustness">'):html.index("<h2>Provenance")]
+    strokes = set(re.findall(r'<polyline fill="none" stroke="([^"]+)"', section))
+    assert strokes == {colour(1)}, strokes

@@ -17,6 +17,7 @@ from cbtool.robustness.render import (
     table_rows,
 )
 from cbtool.report.tables import format_value
+from cbtool.report.plotting import model_colours
 from cbtool.report.svg import line_chart
 
 _NEEDED = ("corruptions", "severities", "error", "mean_error", "clean_error")
@@ -49,7 +50,8 @@ def robustness_html(models: Sequence[Mapping[str, Any]], cell, table) -> str:
     if lines:
         parts.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul>")
     if groups:
-        parts.append(f'<div class="charts">{_charts([m for g in groups for m in g])}</div>')
+        colours = model_colours(str(m.get("label", "?")) for m in models)  # the page's colours, every model counted
+        parts.append(f'<div class="charts">{_charts([m for g in groups for m in g], colours)}</div>')
     return f'<div id="robustness">{"".join(parts)}</div>'
 
 
@@ -75,7 +77,7 @@ def _averages(models: Sequence[Mapping[str, Any]], cell, table) -> str:
     return note + table(["model", "corruption or average", *(keys or ["value"])], body, "robustness-averages")
 
 
-def _charts(models: Sequence[Mapping[str, Any]]) -> str:
+def _charts(models: Sequence[Mapping[str, Any]], colours: Mapping[str, str]) -> str:
     """One chart per corruption: top-1 error at severity 0 (clean) to 5, one line per model (the CLI's --plot),
     all on one y scale, so that a steeper line is a larger rise in error."""
     names = list(dict.fromkeys(c for m in models for c in m["robustness"]["corruptions"]))
@@ -91,4 +93,4 @@ def _charts(models: Sequence[Mapping[str, Any]]) -> str:
     values = [v for series in every.values() for _, ys in series for v in ys if isinstance(v, (int, float))]
     shared = (min(values), max(values)) if values else None
     return "".join(line_chart(name, series, x_label="severity (0 = clean)", y_label="top-1 error (%)", width=280,
-                              height=220, y_range=shared) for name, series in every.items())
+                              height=220, y_range=shared, colours=colours) for name, series in every.items())
