@@ -205,10 +205,11 @@ def requeue_on_preemption() -> Iterator[None]:
         if not preempted or not callable(requeue):
             raise
         if submitit.JobEnvironment().global_rank != 0:
-            return  # rank 0 requeues the whole job
+            raise SystemExit(0) from None  # rank 0 requeues the whole job; this task has nothing to return
         requeue(preempted[0], None)  # raises SystemExit after `scontrol requeue`
     finally:
-        signal.signal(preempt, requeue)
+        if requeue is not None:  # None: a handler not set from Python, which signal.signal cannot put back
+            signal.signal(preempt, requeue)
 
 
 def job_states(job_ids: list[str], cluster: str | None = "slurm") -> dict[str, str]:
