@@ -20,7 +20,7 @@ from typing import Any
 from cbtool._version import __version__
 from cbtool.check.comparison import compare_results
 from cbtool.errors import CbtoolError
-from cbtool.files import write_text_atomic
+from cbtool.files import json_text, write_text_atomic
 from cbtool.report.plotting import model_colours
 from cbtool.report import METRIC_HEADERS, difference_rows, format_p, format_value, label_models, metrics_row
 from cbtool.report.svg import line_chart
@@ -220,7 +220,7 @@ def provenance_section(models: Sequence[Mapping[str, Any]], documents: Sequence[
                   "dataset": document.get("dataset"), "preprocessing": document.get("preprocessing"),
                   "environment": document.get("environment"), "created": document.get("created"),
                   "cbtool_version": document.get("cbtool_version")}
-        text = json.dumps(record, indent=2, sort_keys=True, allow_nan=True)
+        text = json_text(record, default=str)  # strict, as every JSON cbtool writes
         parts.append(f"<details><summary>{escape(str(model.get('label')))}</summary><pre>{escape(text)}</pre></details>")
     return '<h2>Provenance</h2><div id="provenance">' + "".join(parts) + "</div>"
 
