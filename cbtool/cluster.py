@@ -19,6 +19,9 @@ from typing import Any, Iterator
 
 from cbtool.errors import CbtoolError
 
+# The folder (in a sweep folder or a run folder) for submitit's scripts, pickles and logs.
+JOBS_FOLDER = "slurm"
+
 # squeue's states of a job that is still SLURM's to run: a second job for its run would train it twice.
 ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD")  # fmt: skip

@@ -58,7 +58,7 @@ def bench_command(
     from cbtool.report import check_output_folder
     from cbtool.spec import CBSpec
 
-    from cbtool.files import check_outputs
+    from cbtool.outputs import check_outputs
 
     from cbtool.ranges import check_seed
 

@@ -65,7 +65,8 @@ def check_command(
     """
 
     from cbtool.check import check_results, parse_rules
-    from cbtool.files import check_output_folder, check_outputs, check_text_file, write_json_atomic, write_text_atomic
+    from cbtool.files import check_output_folder, check_text_file, write_json_atomic, write_text_atomic
+    from cbtool.outputs import check_outputs
     from cbtool.results import load_results
 
     rules = parse_rules(max_drop or [], max_rise or [])

@@ -27,8 +27,8 @@ def compare_command(
 
     from cbtool.check import compare_results
     from cbtool.errors import CbtoolError
-    from cbtool.files import (check_output_folder, check_outputs, check_png_name, check_text_file, write_json_atomic,
-                              write_text_atomic)
+    from cbtool.files import check_output_folder, check_text_file, write_json_atomic, write_text_atomic
+    from cbtool.outputs import check_outputs, check_png_name
     from cbtool.report import comparison_markdown, comparison_text, plot_density
     from cbtool.results import load_results
 

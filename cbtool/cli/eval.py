@@ -45,7 +45,8 @@ def eval_command(
 ) -> None:
     """Evaluate MODELS on the same batches: top-1/top-5, loss, throughput, (with --density) attention density and
     (with --corruptions) top-1 error, CE and mCE under common corruptions."""
-    from cbtool.files import check_outputs, check_png_name, check_writable_folder
+    from cbtool.files import check_writable_folder
+    from cbtool.outputs import check_outputs, check_png_name
     from cbtool.pipeline import check_corruption_options
     from cbtool.report import check_output_folder
     from cbtool.robustness.registry import JPEG_QUALITY

@@ -31,7 +31,7 @@ def inject_command(
     from cbtool.models.checkpoint import check_output_path, save
     from cbtool.spec import CBSpec
 
-    from cbtool.files import check_outputs
+    from cbtool.outputs import check_outputs
 
     from cbtool.ranges import check_seed
 

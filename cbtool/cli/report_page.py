@@ -21,7 +21,8 @@ def report_command(
 ) -> None:
     """Write one self-contained HTML page: metrics, per-layer density, robustness, pictures and provenance."""
 
-    from cbtool.files import check_output_folder, check_outputs
+    from cbtool.files import check_output_folder
+    from cbtool.outputs import check_outputs
     from cbtool.results import load_results
     from cbtool.report.page import write_report_page
 

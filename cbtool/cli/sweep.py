@@ -77,7 +77,7 @@ def sweep_command(ctx: typer.Context, **options: Any) -> None:
         raise CbtoolError("give a MODEL and --dataset (or --summarize a sweep folder)")
     if options["device"] is not None and options["devices"] is not None:
         raise CbtoolError("give --device (one device for every run) or --devices (runs spread over devices), not both")
-    from cbtool.files import check_outputs
+    from cbtool.outputs import check_outputs
 
     check_outputs({"--output": options["output"], "--plot": options["plot"]}, [options["model"], options["checkpoint"]],
                   dataset=[options["dataset"], options["eval_dataset"]])  # fmt: skip
@@ -157,7 +157,7 @@ def _show(summary: dict, options: dict, folder: Path) -> None:
 
 def _check_plot(plot: Path | None, folder: Path | None = None) -> None:
     """The plot's folder must exist, unless it is the sweep's own (created by the sweep)."""
-    from cbtool.files import check_png_name
+    from cbtool.outputs import check_png_name
 
     check_png_name("--plot", plot)
     if plot is not None and not (folder is not None and plot.parent.resolve() == folder.resolve()):

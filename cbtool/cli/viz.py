@@ -55,7 +55,8 @@ def viz_command(
     """Draw attention maps: class-token (or mean-query) attention per layer, a query patch, entropy, rollout."""
 
     from cbtool.errors import VizError
-    from cbtool.files import check_output_folder, check_outputs, check_png_name
+    from cbtool.files import check_output_folder
+    from cbtool.outputs import check_outputs, check_png_name
     from cbtool.viz.scales import check_scale
 
     check_outputs({"--output": output}, [*models, *(images or [])], dataset=dataset)

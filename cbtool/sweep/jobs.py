@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cbtool.cluster import JOBS_FOLDER  # noqa: F401  (also this module's: the sweep folder's slurm/ holds JOBS_FILE)
 from cbtool.errors import CbtoolError
 
-JOBS_FOLDER = "slurm"  # submitit's scripts, pickles and logs, and JOBS_FILE
 JOBS_FILE = "jobs.json"
 
 

@@ -189,7 +189,8 @@ def output_paths(model: nn.Module, config: FinetuneConfig, info, *, resuming: bo
 def check_run_outputs(output, *, save_best=None, log=None, run_dir=None, resume=None, inputs=(), dataset=None,
                       force: bool = False) -> None:
     """Before a long download or run: the output files may be written, name no input, and the run folder is writable."""
-    from cbtool.files import check_outputs, check_writable_folder
+    from cbtool.files import check_writable_folder
+    from cbtool.outputs import check_outputs
     from cbtool.train.resume import find_checkpoint
 
     check_outputs({"--output": output, "--save-best": save_best, "--log": log}, list(inputs), dataset=dataset)

@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cbtool.cluster import SlurmOptions
+from cbtool.cluster import JOBS_FOLDER, SlurmOptions
 
-JOBS_FOLDER = "slurm"  # in the run folder: submitit's script, pickles and logs
 _PATHS = ("output", "run_dir", "log", "save_best", "checkpoint", "resume")
 
 
