@@ -84,3 +84,14 @@ def test_report_page_charts_keep_colours_when_a_model_has_no_density():
     html = density_section([no_density, PLAIN, CB])
     assert f'stroke="{PALETTE[1]}"' in html and f'stroke="{PALETTE[2]}"' in html  # plain and cb: 2nd and 3rd model
     assert f'stroke="{PALETTE[0]}"' not in html
+
+
+def test_density_axes_start_at_zero_so_small_differences_look_small():
+    import matplotlib.pyplot as plt
+
+    figure = density_figure([PLAIN, CB])
+    try:
+        entropy, distance = figure.axes[:2]
+        assert entropy.get_ylim() == (0.0, 1.02) and distance.get_ylim()[0] == 0.0
+    finally:
+        plt.close(figure)

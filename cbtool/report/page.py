@@ -132,10 +132,12 @@ def density_section(models: Sequence[Mapping[str, Any]]) -> str:
     series = {key: [(str(m["label"]), list(m["density"].get(key) or [])) for m in measured]
               for key in ("entropy_per_layer", "distance_per_layer")}
     colours = model_colours(m.get("label") for m in models)  # a model's colour is the same in every chart and plot
+    # From 0, as the CLI's plot: entropy on its absolute 0-1 scale, distance from no distance at all
+    farthest = max((v for _, values in series["distance_per_layer"] for v in values if v is not None), default=1.0)
     charts = (line_chart("Attention entropy per layer", series["entropy_per_layer"], y_label="entropy (1 = uniform)",
-                         colours=colours)
+                         colours=colours, y_range=(0.0, 1.0))
               + line_chart("Mean attention distance per layer", series["distance_per_layer"], y_label="pixels",
-                           colours=colours))
+                           colours=colours, y_range=(0.0, farthest)))
     depth = max(len(values) for entries in series.values() for _, values in entries)
     headers = ["layer"] + [f"entropy {m['label']}" for m in measured] + [f"distance {m['label']}" for m in measured]
     kinds = {"entropy_per_layer": "entropy", "distance_per_layer": "distance"}

@@ -313,8 +313,12 @@ def density_figure(models: Sequence[Mapping[str, Any]]):
                 distance = _density(model).get("distance_per_layer") or []
                 ax_entropy.plot(range(len(entropy)), entropy, marker="o", label=label, color=colours[label])
                 ax_distance.plot(range(len(distance)), distance, marker="o", label=label, color=colours[label])
-            ax_entropy.set(title="Attention entropy", xlabel="layer", ylabel="normalised entropy (1 = uniform)")
+            # From 0: entropy on its absolute scale (1 = uniform), distance from no distance at all, so that a
+            # difference of a hundredth is not stretched over the whole axis
+            ax_entropy.set(title="Attention entropy", xlabel="layer", ylabel="normalised entropy (1 = uniform)",
+                           ylim=(0, 1.02))
             ax_distance.set(title="Mean attention distance", xlabel="layer", ylabel="pixels")
+            ax_distance.set_ylim(0, 1.08 * ax_distance.get_ylim()[1])  # room above the farthest layer's point
         if with_scales:
             _plot_scales(axes[-1], with_scales, colours)
         for ax in axes:
