@@ -115,11 +115,11 @@ def evaluate(
                 for i, (model, family) in enumerate(zip(models, families)):
                     densities[i] = DensityAccumulator(family.attention_layouts(model, size))
                     captures.enter_context(family.capture_attention(model, densities[i], query_chunks=True))
-            for i, (runner, family) in enumerate(zip(runners, families)):
+            for i, (model, runner, family) in enumerate(zip(models, runners, families)):
                 synchronize(device)
                 tick = time.perf_counter()
                 with autocast_context(device, amp):
-                    logits = family.logits(runner(images))
+                    logits = family.logits(family.run(model, images, runner))
                 synchronize(device)
                 model_seconds[i] += time.perf_counter() - tick
                 if subset is not None:
@@ -134,9 +134,9 @@ def evaluate(
                                                    jpeg_quality=corruption_jpeg_quality)
                     if channels_last:
                         corrupted = corrupted.contiguous(memory_format=torch.channels_last)
-                    for i, (runner, family) in enumerate(zip(runners, families)):
+                    for i, (model, runner, family) in enumerate(zip(models, runners, families)):
                         with autocast_context(device, amp):
-                            logits = family.logits(runner(corrupted))
+                            logits = family.logits(family.run(model, corrupted, runner))
                         if subset is not None:
                             logits = logits.index_select(1, subset)
                         cell_accuracy[i][cell].update(logits, targets, indices)

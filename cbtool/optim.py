@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from cbtool.errors import CbtoolError
@@ -73,6 +74,34 @@ def select_trainable(model: nn.Module, parts: tuple[str, ...] | str) -> int:
     for param in model.parameters():
         param.requires_grad_(id(param) in chosen)
     return sum(p.numel() for p in chosen.values())
+
+
+def freeze_unreached(model: nn.Module, family, input_size) -> list[str]:
+    """Stop training the parameters the logits do not depend on, and return their names.
+
+    A classifier may hold modules its logits never use: SigLIP's and SigLIP2's attention-pooling head beside the
+    classifier's mean pooling, CLIP's post-norm of the class token. They get no gradient, so AdamW leaves them as
+    they are; under DDP they would stop the second step ("Expected to have finished reduction"). One forward of a
+    blank image in eval mode (so no normalisation statistics move) finds them; freezing them changes no result.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        return []
+    reference = trainable[0][1]
+    images = torch.zeros(1, *input_size, device=reference.device, dtype=reference.dtype)
+    training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = family.logits(family.run(model, images))
+            grads = torch.autograd.grad(logits.float().sum(), [p for _, p in trainable], allow_unused=True)
+    finally:
+        model.train(training)
+    unreached = [name for (name, param), grad in zip(trainable, grads) if grad is None]
+    for name, param in trainable:
+        if name in unreached:
+            param.requires_grad_(False)
+    return unreached
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, cb_lr_scale: float | None = None) -> list[dict]:

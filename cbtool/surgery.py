@@ -171,9 +171,9 @@ def _hookable(block: nn.Module, module: nn.Module) -> nn.Module:
     return wrapper
 
 
-def _read_mask(family: Family, block: nn.Module, _args: tuple, kwargs: dict) -> None:
+def _read_mask(family: Family, block: nn.Module, args: tuple, kwargs: dict) -> None:
     """Block pre-hook for families with padding tokens: tell the block's CB which tokens count."""
-    weights = family.token_weights(kwargs.get("attn_mask"))
+    weights = family.token_weights(family.block_mask(args, kwargs))
     for module in block.modules():
         if is_broadcast(module):
             module.token_weights = weights

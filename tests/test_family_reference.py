@@ -240,6 +240,8 @@ _VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_c
 _HF = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
 _SWIN = dict(img_size=64, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(1, 2), num_classes=5)
 _HF_NO_MLP = {k: v for k, v in _HF.items() if k != "intermediate_size"}
+# SigLIP2 has no image size: a 4 x 4 grid of position embeddings (num_patches), resized to each image's patch grid.
+_HF_NAFLEX = {**{k: v for k, v in _HF.items() if k != "image_size"}, "num_patches": 16}
 _TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 _HF_SWIN = dict(image_size=64, patch_size=4, embed_dim=24, depths=[2, 2], num_heads=[1, 2], window_size=4, num_labels=5)
 
@@ -334,6 +336,12 @@ CASES = {
     "hf-vit-msn-model": (_hf("ViTMSNModel", "ViTMSNConfig", **_HF), 32, {"ViTMSNLayer": hf_vit_layer}),
     "hf-ijepa": (_hf("IJepaForImageClassification", "IJepaConfig", num_labels=5, **_HF), 32, {"IJepaLayer": hf_vit_layer}),
     "hf-ijepa-model": (_hf("IJepaModel", "IJepaConfig", **_HF), 32, {"IJepaLayer": hf_vit_layer}),
+    "hf-siglip2-vision": (_hf("Siglip2VisionModel", "Siglip2VisionConfig", **_HF_NAFLEX), 32,
+                          {"Siglip2EncoderLayer": hf_clip_layer}),
+    "hf-siglip2": (_hf("Siglip2Model", "Siglip2Config", vision_config=_HF_NAFLEX, text_config=_TEXT), 32,
+                   {"Siglip2EncoderLayer": hf_clip_layer}),
+    "hf-siglip2-classifier": (_hf("Siglip2ForImageClassification", "Siglip2Config", vision_config=_HF_NAFLEX,
+                                  text_config=_TEXT, num_labels=5), 32, {"Siglip2EncoderLayer": hf_clip_layer}),
     "hf-clip-vision-projection": (_hf("CLIPVisionModelWithProjection", "CLIPVisionConfig", projection_dim=16, **_HF), 32,
                                   {"CLIPEncoderLayer": hf_clip_layer}),
 }
@@ -356,8 +364,9 @@ def output(model, x):
     torch.manual_seed(0)  # MAE shuffles its patches at random (mask_ratio 0 keeps them all): the same order each call
     with torch.no_grad():
         if family.library == "transformers":
-            # CLIPModel / SiglipModel want text too: their vision tower's output, where CB is
-            result = model.vision_model(pixel_values=x) if hasattr(model, "text_model") else model(pixel_values=x)
+            # CLIPModel / SiglipModel want text too: their vision tower's output, where CB is (family.run's choice,
+            # which also cuts SigLIP2's patch sequences)
+            result = family.run(model, x)
             if getattr(result, "logits", None) is not None:
                 return result.logits
             if getattr(result, "feature_maps", None) is not None:
@@ -467,7 +476,7 @@ def test_uniform_attention_reads_entropy_one_in_every_layer(case):
     if family.num_classes(model) is None:  # no classifier to evaluate (MAE, DINOv3, backbones): the capture alone
         accumulator = DensityAccumulator(family.attention_layouts(model, (size, size)))
         with torch.no_grad(), family.capture_attention(model, accumulator, query_chunks=True):
-            model(pixel_values=x)
+            family.run(model, x)
         density = accumulator.result()
     else:
         (result,) = evaluate([model], [(x, labels, torch.arange(3))], density=True, progress=False)
@@ -514,12 +523,13 @@ def test_naflexvit_cb_averages_valid_tokens_only(position, monkeypatch):
     ("ViTModel", "ViTConfig", "ViTForImageClassification"),
     ("CLIPVisionModel", "CLIPVisionConfig", "CLIPForImageClassification"),
     ("SiglipVisionModel", "SiglipVisionConfig", "SiglipForImageClassification"),
+    ("Siglip2VisionModel", "Siglip2VisionConfig", "Siglip2ForImageClassification"),
 ])
 def test_headless_encoder_folder_gets_a_head_with_num_classes(tmp_path, architecture, config_class, headed):
     from cbtool.models.resolve import resolve
 
     torch.manual_seed(0)
-    encoder = perturbed(_hf(architecture, config_class, **_HF)())
+    encoder = perturbed(_hf(architecture, config_class, **(_HF_NAFLEX if "Siglip2" in architecture else _HF))())
     encoder.save_pretrained(tmp_path / "encoder")
     model = resolve(str(tmp_path / "encoder"), num_classes=3)
     assert type(model).__name__ == headed and detect(model).num_classes(model) == 3

@@ -12,17 +12,20 @@ import pytest
 import torch
 from test_family_reference import CASES, POSITIONS, perturbed, plain_and_images, with_reference_forwards
 
+from cbtool.families import detect
 from cbtool.spec import CBSpec
 from cbtool.surgery import inject, remove
 
-# CLIPModel and SiglipModel want text as well: their vision towers are the hf-clip-vision and hf-siglip-vision cases.
-HF_CASES = {name: case for name, case in CASES.items() if name.startswith("hf-") and name not in ("hf-clip", "hf-siglip")}
+# CLIPModel, SiglipModel and Siglip2Model want text as well: their vision towers are the *-vision cases.
+HF_CASES = {name: case for name, case in CASES.items()
+            if name.startswith("hf-") and name not in ("hf-clip", "hf-siglip", "hf-siglip2")}
 
 
 def hidden_states(model, x, **flags):
     torch.manual_seed(0)  # MAE's patch order
     with torch.no_grad():
-        return model(pixel_values=x, output_hidden_states=True, **flags).hidden_states
+        args, kwargs = detect(model).model_inputs(model, x)  # SigLIP2: patch sequences
+        return model(*args, **kwargs, output_hidden_states=True, **flags).hidden_states
 
 
 @pytest.mark.parametrize("position", POSITIONS)
@@ -33,7 +36,8 @@ def test_hidden_states_hold_the_cb_outputs_after_an_earlier_capturing_call(case,
     expected = hidden_states(with_reference_forwards(plain, forwards, position), x)
     before = hidden_states(plain, x)  # installs transformers' capturing hooks before CB's
     with torch.no_grad():
-        plain(pixel_values=x, output_attentions=True)
+        args, kwargs = detect(plain).model_inputs(plain, x)
+        plain(*args, **kwargs, output_attentions=True)
     model = inject(plain, CBSpec("cb", position))
     for got in (hidden_states(model, x), hidden_states(model, x, output_attentions=True)):
         assert len(got) == len(expected)

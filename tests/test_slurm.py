@@ -152,9 +152,10 @@ def test_preempted_then_killed_run_ends_at_the_uninterrupted_weights(tmp_path, s
     assert jobs_of(out)[0]["job"] == job  # the same job, requeued
 
     # killed outright, as by a node failure or scancel's SIGKILL (no checkpoint, no requeue), as soon as the
-    # requeued job trains again. A plain scancel sends SIGTERM first, which submitit ignores, and SIGKILL only
-    # KillWait later: on an idle machine the tiny run finishes within that wait.
-    slurm.run("scancel", "--full", "--signal=KILL", job)
+    # requeued job trains again. A plain scancel (and `scancel --full --signal=KILL` of the job, which reaches the
+    # batch script) ends the tasks with SIGTERM first, which submitit ignores, and SIGKILL only KillWait later: on
+    # an idle machine the tiny run finishes within that wait. The step's tasks get SIGKILL at once.
+    slurm.run("scancel", "--signal=KILL", f"{job}.0")
     wait_until(lambda: not _queued(job), what="the killed job to leave the queue")
     status = cbtool("sweep", "--status", out)
     assert "failed" in status.stdout and "killed" in status.stdout, status.stdout

@@ -91,7 +91,7 @@ def test_query_is_named_and_outlined(timm_model):
     rows = attention_panels([timm_model()], [Image.new("RGB", (32, 32), (128, 128, 128))],
                             options=VizOptions(query=(1, 2)))
     query = [cell for cell in rows[0][1:] if "query" in cell.title]
-    assert len(query) == 1 and "L2 query (1,2) mean" in query[0].title and query[0].marker == (1, 2, 4, 4)
+    assert len(query) == 1 and "L2 query (1,2) heads mean" in query[0].title and query[0].marker == (1, 2, 4, 4)
     assert rows[0][0].marker == (1, 2, 4, 4) and "query (1,2)" in rows[0][0].title  # on the image as well
     picture = np.asarray(compose([[query[0]]], panel=64, pad=0))
     title = 4 + 13 * 3

@@ -12,6 +12,7 @@ from cbtool.errors import UnsupportedModelError
 from cbtool.families.base import Branch, Family, Support, TokenLayout, class_name
 from cbtool.families.hf_data2vec import HfData2VecVision
 from cbtool.families.hf_mae import HfViTMAE
+from cbtool.families.hf_siglip2 import HfSiglip2
 from cbtool.families.hf_swin import HfSwin
 from cbtool.families.hf_swinv2 import HfSwinv2
 from cbtool.families.hf_vit import HfViT
@@ -23,7 +24,7 @@ from cbtool.families.timm_vit import TimmNaFlexViT, TimmViT
 
 FAMILIES: tuple[Family, ...] = (
     TimmViT(), TimmNaFlexViT(), TimmCaiT(), TimmPiT(), TimmSAM(), TimmSwin(), TimmSwinV2Cr(),
-    HfViT(), HfViTMAE(), HfData2VecVision(), HfSwin(), HfSwinv2(),
+    HfViT(), HfViTMAE(), HfSiglip2(), HfData2VecVision(), HfSwin(), HfSwinv2(),
 )
 REGISTRY: dict[str, Family] = {cls: family for family in FAMILIES for cls in family.classes}
 
@@ -36,20 +37,15 @@ SUPPORTED = "; ".join(
 _PRETRAINING = "a masked-image-modeling pre-training model; load its encoder ({}) instead"
 _SEGMENTATION = ("a semantic-segmentation model, and cbtool evaluates image classification; load its encoder ({}) "
                  "instead")
-_NAFLEX = ("takes patch sequences with pixel_attention_mask and spatial_shapes (NaFlex inputs), not the images "
-           "cbtool's eval, finetune and viz feed")
 REFUSED: dict[str, str] = {
     "ViTForMaskedImageModeling": _PRETRAINING.format("ViTModel"),
     "DeiTForMaskedImageModeling": _PRETRAINING.format("DeiTModel"),
     "SwinForMaskedImageModeling": _PRETRAINING.format("SwinModel"),
     "Swinv2ForMaskedImageModeling": _PRETRAINING.format("Swinv2Model"),
     "ViTMAEForPreTraining": "MAE pre-training (random masking and a decoder); load ViTMAEModel with mask_ratio 0 "
-                            "instead",
+                            "instead (by name or folder, cbtool loads the encoder: add --model-kwargs mask_ratio=0)",
     "BeitForSemanticSegmentation": _SEGMENTATION.format("BeitModel or BeitBackbone"),
     "Data2VecVisionForSemanticSegmentation": _SEGMENTATION.format("Data2VecVisionModel"),
-    "Siglip2VisionModel": _NAFLEX,
-    "Siglip2Model": _NAFLEX,
-    "Siglip2ForImageClassification": _NAFLEX,
 }
 
 

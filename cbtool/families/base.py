@@ -142,6 +142,21 @@ class Family:
         """(B, N, 1) weights of the valid tokens for a block's ``attn_mask``; None means every token counts."""
         return None
 
+    def block_mask(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The attention mask a block is called with (``masked_tokens`` families), from its call's arguments."""
+        mask = kwargs.get("attn_mask")
+        return mask if torch.is_tensor(mask) else None
+
+    def model_inputs(self, model: nn.Module, images: torch.Tensor) -> tuple[tuple, dict]:
+        """The positional and keyword arguments that feed a batch of (B, C, H, W) ``images`` to ``model``."""
+        return (images,), {}
+
+    def run(self, model: nn.Module, images: torch.Tensor, runner: Optional[Callable] = None) -> object:
+        """``model``'s output for (B, C, H, W) ``images``, called through ``runner`` (its compiled or DDP wrapper)
+        where given; every place cbtool runs a model goes through here."""
+        args, kwargs = self.model_inputs(model, images)
+        return (model if runner is None else runner)(*args, **kwargs)
+
     def attention_layouts(self, model: nn.Module, image_size: tuple[int, int]) -> list[TokenLayout]:
         """One layout per attention layer, in the order ``capture_attention`` reports them."""
         raise NotImplementedError
@@ -203,6 +218,17 @@ def allowed_from_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     if mask is None:
         return None
     return mask if mask.dtype == torch.bool else mask == 0
+
+
+def valid_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) booleans for an attention mask (boolean or additive; (B, N) to (B, heads, N, N)): the tokens some
+    query of the image may attend to, the rest being padding; None without a mask."""
+    allowed = allowed_from_mask(mask)
+    if allowed is None:
+        return None
+    while allowed.ndim < 4:
+        allowed = allowed.unsqueeze(1)
+    return allowed.any(dim=-2).any(dim=1)
 
 
 def window_allowed(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

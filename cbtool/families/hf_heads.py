@@ -11,9 +11,9 @@ from cbtool.families.hf_vit import HEADED
 
 # Vision-tower configs that the classification model wraps in its full (vision + text) config class.
 _OUTER_CONFIG = {"CLIPVisionModel": "CLIPConfig", "CLIPVisionModelWithProjection": "CLIPConfig",
-                 "SiglipVisionModel": "SiglipConfig"}
+                 "SiglipVisionModel": "SiglipConfig", "Siglip2VisionModel": "Siglip2Config"}
 # Models whose vision tower (``vision_model``) moves into the classifier (a text tower or projection is dropped).
-_TOWER_ONLY = ("CLIPModel", "SiglipModel", "CLIPVisionModelWithProjection")
+_TOWER_ONLY = ("CLIPModel", "SiglipModel", "Siglip2Model", "CLIPVisionModelWithProjection")
 
 
 def add_head(model: nn.Module, num_classes: int) -> nn.Module:

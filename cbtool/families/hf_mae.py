@@ -31,7 +31,7 @@ class HfViTMAE(HfViT):
             raise UnsupportedModelError(
                 f"{type(model).__name__} drops a random {ratio:g} of the patches in every forward (MAE pre-training), "
                 "so CB would average a different subset each call; set model.config.mask_ratio = 0 "
-                "(see `cbtool families`)"
+                "(on the command line: --model-kwargs mask_ratio=0)"
             )
         return super().blocks(model)
 

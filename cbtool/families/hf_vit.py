@@ -1,10 +1,11 @@
 """Hugging Face transformers 5.x vision transformers: ViT, DeiT (with teacher), Dinov2 (with registers),
-the CLIP and SigLIP vision towers, and BEiT. Swin lives in ``hf_swin``."""
+the CLIP and SigLIP vision towers, and BEiT. Swin lives in ``hf_swin``, SigLIP2 (patch-sequence inputs) in
+``hf_siglip2``."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ HEADED = {
     "Data2VecVisionModel": "Data2VecVisionForImageClassification",
     "Swinv2Model": "Swinv2ForImageClassification",
     "CLIPVisionModelWithProjection": "CLIPForImageClassification",
+    "Siglip2VisionModel": "Siglip2ForImageClassification",
+    "Siglip2Model": "Siglip2ForImageClassification",
 }
 
 # The embeddings transformers keeps free of weight decay.
@@ -156,6 +159,12 @@ class HfViT(Family):
         layout = TokenLayout(self.num_prefix_tokens(model), (image_size[0] // patch, image_size[1] // patch),
                              float(patch), int(config.num_attention_heads))
         return [layout for _ in self.blocks(model)]
+
+    def run(self, model: nn.Module, images: torch.Tensor, runner: Optional[Callable] = None) -> object:
+        if isinstance(getattr(model, "text_model", None), nn.Module):  # CLIPModel / SiglipModel: the vision tower
+            args, kwargs = self.model_inputs(model, images)
+            return model.vision_model(*args, **kwargs)
+        return super().run(model, images, runner)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The modules that return ``(output, probabilities)`` on the eager path, one per layer."""

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cbtool.families.base import NOT_APPLICABLE, TokenLayout, allowed_from_mask, checked_blocks, class_name
+from cbtool.families.base import NOT_APPLICABLE, TokenLayout, checked_blocks, class_name, valid_tokens
 from cbtool.families.timm_base import POST_NORM, PRE_NORM, AttentionProbe, TimmFamily, attn_drop_probe, timm_branch
 
 _BLOCKS = {
@@ -88,17 +88,9 @@ class TimmNaFlexViT(TimmViT):
     masked_tokens = True
 
     def token_weights(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return _token_weights_from_mask(attn_mask)
+        valid = valid_tokens(attn_mask)  # 1 for the tokens some query may attend to, 0 for padding
+        return None if valid is None else valid.unsqueeze(-1)
 
     def _embed(self, model: nn.Module) -> nn.Module:
         return model.embeds
 
-
-def _token_weights_from_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """(B, N, 1) weights, 1 for the tokens some query may attend to and 0 for padding; None without a mask."""
-    allowed = allowed_from_mask(mask)
-    if allowed is None:
-        return None
-    while allowed.ndim < 4:
-        allowed = allowed.unsqueeze(1)
-    return allowed.any(dim=-2).any(dim=1).unsqueeze(-1)

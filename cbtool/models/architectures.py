@@ -20,7 +20,8 @@ _DEFAULT_ARCHITECTURE = {
     "swin": "SwinForImageClassification", "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel",
     "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel", "swinv2": "Swinv2ForImageClassification",
     "data2vec-vision": "Data2VecVisionForImageClassification", "vit_mae": "ViTMAEModel", "vit_msn": "ViTMSNModel",
-    "ijepa": "IJepaModel", "dinov3_vit": "DINOv3ViTModel",
+    "ijepa": "IJepaModel", "dinov3_vit": "DINOv3ViTModel", "siglip2": "Siglip2Model",
+    "siglip2_vision_model": "Siglip2VisionModel",
 }
 
 
@@ -51,7 +52,17 @@ def import_transformers():
     return transformers
 
 
+# Pre-training classes whose encoder cbtool supports -> (the encoder class, the state-dict prefixes of the
+# pre-training head). A Hub or folder name whose config lists one builds the encoder, as ``AutoModel`` does, and
+# the head's weights are left out (``pretraining_head``).
+PRETRAINING_ENCODERS = {"ViTMAEForPreTraining": ("ViTMAEModel", ("decoder.",))}
+
+
 def choose_architecture(config, name: str) -> str:
+    """The transformers class to build for ``config``: the first supported one its ``architectures`` list, the encoder
+    of a pre-training class, or the model type's default; anything else is refused in one line saying why."""
+    from cbtool.families import REFUSED
+
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
         default = _DEFAULT_ARCHITECTURE.get(config.model_type)
@@ -59,9 +70,25 @@ def choose_architecture(config, name: str) -> str:
     for architecture in architectures:
         if architecture in HF_ARCHITECTURES:
             return architecture
-    raise UnsupportedModelError(
-        f"{name} is a {architectures or config.model_type} model; cbtool supports {', '.join(HF_ARCHITECTURES)}"
-    )
+    for architecture in architectures:
+        if architecture in PRETRAINING_ENCODERS:
+            return PRETRAINING_ENCODERS[architecture][0]
+    for architecture in architectures:
+        if architecture in REFUSED:
+            raise UnsupportedModelError(f"{name} is a {architecture}, {REFUSED[architecture]}")
+    listed = ", ".join(architectures) or config.model_type
+    raise UnsupportedModelError(f"{name} is a {listed} model, which cbtool does not support; run `cbtool families` "
+                                "for the classes it does")
+
+
+def pretraining_head(config, architecture: str) -> tuple[str, ...]:
+    """The state-dict prefixes of the pre-training head left out when ``architecture`` is built from a checkpoint of
+    a pre-training class (``PRETRAINING_ENCODERS``); empty otherwise."""
+    listed = list(getattr(config, "architectures", None) or [])
+    if architecture in listed:
+        return ()
+    return next((prefixes for name in listed for encoder, prefixes in [PRETRAINING_ENCODERS.get(name, ("", ()))]
+                 if encoder == architecture), ())
 
 
 def build_transformers(architecture: str, config: dict) -> nn.Module:

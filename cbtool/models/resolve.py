@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ from cbtool.models.fit import (check_finite_weights, check_input_size, check_opt
                                check_strict_load, has_trained_weights, is_head_key, mismatch_message,
                                quiet_loading_report, read_json_object, unreadable_message, wrong_kwarg_types)
 from cbtool.models import provenance
-from cbtool.models.architectures import HF_ARCHITECTURES, choose_architecture, import_transformers, rebuild  # noqa: F401
+from cbtool.models.hf_preprocessing import hf_data_config, image_processor_config  # noqa: F401 (re-exported)
+from cbtool.models.architectures import (HF_ARCHITECTURES, choose_architecture, import_transformers,  # noqa: F401
+                                         pretraining_head, rebuild)
 from cbtool.models.hub import hub_access
 from cbtool.ranges import check_seed
 
@@ -295,8 +299,13 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         overrides["num_labels"] = num_classes
     try:
         with hub_access(what, HF_OFFLINE_HINT if not local else "check the folder"):
+            if overrides:  # --model-kwargs mask_ratio=0 is a float field: transformers' validation wants 0.0
+                plain = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
+                overrides = {key: float(value) if _float_field(plain, key, value) else value
+                             for key, value in overrides.items()}
             config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **overrides)
             architecture = choose_architecture(config, name)
+            dropped = pretraining_head(config, architecture)
             cls = getattr(transformers, architecture)
             if pretrained:
                 with quiet_loading_report(bars=not local):  # cbtool says what did not fit, in one line (check_strict_load)
@@ -304,12 +313,17 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
                                                          ignore_mismatched_sizes=num_classes is not None)  # fmt: skip
             else:
                 model = cls(config)
-            processor = _image_processor_config(name)
+            processor = image_processor_config(name)
     except CbtoolError:
         raise
     except Exception as error:  # transformers raises many types for bad configs and files
         raise ModelSourceError(f"cannot load {what}: {first_line(error, 300)}") from None
     if pretrained:
+        if dropped:  # the encoder of a pre-training checkpoint, as AutoModel loads it: the head's weights stay out
+            loading["unexpected_keys"] = [key for key in loading.get("unexpected_keys") or []
+                                          if not key.startswith(dropped)]
+            _note(f"{name} holds {', '.join(config.architectures)}: loaded its encoder, {architecture}, "
+                     f"without the pre-training head ({', '.join(p.rstrip('.') for p in dropped)})")
         check_strict_load(model, loading, name, new_head=num_classes is not None)
         check_finite_weights(model.state_dict(), name)
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
@@ -334,49 +348,12 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
 
 
 
-def _image_processor_config(name: str) -> dict | None:
-    """The raw ``preprocessor_config.json`` of a local folder or Hub repo, or None when it has none."""
-    path = Path(name) / "preprocessor_config.json"
-    if path.is_file():
-        return read_json_object(path)
-    if Path(name).is_dir():
-        return None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(name, "preprocessor_config.json")).read_text())
-    except EntryNotFoundError:
-        return None
+def _note(text: str) -> None:
+    """A note on stderr, once per job (rank 0 under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {text}", file=sys.stderr)
 
 
-_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-
-
-def hf_data_config(config, processor: dict | None) -> dict[str, Any]:
-    """A timm-style data config from a transformers image-processor config (or the model config's defaults)."""
-    image_size = int(getattr(config, "image_size", 224))
-    processor = processor or {}
-    mean = processor.get("image_mean", [0.5, 0.5, 0.5] if config.model_type == "vit" else [0.485, 0.456, 0.406])
-    std = processor.get("image_std", [0.5, 0.5, 0.5] if config.model_type == "vit" else [0.229, 0.224, 0.225])
-    size = processor.get("size", {"height": image_size, "width": image_size})
-    crop = processor.get("crop_size") if processor.get("do_center_crop") else None
-    interpolation = _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear")
-    if crop:
-        crop_h, crop_w = _hw(crop)
-        resize = size.get("shortest_edge") or _hw(size)[0]
-        return {"input_size": [3, crop_h, crop_w], "interpolation": interpolation, "mean": list(mean),
-                "std": list(std), "crop_pct": crop_h / resize, "crop_mode": "center"}
-    height, width = _hw(size) if ("height" in size or isinstance(size, int)) else (image_size, image_size)
-    # Resizing straight to (height, width) is timm's "squash" crop mode with crop_pct 1.
-    return {"input_size": [3, height, width], "interpolation": interpolation, "mean": list(mean),
-            "std": list(std), "crop_pct": 1.0, "crop_mode": "squash"}
-
-
-def _hw(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    if "height" in size:
-        return int(size["height"]), int(size["width"])
-    edge = int(size.get("shortest_edge", 224))
-    return edge, edge
+def _float_field(config, key: str, value: Any) -> bool:
+    """Whether an integer ``--model-kwargs`` value sets a float field of a transformers config."""
+    return isinstance(value, int) and not isinstance(value, bool) and isinstance(getattr(config, key, None), float)

@@ -49,6 +49,15 @@ def _validation_text(val: dict | None) -> str:
     return f"validation on {split} ({val['num_samples']} images)"
 
 
+def unreached_note(names) -> str:
+    """Which parameters a run leaves alone because the logits do not depend on them."""
+    owners = {name.rsplit(".", 1)[0] for name in names}
+    modules = sorted(m for m in owners if not any(m.startswith(other + ".") for other in owners))  # outermost
+    shown = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
+    return (f"note: {len(names)} parameter tensors do not reach the logits and are not trained ({shown}): the "
+            "classifier does not use them")
+
+
 def start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data, cb_lr=None) -> str:
     verb = f"resuming at step {state.step} of" if state.step else "training for"
     processes = f" x {info.world_size} processes" if info.world_size > 1 else ""

@@ -25,7 +25,7 @@ from cbtool.optim import ramp_factor
 from cbtool.surgery import set_ramp
 from cbtool.train.config import FinetuneConfig, FinetuneResult, Interrupted, State
 from cbtool.train.consistency import refuse_finished
-from cbtool.train.console import Progress, eval_line, progress, start_note
+from cbtool.train.console import Progress, eval_line, progress, start_note, unreached_note
 from cbtool.train.prepare import Plan, optimizer_for, output_paths, place, plan_run, wrap
 from cbtool.train.record import metrics_only, training_record
 from cbtool.train.resume import find_checkpoint
@@ -66,6 +66,8 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
     if info.is_main and not config.quiet:
         print(start_note(state, plan.schedule.total, plan.steps_per_epoch, plan.schedule.peak, plan.trainable,
                          info, device, run.dir, config, t.data, plan.cb_lr), file=sys.stderr)  # fmt: skip
+        if plan.unreached:
+            print(unreached_note(plan.unreached), file=sys.stderr)
     try:
         last = _loop(t)
     finally:
@@ -242,7 +244,7 @@ def _train_step(runner, family, batches, optimizer, scaler, params, config, devi
         syncing = micro == config.grad_accum - 1 or not hasattr(runner, "no_sync")
         with nullcontext() if syncing else runner.no_sync():
             with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext():
-                logits = family.logits(runner(images))
+                logits = family.logits(family.run(unwrap(runner), images, runner))
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
             scaled = loss / config.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()

@@ -14,7 +14,7 @@ from torch import nn
 from cbtool import distributed
 from cbtool.models.checkpoint import check_output_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
-from cbtool.optim import WarmupCosine, param_groups, parse_train_parts, select_trainable
+from cbtool.optim import WarmupCosine, freeze_unreached, param_groups, parse_train_parts, select_trainable
 from cbtool.train.config import CB_LR, PRETRAINED_LR, SCRATCH_LR, SMALL_INPUT, FinetuneConfig, State
 from cbtool.train.data import describe
 
@@ -74,6 +74,7 @@ class Plan:
     steps_per_epoch: int
     schedule: WarmupCosine
     cb_lr: float | None = None  # the cbs scales' peak learning rate, when they train in a group of their own
+    unreached: tuple[str, ...] = ()  # parameters the logits do not depend on: not trained (optim.freeze_unreached)
 
     def settings(self, config: FinetuneConfig, info, device: torch.device) -> dict:
         """The worked-out settings, for the log and the training record."""
@@ -108,6 +109,9 @@ def plan_run(model: nn.Module, train, val, config: FinetuneConfig, info, device:
     trainable = select_trainable(model, parse_train_parts(config.train))
     family = detect(unwrap(model))
     data_config, augmentation = _augmentation(model, config)
+    unreached = freeze_unreached(unwrap(model), family, data_config["input_size"])
+    frozen = set(unreached)
+    trainable -= sum(p.numel() for name, p in unwrap(model).named_parameters() if name in frozen)
     train_ds, val_ds = _transformed(train, data_config, augmentation), _transformed(val, data_config)
     workers = _default_workers(device, info.world_size) if config.workers is None else config.workers
     steps_per_epoch = ((len(train_ds) // info.world_size) // config.batch_size) // config.grad_accum
@@ -123,7 +127,8 @@ def plan_run(model: nn.Module, train, val, config: FinetuneConfig, info, device:
     schedule = WarmupCosine(lr, total, min(warmup, total), config.min_lr)
     cb_lr = _cb_lr(model, config, lr)
     _check_ramp(model, config, total)
-    return Plan(family, train_ds, val_ds, augmentation, trainable, workers, steps_per_epoch, schedule, cb_lr)
+    return Plan(family, train_ds, val_ds, augmentation, trainable, workers, steps_per_epoch, schedule, cb_lr,
+                tuple(unreached))
 
 
 def _cb_lr(model: nn.Module, config: FinetuneConfig, lr: float) -> float | None:

@@ -119,6 +119,7 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
     plans = [_plan(m, label, tuple(b.shape[-2:]), options) for m, label, (b, _) in zip(models, labels, batches)]
     rows: list[list[Panel]] = [[Panel(name, shown)] for name, shown in zip(names, batches[0][1])]
     pending: list[tuple[int, str, int, Panel]] = []  # (row, view, keys N, panel before its scale is known)
+    mean_query_models: set[str] = set()
     for model, label, (batch, shown), layers in zip(models, labels, batches, plans):
         size = tuple(batch.shape[-2:])
         wanted = None if options.rollout else layers  # rollout needs every layer
@@ -130,9 +131,12 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
             for view in options.views():
                 fused = fuse_heads(layer_view(by_layer[index], layouts[index], view, options.query), options.heads)
                 where = f"query ({options.query[0]},{options.query[1]})" if view == "query" else view
+                if view == "class" and layouts[index].prefix == 0:  # no class token: the mean query's attention
+                    where = MEAN_QUERY
+                    mean_query_models.add(label)
                 marker = (*options.query, *fused.shape[-2:]) if view == "query" else None
                 for head in range(fused.shape[1]):
-                    head_name = f"h{head}" if fused.shape[1] > 1 else str(options.heads)
+                    head_name = f"h{head}" if fused.shape[1] > 1 else f"heads {options.heads}"
                     for b in range(len(rows)):
                         title = f"{label}\nL{index} {where} {head_name}"
                         pending.append((b, view, keys, Panel(title, shown[b], fused[b, head].cpu().numpy(),
@@ -147,6 +151,9 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
     for view in dict.fromkeys(view for _, view, _, _ in pending):
         drawn = [(keys, p.heat) for _, v, keys, p in pending if v == view]
         scales[view] = view_scale(view, [h for _, h in drawn], [k for k, _ in drawn], options.scale)
+    if "class" in scales and mean_query_models:  # the bar names what its panels show
+        both = len(mean_query_models) < len(labels)
+        scales["class"] = replace(scales["class"], name=f"{'class / ' if both else ''}{MEAN_QUERY} attention")
     for b, view, _, cell in pending:
         low, high = panel_limits(cell.heat, scales[view])
         title = f"{cell.title}\n{scale_line(cell.heat, scales[view])}"
@@ -159,6 +166,10 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
     if options.scale == "per-panel":
         colour_bars = [replace(colour_bars[0], name="every view")]  # one bar, "each panel's min to max", for all
     return rows, colour_bars
+
+
+MEAN_QUERY = "mean-query"
+"""The class view of a model without a class token: the mean over the queries of each key's attention."""
 
 
 def discard_text(ratio: float) -> str:

@@ -64,12 +64,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layers: LayerChoice =
     try:
         pixels = images.to(model_device(model))
         with family.capture_attention(model, keep):
-            if family.library != "transformers":
-                model(pixels)
-            elif isinstance(getattr(model, "text_model", None), nn.Module):  # CLIPModel / SiglipModel want text too
-                model.vision_model(pixel_values=pixels)
-            else:
-                model(pixel_values=pixels)
+            family.run(model, pixels)
     finally:
         model.train(training)
     missing = [index for index in chosen if index not in found]

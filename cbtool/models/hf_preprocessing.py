@@ -1,0 +1,67 @@
+"""The data config of a transformers model, timm-style: from its image processor's ``preprocessor_config.json``
+(a local folder's or a Hub repo's), or from the model config's defaults where there is none; no torch."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cbtool.models.fit import read_json_object
+
+
+def image_processor_config(name: str) -> dict | None:
+    """The raw ``preprocessor_config.json`` of a local folder or Hub repo, or None when it has none."""
+    path = Path(name) / "preprocessor_config.json"
+    if path.is_file():
+        return read_json_object(path)
+    if Path(name).is_dir():
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(name, "preprocessor_config.json")).read_text())
+    except EntryNotFoundError:
+        return None
+
+
+_HALF_NORMALIZED = ("vit", "siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def hf_data_config(config, processor: dict | None) -> dict[str, Any]:
+    """A timm-style data config from a transformers image-processor config (or the model config's defaults)."""
+    vision = getattr(config, "vision_config", None) or config  # CLIP / SigLIP: the vision tower's settings
+    processor = processor or {}
+    image_size = int(getattr(vision, "image_size", 224))
+    if getattr(vision, "num_patches", None) is not None and not hasattr(vision, "image_size"):
+        # SigLIP2 (NaFlex) has no image size: its processor fits each image into max_num_patches patches,
+        # so a square image is sqrt(max_num_patches) patches on a side.
+        patches = int(processor.get("max_num_patches") or vision.num_patches)
+        image_size = int(processor.get("patch_size") or vision.patch_size) * max(math.isqrt(patches), 1)
+    half = config.model_type in _HALF_NORMALIZED  # their processors' defaults when a folder has none
+    mean = processor.get("image_mean", [0.5, 0.5, 0.5] if half else [0.485, 0.456, 0.406])
+    std = processor.get("image_std", [0.5, 0.5, 0.5] if half else [0.229, 0.224, 0.225])
+    size = processor.get("size") or {"height": image_size, "width": image_size}
+    crop = processor.get("crop_size") if processor.get("do_center_crop") else None
+    interpolation = _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear")
+    if crop:
+        crop_h, crop_w = _hw(crop)
+        resize = size.get("shortest_edge") or _hw(size)[0]
+        return {"input_size": [3, crop_h, crop_w], "interpolation": interpolation, "mean": list(mean),
+                "std": list(std), "crop_pct": crop_h / resize, "crop_mode": "center"}
+    height, width = _hw(size) if ("height" in size or isinstance(size, int)) else (image_size, image_size)
+    # Resizing straight to (height, width) is timm's "squash" crop mode with crop_pct 1.
+    return {"input_size": [3, height, width], "interpolation": interpolation, "mean": list(mean),
+            "std": list(std), "crop_pct": 1.0, "crop_mode": "squash"}
+
+
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if "height" in size:
+        return int(size["height"]), int(size["width"])
+    edge = int(size.get("shortest_edge", 224))
+    return edge, edge

@@ -1,0 +1,234 @@
+"""SigLIP2 (NaFlex): patch-sequence inputs, mask-aware CB, and cbtool's commands against transformers' own processor.
+
+The hand-written references, uniform-entropy and remove/cbs-0 tests are the ``hf-siglip2*`` cases of
+``test_family_reference``. Here: padding tokens (as the image processor makes them) never enter CB's mean or the
+density; cbtool's patches are the processor's; and ``cbtool eval`` on an image folder gives the figures that
+transformers' ``Siglip2ImageProcessor`` and the model give on the same files, with and without CB.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_eval import DIGIT_CLASSES, digit_picks, write_folder
+from test_family_reference import _HF_NAFLEX, _TEXT, POSITIONS, perturbed
+
+from cbtool.families import detect
+from cbtool.families.hf_siglip2 import patch_inputs
+from cbtool.metrics.density import DensityAccumulator
+from cbtool.spec import CBSpec
+from cbtool.surgery import inject
+
+PATCH = 8
+
+
+def vision_model(attention: str = "sdpa"):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Siglip2VisionConfig(**_HF_NAFLEX, vision_use_head=True)
+    config._attn_implementation = attention
+    return perturbed(transformers.Siglip2VisionModel(config))
+
+
+def classifier(num_labels: int = 10):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Siglip2Config(vision_config=_HF_NAFLEX, text_config=_TEXT, num_labels=num_labels)
+    config.architectures = ["Siglip2ForImageClassification"]
+    return perturbed(transformers.Siglip2ForImageClassification(config))
+
+
+def alone_and_padded(rows: int = 3, cols: int = 4, pad_to: int = 16) -> tuple[dict, dict]:
+    """One image's inputs as they are, and padded with ``pad_to - rows * cols`` zero patches as the processor pads."""
+    image = torch.randn(1, 3, rows * PATCH, cols * PATCH, generator=torch.Generator().manual_seed(3))
+    alone = patch_inputs(image, PATCH)
+    extra = pad_to - rows * cols
+    padded = dict(alone)
+    padded["pixel_values"] = torch.cat([alone["pixel_values"], torch.zeros(1, extra, 3 * PATCH * PATCH)], 1)
+    padded["pixel_attention_mask"] = torch.cat([alone["pixel_attention_mask"],
+                                                torch.zeros(1, extra, dtype=torch.int32)], 1)
+    return alone, padded
+
+
+def test_patches_are_the_image_processors():
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    images = torch.randn(2, 3, 16, 24)
+    got = patch_inputs(images, PATCH)
+    assert torch.equal(got["pixel_values"], torch.stack([convert_image_to_patches(image, PATCH) for image in images]))
+    assert got["spatial_shapes"].tolist() == [[2, 3], [2, 3]]
+    assert got["pixel_attention_mask"].tolist() == [[1] * 6] * 2
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_cb_averages_the_valid_tokens_only(position, attention, monkeypatch):
+    plain = vision_model(attention)
+    alone, padded = alone_and_padded()
+    with torch.no_grad():
+        reference = plain(**alone)
+        assert torch.allclose(plain(**padded).pooler_output, reference.pooler_output, atol=1e-5)  # it ignores padding
+        model = inject(copy.deepcopy(plain), CBSpec("cb", position))
+        got_alone, got_padded = model(**alone), model(**padded)
+        assert (got_padded.pooler_output - got_alone.pooler_output).abs().max().item() < 1e-5
+        assert (got_padded.last_hidden_state[:, :12] - got_alone.last_hidden_state).abs().max().item() < 1e-5
+        assert (got_alone.pooler_output - reference.pooler_output).abs().max().item() > 1e-4  # CB is there
+        # Without the mask, the mean takes in the 4 padding tokens: the test would fail.
+        monkeypatch.setattr(type(detect(model)), "token_weights", lambda self, mask: None)
+        assert (model(**padded).pooler_output - got_alone.pooler_output).abs().max().item() > 1e-4
+
+
+def test_density_leaves_padding_out():
+    model = vision_model()
+    family = detect(model)
+    alone, padded = alone_and_padded()
+    results = []
+    for inputs in (alone, padded):
+        accumulator = DensityAccumulator(family.attention_layouts(model, (3 * PATCH, 4 * PATCH)))
+        with torch.no_grad(), family.capture_attention(model, accumulator):
+            model(**inputs)
+        results.append(accumulator.result())
+    flat = [[value for layer in result["entropy_per_layer_head"] for value in layer] for result in results]
+    assert flat[1] == pytest.approx(flat[0], abs=1e-5)
+    assert 0.2 < results[0]["entropy_mean"] < 0.99  # a real, not uniform, map
+
+
+def test_data_config_is_the_processors_square_size(tmp_path):
+    import transformers
+
+    from cbtool.models.resolve import hf_data_config
+
+    config = transformers.Siglip2VisionConfig(patch_size=16, num_patches=256)
+    assert hf_data_config(config, None)["input_size"] == [3, 256, 256]
+    processor = {"max_num_patches": 576, "patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    assert hf_data_config(transformers.Siglip2Config(vision_config=config.to_dict()), processor)["input_size"] == \
+        [3, 384, 384]
+    assert hf_data_config(config, None)["mean"] == [0.5, 0.5, 0.5]  # SigLIP's processors' default
+
+
+def processor_figures(model, folder, max_num_patches: int) -> tuple[float, float]:
+    """(top-1 %, mean loss) of ``model`` on the PNGs of ``folder``, through transformers' Siglip2ImageProcessor."""
+    import transformers
+
+    processor = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=max_num_patches)
+    files = sorted(folder.glob("*/*.png"))
+    labels = torch.tensor([DIGIT_CLASSES.index(path.parent.name) for path in files])
+    inputs = processor(images=[Image.open(path).convert("RGB") for path in files], return_tensors="pt")
+    assert inputs["pixel_values"].shape[1] == max_num_patches  # padded
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    return float((logits.argmax(1) == labels).float().mean() * 100), float(F.cross_entropy(logits, labels))
+
+
+def test_eval_equals_the_image_processor_path(tmp_path, main_cli):
+    """cbtool feeds unpadded patches; the processor pads to 20 (4 padding tokens): the same figures, plain and CB."""
+    import transformers
+
+    folder = write_folder(tmp_path / "digits", digit_picks(0, 40), DIGIT_CLASSES)
+    plain = classifier()
+    plain.save_pretrained(tmp_path / "plain")
+    transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=20).save_pretrained(tmp_path / "plain")
+    code, err = main_cli("inject", tmp_path / "plain", "-o", tmp_path / "cb.safetensors", "--quiet")
+    assert code == 0, err
+    code, err = main_cli("eval", tmp_path / "plain", tmp_path / "cb.safetensors", "--dataset", folder,
+                         "--json", tmp_path / "eval.json", "--quiet")
+    assert code == 0, err
+    document = json.loads((tmp_path / "eval.json").read_text())
+    got = {entry["label"]: entry["metrics"] for entry in document["models"]}
+    cb_model = inject(copy.deepcopy(plain), CBSpec("cb"))
+    for label, model in ((str(tmp_path / "plain"), plain), (str(tmp_path / "cb.safetensors"), cb_model)):
+        top1, loss = processor_figures(model.eval(), folder, max_num_patches=20)
+        metrics = got[label]
+        assert metrics["top1"] == pytest.approx(top1, abs=1e-6) and metrics["loss"] == pytest.approx(loss, abs=1e-4)
+    assert got[str(tmp_path / "plain")]["loss"] != pytest.approx(got[str(tmp_path / "cb.safetensors")]["loss"],
+                                                                 abs=1e-3)  # CB changes the figures
+
+
+def test_commands_run_on_a_siglip2_tower(tmp_path, main_cli):
+    """A headless vision tower: inject with a head, finetune, eval with density, viz and bench, all offline."""
+    import transformers
+
+    folder = write_folder(tmp_path / "digits", digit_picks(0, 60), DIGIT_CLASSES)
+    tower = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**_HF_NAFLEX))
+    tower.save_pretrained(tmp_path / "tower")
+    steps = [
+        ("inject", tmp_path / "tower", "--num-classes", "10", "-o", tmp_path / "cb.safetensors"),
+        ("finetune", tmp_path / "cb.safetensors", "--dataset", folder, "--epochs", "1", "--batch-size", "16",
+         "-o", tmp_path / "healed.safetensors", "--run-dir", tmp_path / "run"),
+        ("eval", tmp_path / "healed.safetensors", "--dataset", folder, "--density", "--json", tmp_path / "e.json"),
+        ("viz", tmp_path / "healed.safetensors", "--dataset", folder, "--limit", "2", "-o", tmp_path / "v.png"),
+        ("bench", tmp_path / "tower", "--batch-size", "2", "--repeats", "2", "--warmup", "0", "--json",
+         tmp_path / "b.json"),
+    ]
+    for step in steps:
+        code, err = main_cli(*step, "--quiet")
+        assert code == 0, (step[0], err)
+    metrics = json.loads((tmp_path / "e.json").read_text())["models"][0]
+    assert 0.0 < metrics["density"]["entropy_mean"] <= 1.0
+    assert np.isfinite(metrics["metrics"]["loss"])
+    assert json.loads((tmp_path / "b.json").read_text())["input_size"] == [3, 32, 32]
+
+
+@pytest.mark.parametrize(("build", "unreached"), [
+    (classifier, "vision_model.head."),  # the attention-pooling head beside the classifier's mean pooling
+    (lambda: perturbed(__import__("transformers").CLIPForImageClassification(__import__("transformers").CLIPConfig(
+        vision_config=_HF_CLIP, text_config=_TEXT, num_labels=3))), "vision_model.post_layernorm."),
+    (lambda: perturbed(__import__("transformers").ViTForImageClassification(__import__("transformers").ViTConfig(
+        **_HF_CLIP, num_labels=3))), None),
+])
+def test_parameters_the_logits_do_not_use_are_found(build, unreached):
+    from cbtool.optim import freeze_unreached
+
+    model = build().train()
+    names = freeze_unreached(model, detect(model), (3, 32, 32))
+    assert model.training  # the probe ran in eval mode and restored the mode
+    if unreached is None:
+        assert names == []
+    else:
+        assert names and all(name.startswith(unreached) for name in names)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(names)
+
+
+_HF_CLIP = {k: v for k, v in _HF_NAFLEX.items() if k != "num_patches"} | {"image_size": 32}
+
+
+@pytest.mark.slow
+def test_torchrun_fine_tunes_a_classifier_with_an_unused_pooling_head(tmp_path, cli_env):
+    """Under DDP every trained parameter must get a gradient: SigLIP2's unused head is left out, and 2 ranks x 8
+    images give the weights of 1 process x 16."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    model = classifier()
+    model.save_pretrained(tmp_path / "plain")
+    common = ["finetune", str(tmp_path / "plain"), "--inject", "--dataset", "sample", "--limit", "64", "--val-limit",
+              "16", "--workers", "0", "--steps", "3", "--lr", "1e-3", "--no-augment"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    runs = {
+        "two": [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "cbtool", *common, "--batch-size", "8"],
+        "one": [sys.executable, "-m", "cbtool", *common, "--batch-size", "16"],
+    }
+    for name, command in runs.items():
+        done = subprocess.run([*command, "--run-dir", str(tmp_path / name), "-o", str(tmp_path / f"{name}.safetensors")],
+                              env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "parameter tensors do not reach the logits and are not trained (vision_model.head)" in done.stderr
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys()
+    for key in one:  # a key bias has no gradient but rounding (softmax ignores it), which Adam scales up to lr
+        assert torch.allclose(one[key], two[key], atol=1e-5 if not key.endswith("k_proj.bias") else 5e-3), key
+    original = model.state_dict()
+    assert torch.equal(one["vision_model.head.probe"], original["vision_model.head.probe"])  # not trained
+    assert not torch.equal(one["classifier.weight"], original["classifier.weight"])
