@@ -155,14 +155,10 @@ def check_writable_folder(folder: str | os.PathLike[str], what: str, hint: str) 
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"{what} {folder} cannot be created: {existing} is a file; {hint}")
-    probe = temporary_name(existing / "probe")
-    try:  # os.access says yes to root on a read-only file system: try it
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        os.unlink(probe)
+    try:
+        _probe(temporary_name(existing / "probe"), f"the {what} {folder}", hint)
     except OSError as error:
         raise OutputError(f"cannot write the {what} {folder}: {existing} is not writable ({error.strerror}); {hint}") from None
-    if not _has_free_space(existing):
-        raise OutputError(f"cannot write the {what} {folder}: no space left on the device of {existing}; {hint}")
     return folder
 
 
@@ -202,8 +198,9 @@ def check_output_folder(path: str | os.PathLike[str]) -> Path:
 # --- write errors, pre-flight checks and appends ---------------------------------------------------------------
 
 # Causes a user can act on, by errno; anything else is named by the system's own words.
+_NO_SPACE, _ELSEWHERE = "no space left on the device", "write elsewhere"
 _WRITE_CAUSES = {
-    errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
+    errno.ENOSPC: f"{_NO_SPACE}; free some space or {_ELSEWHERE}",
     errno.EDQUOT: "the disk quota is exhausted; free some space or write elsewhere",
     errno.EROFS: "the file system is read-only; write elsewhere",
     errno.EACCES: "permission denied; write to a folder you own",
@@ -254,15 +251,27 @@ def check_writable_output(path: str | os.PathLike[str]) -> Path:
         if not os.access(path, os.W_OK):
             raise write_error(path, OSError(errno.EROFS if _read_only(path) else errno.EACCES, ""))
         return path
-    probe = temporary_name(path)
+    try:
+        _probe(temporary_name(path), str(path), _ELSEWHERE)
+    except OSError as error:
+        raise write_error(path, error) from None
+    return path
+
+
+def _probe(probe: Path, target: str, hint: str) -> None:
+    """Create and remove the file ``probe`` (tried, since ``os.access`` says yes to root on a read-only file
+    system), then check that its device has a free block. A full disk is refused in one wording for every check,
+    naming ``target`` and ``hint``; any other failure is the ``OSError`` itself, for the caller to word."""
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         os.unlink(probe)
     except OSError as error:
-        raise write_error(path, error) from None
-    if not _has_free_space(path.parent):
-        raise write_error(path, OSError(errno.ENOSPC, ""))
-    return path
+        if error.errno != errno.ENOSPC:  # no inode left is a full disk too
+            raise
+    else:
+        if _has_free_space(probe.parent):
+            return
+    raise OutputError(f"cannot write {target}: {_NO_SPACE}; free some space or {hint}")
 
 
 def _read_only(path: Path) -> bool:

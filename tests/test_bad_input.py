@@ -541,7 +541,8 @@ CASES_19: dict[str, tuple[list[str], int, str]] = {
     "full-eval-json-over-a-file": (["eval", CB, *EVAL, "--json", "{full}/keep.json"], 2, "cannot write {full}/keep.json: no space left"),
     "full-check-json": (["check", "{in}/results.json", "--baseline", "{in}/results.json", "--json", "{full}/c.json"], 2, "no space left"),
     "full-compare-markdown": (["compare", "{in}/results.json", "{in}/baseline.json", "--markdown", "{full}/s.md"], 2, "no space left"),
-    "full-finetune-run-folder": (["finetune", PLAIN, *TUNE, "-o", OUT, "--run-dir", "{full}/run"], 2, "no space left on the device of {full}"),
+    "full-finetune-run-folder": (["finetune", PLAIN, *TUNE, "-o", OUT, "--run-dir", "{full}/run"], 2,
+                                 "cannot write the run folder {full}/run: no space left on the device; free some space or pick another"),
     # ... and when the disk fills in the middle of a write (streamed safetensors, a matplotlib PNG)
     "small-inject-mid-write": (["inject", PLAIN, "-o", "{small}/m.safetensors"], 2, "cannot write {small}/m.safetensors: no space left"),
     "small-compare-plot-mid-write": (["compare", "{in}/results.json", "{in}/density.json", "--plot", "{small}/p.png"], 2,

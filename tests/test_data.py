@@ -719,3 +719,20 @@ def test_folder_links_count_each_file_once_and_never_cross_classes(tmp_path, cap
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "skipped 5 link(s)" in warning[0]
     assert warning[0].endswith("a/b1.png, a/store/x.png, a/sub/into-b, a/sub/up and 1 more")
+
+
+def test_folder_link_warning_is_printed_by_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Under torchrun every rank reads the folder; the skipped links are named once, not once per rank."""
+    from cbtool.data.folder import read_folder
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / c / "1.png")
+    os.symlink("..", root / "a" / "up")  # a loop: skipped and named
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        source, _, _, _ = read_folder(root, None, purpose="eval")
+        assert source.files == ["a/1.png", "b/1.png"]  # every rank reads the same files
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == lines and all("skipped 1 link(s)" in line and line.endswith("a/up") for line in err), err

@@ -106,6 +106,29 @@ def test_run_folders_are_checked_before_any_work(tmp_path):
             check_writable_folder("/proc/x", "run folder", "hint")
 
 
+@pytest.mark.parametrize("full", ["no free block", "no inode"])
+def test_a_full_disk_is_refused_in_one_wording_by_both_probes(tmp_path, monkeypatch, full):
+    """A run folder and an output file on a full device: the same words, each naming the path and what to do."""
+    import errno
+
+    if full == "no free block":
+        monkeypatch.setattr(files, "_has_free_space", lambda folder: False)
+    else:
+        def no_inode(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(files.os, "open", no_inode)
+    with pytest.raises(OutputError) as folder:
+        check_writable_folder(tmp_path / "run", "run folder", "pick another with --run-dir")
+    with pytest.raises(OutputError) as output:
+        files.check_writable_output(tmp_path / "m.safetensors")
+    monkeypatch.undo()
+    words = "no space left on the device; free some space or"
+    assert str(folder.value) == f"cannot write the run folder {tmp_path / 'run'}: {words} pick another with --run-dir"
+    assert str(output.value) == f"cannot write {tmp_path / 'm.safetensors'}: {words} write elsewhere"
+    assert list(tmp_path.iterdir()) == []  # the probes removed, nothing created
+
+
 # --- issue 24: one guard, strict JSON --------------------------------------------------------------
 
 

@@ -267,6 +267,25 @@ def test_a_second_start_of_a_running_sweep_is_refused(tmp_path, main_cli):
     assert (out / "summary.json").read_text() == before
 
 
+def test_a_second_start_with_other_settings_leaves_the_plan_of_a_starting_sweep(tmp_path, main_cli):
+    """The first start has recorded its plan and holds the lock, no run has produced anything yet: a second start
+    with other settings is refused by the lock before it touches sweep.json (a sweep whose runs are all at their
+    start may otherwise be started again with other settings)."""
+    from cbtool.sweep.plan import claim_folder
+    from cbtool.sweep.start import folder_lock, make_plan
+
+    out = tmp_path / "sweep"
+    first = make_plan("vit_tiny_patch16_224", "sample", variants="plain", seeds="0", steps=2)
+    claim_folder(out, first)
+    before = (out / "sweep.json").read_bytes()
+    with folder_lock(out):  # the first start, still at its start
+        code, err = main_cli("sweep", *MODEL, *QUICK, "--variants", "plain", "--seeds", "1", "-o", out)
+    refusal = f"cbtool: error: another cbtool sweep is running in {out}; wait for it to end, or use another -o folder"
+    assert code == 2 and err.strip() == refusal, err
+    assert (out / "sweep.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "runs", "sweep.json"] and not any((out / "runs").iterdir())
+
+
 def test_torchrun_processes_are_part_of_the_recipe():
     from cbtool.sweep.plan import first_difference
     from cbtool.sweep.start import make_plan

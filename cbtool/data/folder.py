@@ -109,7 +109,8 @@ class _Walk:
         return found
 
     def warn(self, root: Path) -> None:
-        if self.skipped:
+        """Name the skipped entries on stderr, once per job: under torchrun every rank reads the folder, rank 0 tells."""
+        if self.skipped and os.environ.get("RANK", "0") == "0":
             shown = ", ".join(os.path.relpath(path, root) for path in self.skipped[:4])
             more = f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else ""
             print(f"warning: '{root}': skipped {len(self.skipped)} link(s) or file(s) that loop, repeat a file already "

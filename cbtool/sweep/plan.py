@@ -199,9 +199,21 @@ def read_plan(folder: str | Path) -> SweepPlan:
 def claim_folder(folder: str | Path, plan: SweepPlan) -> bool:
     """Record ``plan`` in ``folder`` (created if needed); True when the folder already held this sweep.
 
-    A folder holding another sweep, or other files and no sweep, is refused before anything is written.
+    A folder holding another sweep, or other files and no sweep, is refused before anything is written. A sweep
+    claims its folder under the folder's lock (``start.claimed_folder``), so that a second start cannot replace it.
     """
-    from cbtool.files import check_writable_folder, write_json_atomic
+    from cbtool.files import write_json_atomic
+
+    resumed = check_claim(folder, plan)
+    (Path(folder) / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(folder) / SWEEP_FILE, plan.to_dict())
+    return resumed
+
+
+def check_claim(folder: str | Path, plan: SweepPlan) -> bool:
+    """``claim_folder``'s checks, writing nothing: True when ``folder`` holds this sweep; refused when it holds
+    another sweep whose runs produced something, or other files (its lock file aside), or cannot be written."""
+    from cbtool.files import check_writable_folder
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -215,11 +227,9 @@ def claim_folder(folder: str | Path, plan: SweepPlan) -> bool:
         if difference and any(run_state(recorded, run, folder) != "start" for run in recorded.runs):
             raise OutputError(f"{folder} holds a different sweep ({difference}); pick another -o folder, or "
                               "run the same command to continue it")  # fmt: skip
-    elif folder.is_dir() and any(folder.iterdir()):
+    elif folder.is_dir() and any(path.name != LOCK_FILE for path in folder.iterdir()):
         raise OutputError(f"{folder} is not empty and holds no sweep; pick a new or empty -o folder")
     check_writable_folder(folder, "sweep folder", "pick another -o folder")
-    (folder / RUNS_FOLDER).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(existing, plan.to_dict())
     return resumed
 
 

@@ -51,8 +51,7 @@ def submit_sweep(plan: SweepPlan, root: str | Path, options: SlurmOptions, *, cl
     """Check everything (submitit, SLURM and the request, the plan), claim ``root``, and submit one job per run
     that is neither finished nor queued or running, as one job array. Returns the new records (run, job)."""
     from cbtool.cluster import check_cluster, check_submitit, executor
-    from cbtool.sweep.start import check_plan, folder_lock, write_summary
-    from cbtool.sweep.plan import claim_folder
+    from cbtool.sweep.start import check_plan, claimed_folder, write_summary
 
     if options.tasks != plan.processes:
         raise ValueError(f"the plan was made for {plan.processes} process(es) per run, not {options.tasks}")
@@ -62,8 +61,7 @@ def submit_sweep(plan: SweepPlan, root: str | Path, options: SlurmOptions, *, cl
     check_plan(plan)
     root = Path(root).resolve()
     plan.runtime["slurm"] = options.to_dict()
-    claim_folder(root, plan)
-    with folder_lock(root):
+    with claimed_folder(root, plan):
         records = read_jobs(root)
         active = active_jobs(records)
         todo = []

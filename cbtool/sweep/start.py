@@ -11,8 +11,8 @@ from typing import Any, Iterator, Sequence
 
 from cbtool.errors import CbtoolError, OutputError
 from cbtool.sweep.plan import (
-    LOCK_FILE, PLAIN, SUMMARY_FILE, SweepPlan, claim_folder, grid, parse_layers, parse_positions, parse_seeds,
-    parse_variants, read_plan,
+    LOCK_FILE, PLAIN, SUMMARY_FILE, SweepPlan, check_claim, claim_folder, grid, parse_layers, parse_positions,
+    parse_seeds, parse_variants, read_plan,
 )  # fmt: skip
 
 # finetune options that the sweep sets for each run (its cell, seed and folder), or that it cannot pass on.
@@ -169,13 +169,26 @@ def run_sweep(plan: SweepPlan, root: str | Path, *, devices: Sequence[str] | Non
     slots = device_slots(list(devices) if devices else None, torchrun)
     refuse_if_jobs_run(root)
     check_gpus(list(devices) if devices else None)
-    claim_folder(root, plan)
-    with folder_lock(root):
+    with claimed_folder(root, plan):
         if devices or torchrun:
             run_in_subprocesses(plan, root, slots=slots, torchrun=torchrun, note=note)
         else:
             run_sequential(plan, root, quiet=bool(plan.runtime.get("quiet")), note=note)
         return write_summary(root, plan)
+
+
+@contextmanager
+def claimed_folder(root: str | Path, plan: SweepPlan) -> Iterator[bool]:
+    """Hold ``root``'s lock with ``plan`` recorded in ``root`` (``claim_folder``); yields whether it held this sweep.
+
+    The lock is taken before ``sweep.json`` is written: a second start, with other settings, of a sweep whose runs
+    have not produced anything yet would otherwise replace its plan before the lock refused it. The checks run once
+    before the lock too, so that a folder that is not a sweep's is refused before a lock file is made in it.
+    """
+    check_claim(root, plan)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with folder_lock(root):
+        yield claim_folder(root, plan)  # checked again, now that no other start can change the folder
 
 
 @contextmanager
