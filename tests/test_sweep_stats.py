@@ -143,3 +143,79 @@ def test_runs_evaluated_on_other_data_are_not_paired(fake_sweep):
     odd.write_text(json.dumps(_document(50.0, 1.0, 0.9, "0110", sha="other")))
     with pytest.raises(CbtoolError, match="evaluated on different data"):
         summarize(plan, root)
+
+
+# per run: the top-1 (%) of each corruption at every severity 1-5 (the mean corruption error is 100 minus the mean)
+CORRUPTED = {("plain", 0): 40.0, ("plain", 1): 36.0, ("plain", 2): 44.0, ("cb", 0): 50.0, ("cb", 1): 46.0,
+             ("cb", 2): 48.0}  # fmt: skip
+IMAGENET_VAL = {"name": "imagenet-1k", "kind": "hub", "split": "validation", "num_samples": 50_000, "limit": None,
+                "num_classes": 1000, "class_subset": None, "bad_images": 0}  # fmt: skip
+
+
+def _with_corruptions(plan: SweepPlan, root, dataset: dict) -> SweepPlan:
+    """``plan`` evaluated with --corruptions gaussian_noise,fog: each run's eval-corruptions.json as cbtool eval
+    writes it for ``dataset`` (mCE only on ImageNet-1k validation)."""
+    from cbtool.robustness.record import robustness_record
+
+    names, severities = ["gaussian_noise", "fog"], [1, 2, 3, 4, 5]
+    corrupted = SweepPlan(plan.cells, plan.seeds, plan.options, {**plan.evaluation, "corruptions": names,
+                                                                 "severities": severities})  # fmt: skip
+    for run in corrupted.runs:
+        top1, document = CORRUPTED[(run.cell.variant, run.seed)], _document(*RUNS[(run.cell.variant, run.seed)])
+        cells = {c: {s: {"top1": top1 + (2.0 if c == "fog" else 0.0), "correct": None} for s in severities}
+                 for c in names}  # fmt: skip
+        document["models"][0]["robustness"] = robustness_record(cells, document["models"][0]["metrics"]["top1"],
+                                                                names, severities, dataset=dataset)  # fmt: skip
+        (run.folder(root) / "eval-corruptions.json").write_text(json.dumps(document))
+    return corrupted
+
+
+def _panels(figure) -> dict[str, list[float]]:
+    """Panel title -> the mean drawn per cell (the coloured dots; the grey ones are the seeds)."""
+    return {axis.get_title(): [float(y) for line in axis.get_lines() if line.get_marker() == "o"
+                               for y in line.get_ydata()] for axis in figure.axes}  # fmt: skip
+
+
+def test_sweep_plot_draws_the_mean_corruption_error_where_there_is_no_mce(fake_sweep, tmp_path):
+    """Outside ImageNet-1k validation there is no mCE; before, the plot then had no robustness panel at all."""
+    from matplotlib.collections import LineCollection, PathCollection
+
+    from cbtool.report.plotting import pyplot
+    from cbtool.sweep.render import plot_summary, summary_figure
+
+    plan, root = fake_sweep
+    summary = summarize(_with_corruptions(plan, root, {"name": "sample", "num_classes": 10}), root)
+    assert "mce" not in summary["metrics"] and "corruption_error" in summary["metrics"]
+    figure = summary_figure(summary)
+    try:
+        panels = _panels(figure)
+        title = "mean corruption error (points; not mCE)\ntop-1 error over gaussian_noise, fog\nseverities 1-5"
+        assert list(panels) == ["top-1 (%)", "entropy", title]
+        # per run: 100 - (top1 + (top1 + 2)) / 2 = 99 - top1; the means over seeds of plain and cb
+        assert panels[title] == pytest.approx([99 - 40.0, 99 - 48.0])
+        axis = figure.axes[2]
+        seeds = sorted(float(y) for c in axis.collections if isinstance(c, PathCollection) for _, y in c.get_offsets())
+        assert seeds == pytest.approx(sorted(99 - v for v in CORRUPTED.values()))
+        bars = [end[1] for c in axis.collections if isinstance(c, LineCollection) for segment in c.get_segments()
+                for end in segment]  # ±1 sample std over seeds (plain: 40, 36, 44; cb: 50, 46, 48), as elsewhere
+        assert bars == pytest.approx([59 - 4.0, 59 + 4.0, 51 - 2.0, 51 + 2.0])
+    finally:
+        pyplot().close(figure)
+    assert plot_summary(summary, tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_plot_keeps_the_mce_panel_on_imagenet_validation(fake_sweep):
+    from cbtool.report.plotting import pyplot
+    from cbtool.sweep.render import summary_figure
+
+    plan, root = fake_sweep
+    summary = summarize(_with_corruptions(plan, root, IMAGENET_VAL), root)
+    assert {"mce", "corruption_error"} <= set(summary["metrics"])
+    figure = summary_figure(summary)
+    try:
+        panels = _panels(figure)
+        assert list(panels) == ["top-1 (%)", "entropy", "mCE"]  # the mean corruption error is in the table only
+        assert panels["mCE"] == pytest.approx([summary["cells"][0]["metrics"]["mce"]["mean"],
+                                               summary["cells"][1]["metrics"]["mce"]["mean"]])  # fmt: skip
+    finally:
+        pyplot().close(figure)

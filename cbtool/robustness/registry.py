@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from cbtool.errors import CbtoolError
 
 # The order of Hendrycks & Dietterich (ICLR 2019), Figure 1, then the four held-out ("extra") ones.
@@ -81,3 +83,36 @@ def parse_severities(text: str) -> tuple[int, ...]:
             check_severity(severity)
         chosen.update(range(bounds[0], bounds[1] + 1))
     return tuple(sorted(chosen))
+
+
+def corruption_order(names: Iterable[str]) -> list[str]:
+    """``names`` without repeats in ImageNet-C's order (:data:`CORRUPTIONS`), unknown names last as first seen."""
+    given = list(dict.fromkeys(names))
+    return [name for name in CORRUPTIONS if name in given] + [name for name in given if name not in CORRUPTIONS]
+
+
+def describe_corruptions(names: Iterable[str], most: int = 3) -> str:
+    """A short phrase for a set of corruptions, for a plot's label: the selection it equals ("the 3 noise
+    corruptions", "the 15 ImageNet-C corruptions", "all 19 corruptions"), else the names when at most ``most``,
+    else how many."""
+    ordered = corruption_order(names)
+    if set(ordered) == set(CORRUPTIONS):
+        return f"all {len(CORRUPTIONS)} corruptions"
+    if set(ordered) == set(COMMON):
+        return f"the {len(COMMON)} ImageNet-C corruptions"
+    group = next((key for key, members in GROUPS.items() if set(ordered) == set(members)), None)
+    if group is not None:
+        return f"the {len(ordered)} {group} corruptions"
+    return ", ".join(ordered) if len(ordered) <= most else f"{len(ordered)} corruptions"
+
+
+def format_severities(severities: Iterable[int]) -> str:
+    """Severities as ``--severities`` reads them, runs joined: ``(1, 2, 3, 4, 5)`` -> ``1-5``, ``(1, 3, 4, 5)`` ->
+    ``1,3-5``."""
+    runs: list[list[int]] = []
+    for severity in sorted(set(severities)):
+        if runs and severity == runs[-1][-1] + 1:
+            runs[-1].append(severity)
+        else:
+            runs.append([severity])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)

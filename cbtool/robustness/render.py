@@ -10,8 +10,9 @@ from typing import Any
 
 from cbtool.errors import CbtoolError
 from cbtool.files import atomic_path, check_parent_folder
-from cbtool.report.plotting import pyplot
+from cbtool.report.plotting import model_colours, pyplot
 from cbtool.robustness.record import versus
+from cbtool.robustness.registry import corruption_order
 from cbtool.report.tables import delta, format_table, format_value, markdown_table
 
 
@@ -113,38 +114,103 @@ def robustness_table(models: Sequence[Mapping[str, Any]], *, markdown: bool = Fa
 
 
 def plot_robustness(models: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write a PNG of top-1 error against severity, one panel per corruption and one line per model."""
-    robust = [m for m in models if m.get("robustness")]
-    if not robust:
-        raise CbtoolError("no model has robustness figures to plot; evaluate with --corruptions")
-    plt = pyplot()
-
+    """Write a PNG of top-1 error against severity, one panel per corruption and one line per model
+    (:func:`robustness_figure`)."""
     path = Path(path)
     check_parent_folder(path)
-    names = robust[0]["robustness"]["corruptions"]
+    figure = robustness_figure(models)
+    try:
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png", dpi=100)
+    finally:
+        pyplot().close(figure)
+    return path
+
+
+def robustness_figure(models: Sequence[Mapping[str, Any]]):
+    """The figure of :func:`plot_robustness` (the caller closes it): one panel per corruption any model was
+    evaluated on (ImageNet-C order), all on one y scale from 0; each model in its ``plotting.model_colours``
+    colour (by its place among ``models``), drawn only where it has a figure: a corruption it lacks has no line
+    (its panel's title and the figure's title say so), a severity it lacks breaks its line."""
+    robust = [m for m in models if _robustness(m)]
+    drawn = [m for m in robust if all(key in _robustness(m) for key in ("corruptions", "severities", "error"))]
+    if not robust:
+        raise CbtoolError("no model has robustness figures to plot; evaluate with --corruptions")
+    if not drawn:
+        raise CbtoolError("no model's robustness record has per-severity errors to plot (only averages); "
+                          "evaluate with cbtool eval --corruptions")
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+
+    colours = model_colours(m.get("label", "?") for m in models)
+    names = corruption_order(c for m in drawn for c in _robustness(m)["corruptions"])
+    severities = sorted({int(s) for m in drawn for s in _robustness(m)["severities"]})
     columns = min(5, len(names))
     rows = math.ceil(len(names) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.6 * rows), squeeze=False,
-                             sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 2.6 * rows + 0.8), squeeze=False,
+                             sharey=True, layout="constrained")
     try:
+        top = 0.0
         for ax, name in zip(axes.flat, names):
-            for model in robust:
-                record = model["robustness"]
-                severities = record["severities"]
-                ax.plot(severities, [record["error"][name][str(s)] for s in severities], marker="o",
-                        label=str(model.get("label", "?")))
-            ax.set(title=name, xlabel="severity", xticks=robust[0]["robustness"]["severities"])
+            absent = []
+            for model in drawn:
+                label, errors = str(model.get("label", "?")), _errors(_robustness(model), name)
+                if errors is None:
+                    absent.append(label)
+                    continue
+                # NaN where this model has no figure: the line breaks there rather than bridging the gap
+                ys = [_number(errors.get(str(s), errors.get(s))) for s in severities]
+                top = max([top, *(y for y in ys if not math.isnan(y))])
+                ax.plot(severities, ys, marker="o", color=colours[label], label=label)
+            title = name + (f"\n(not evaluated: {', '.join(absent)})" if absent else "")
+            ax.set_title(title, fontsize="medium" if not absent else "small")
+            ax.set(xlabel="severity", xticks=severities)
             ax.grid(alpha=0.3)
+        # From 0 (no error) on every panel (sharey): a steeper line is a larger rise in error in every panel
+        axes.flat[0].set_ylim(0, 1.05 * top if top > 0 else 1.0)
         for ax in axes[:, 0]:
             ax.set_ylabel("top-1 error (%)")
         for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
-        axes.flat[0].legend(fontsize="small")
-        with atomic_path(path) as temporary:
-            fig.savefig(temporary, format="png", dpi=100)
-    finally:
+        handles = [Line2D([], [], color=colours[str(m.get("label", "?"))], marker="o", label=str(m.get("label", "?")))
+                   for m in drawn]
+        fig.legend(handles=handles, loc="outside lower center", fontsize="small", ncols=min(len(handles), 6),
+                   frameon=False)
+        notes = _missing_notes(robust, drawn, names, severities)
+        fig.suptitle("\n".join(["top-1 error under corruptions, one line per model", *notes]), fontsize="medium")
+    except BaseException:
         plt.close(fig)
-    return path
+        raise
+    return fig
+
+
+def _errors(record: Mapping[str, Any], name: str) -> Mapping[Any, Any] | None:
+    """The per-severity errors of corruption ``name`` in ``record``; None when it was not evaluated on it."""
+    errors = record["error"].get(name)
+    return errors if name in record["corruptions"] and isinstance(errors, Mapping) else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _missing_notes(robust: Sequence[Mapping[str, Any]], drawn: Sequence[Mapping[str, Any]], names: Sequence[str],
+                   severities: Sequence[int]) -> list[str]:
+    """One line per model that is not drawn everywhere: the corruptions and severities it was not evaluated on,
+    or that it is not drawn at all (a record without per-severity errors)."""
+    notes, drawn_ids = [], {id(m) for m in drawn}
+    for model in robust:
+        label, record = str(model.get("label", "?")), _robustness(model)
+        if id(model) not in drawn_ids:
+            notes.append(f"{label}: not drawn (its record has no per-severity errors)")
+            continue
+        lacking = [c for c in names if _errors(record, c) is None]
+        own = sorted({int(s) for s in record["severities"]})
+        parts = [f"not evaluated on {', '.join(lacking)}"] if lacking else []
+        parts += [f"severities {', '.join(map(str, own))} only"] if own != list(severities) else []
+        if parts:
+            notes.append(f"{label}: {'; '.join(parts)}")
+    return notes
 
 
 def _robustness(model: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -44,8 +44,9 @@ def summary_text(summary: Mapping[str, Any], *, markdown: bool = False) -> str:
 
 
 def plot_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """A PNG with one panel per metric among top-1 and entropy (and mCE): each seed's value as a dot, the mean
-    with a ±1 standard deviation bar, one column per cell."""
+    """A PNG with one panel per metric among top-1 and entropy, and with corruptions the mCE (or, where there is
+    no mCE, the mean corruption error): each seed's value as a dot, the mean with a ±1 standard deviation bar, one
+    column per cell."""
     from cbtool.files import atomic_path
     from cbtool.report.plotting import pyplot
 
@@ -68,6 +69,8 @@ def summary_figure(summary: Mapping[str, Any]):
     plt = pyplot()
     wanted = [(key, label) for key, label, *_ in METRICS
               if key in summary["metrics"] and key in ("top1", "entropy_mean", "mce")]
+    if "mce" not in summary["metrics"] and "corruption_error" in summary["metrics"]:
+        wanted.append(("corruption_error", corruption_error_title(summary)))
     figure, axes = plt.subplots(1, len(wanted), figsize=(4.2 * len(wanted), 3.6), squeeze=False)
     names = [cell["name"] for cell in summary["cells"]]
     colours = model_colours(names)
@@ -88,3 +91,17 @@ def summary_figure(summary: Mapping[str, Any]):
     figure.suptitle("per seed (grey) and mean ± std")
     figure.tight_layout()
     return figure
+
+
+def corruption_error_title(summary: Mapping[str, Any]) -> str:
+    """The robustness panel's title without an mCE (AlexNet's errors apply only to ImageNet-1k validation): the
+    mean corruption error in points, and the corruptions and severities it averages, from the sweep's record."""
+    from cbtool.robustness.registry import describe_corruptions, format_severities
+
+    evaluation = (summary.get("sweep") or {}).get("evaluation") or {}
+    names, severities = evaluation.get("corruptions") or [], evaluation.get("severities") or []
+    lines = ["mean corruption error (points; not mCE)",
+             f"top-1 error over {describe_corruptions(names, most=2) if names else 'the corruptions evaluated'}"]
+    if severities:
+        lines.append(f"severit{'ies' if len(severities) > 1 else 'y'} {format_severities(severities)}")
+    return "\n".join(lines)
