@@ -214,8 +214,26 @@ def test_sweep_plot_keeps_the_mce_panel_on_imagenet_validation(fake_sweep):
     figure = summary_figure(summary)
     try:
         panels = _panels(figure)
-        assert list(panels) == ["top-1 (%)", "entropy", "mCE"]  # the mean corruption error is in the table only
-        assert panels["mCE"] == pytest.approx([summary["cells"][0]["metrics"]["mce"]["mean"],
+        mce = "mCE\n(% of AlexNet's errors)"
+        assert list(panels) == ["top-1 (%)", "entropy", mce]  # the mean corruption error is in the table only
+        assert panels[mce] == pytest.approx([summary["cells"][0]["metrics"]["mce"]["mean"],
                                                summary["cells"][1]["metrics"]["mce"]["mean"]])  # fmt: skip
+    finally:
+        pyplot().close(figure)
+
+
+def test_sweep_plot_draws_entropy_on_its_whole_range_and_the_rest_from_zero(fake_sweep):
+    """Differences of 1e-5 in entropy must not fill the axis (the cells' entropies here are all but equal)."""
+    from cbtool.report.plotting import pyplot
+    from cbtool.sweep.render import summary_figure
+
+    plan, root = fake_sweep
+    summary = summarize(_with_corruptions(plan, root, IMAGENET_VAL), root)
+    figure = summary_figure(summary)
+    try:
+        limits = {axis.get_title(): axis.get_ylim() for axis in figure.axes}
+        assert limits["entropy"] == (0.0, 1.0)
+        assert limits["top-1 (%)"] == (0.0, 100.0)
+        assert limits["mCE\n(% of AlexNet's errors)"][0] == 0.0
     finally:
         pyplot().close(figure)

@@ -85,7 +85,13 @@ def summary_figure(summary: Mapping[str, Any]):
         axis.set_xticks(range(len(names)), names, rotation=20, ha="right")
         for tick, name in zip(axis.get_xticklabels(), names):
             tick.set_color(colours[name])
-        axis.set_title(label)
+        axis.set_title("mCE\n(% of AlexNet's errors)" if key == "mce" else label)
+        # Absolute scales, so that differences of no weight do not fill the axis: entropy on its 0-1 range,
+        # accuracy and errors from 0 (the range shows, in the ticks, how much of it the cells span).
+        if key == "entropy_mean":
+            axis.set_ylim(0.0, 1.0)
+        else:
+            axis.set_ylim(bottom=0.0, top=100.0 if key == "top1" else None)
         axis.ticklabel_format(axis="y", useOffset=False, style="plain")
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle("per seed (grey) and mean ± std")
