@@ -21,7 +21,7 @@ MarkdownOut = Annotated[
 ]
 Plot = Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG plot here (needs the 'plot' extra).", dir_okay=False)]
 
-# Model-source options, shared by inject, eval, finetune and bench.
+# Model-source options, shared by inject, eval, finetune, bench and viz.
 NoPretrained = Annotated[bool, typer.Option("--no-pretrained", help="Random initialisation instead of the Hub's pretrained weights.")]
 Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Weights for a timm name: .safetensors, or .pth/.bin (read with weights_only=True).")]
 NumClasses = Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Reset the classifier head to this many classes.")]

@@ -46,30 +46,27 @@ def viz_command(
     scale: Annotated[str, typer.Option("--scale", help="shared: one colour scale per view for all panels, with a colour bar (entropy 0-1; attention from 0, the uniform 1/N marked); per-panel: each panel stretched to its own min-max.")] = "shared",
     panel: Annotated[int, typer.Option("--panel", min=32, help="Pixels per picture.")] = 160,
     cmap: Annotated[str, typer.Option("--cmap", help="matplotlib colormap of the heatmaps.")] = "inferno",
+    img_size: opt.ImgSize = None,
     no_pretrained: opt.NoPretrained = False,
+    checkpoint: opt.Checkpoint = None,
+    num_classes: opt.NumClasses = None,
     model_kwargs: opt.ModelKwargs = None,
     seed: opt.Seed = 0,
     device: opt.Device = None,
     quiet: opt.Quiet = False,
 ) -> None:
-    """Draw attention maps: class-token (or mean-query) attention per layer, a query patch, entropy, rollout."""
+    """Draw attention maps: class-token (or mean-query) attention per layer, a query patch, entropy, rollout.
+    The model options mean what eval's do; with --img-size the images are drawn at that size."""
 
     from cbtool.errors import VizError
     from cbtool.files import check_output_folder
     from cbtool.outputs import check_outputs, check_png_name
-    from cbtool.viz.scales import check_scale
+    from cbtool.ranges import check_seed
 
-    check_outputs({"--output": output}, [*models, *(images or [])], dataset=dataset)
+    check_seed("--seed", seed)
+    check_outputs({"--output": output}, [*models, checkpoint, *(images or [])], dataset=dataset)
     check_png_name("--output", output)
     check_output_folder(output)
-    check_scale(scale)
-    if not rollout and (head_fusion is not None or discard_ratio is not None):
-        flag = "--head-fusion" if head_fusion is not None else "--discard-ratio"
-        raise VizError(f"{flag} sets how attention rollout is drawn; add --rollout, or drop {flag}")
-    if rollout:  # before any model or image is read
-        from cbtool.viz.rollout import check_rollout_options
-
-        check_rollout_options(head_fusion or "mean", discard_ratio or 0.0)
     if bool(images) == bool(dataset):
         raise VizError("give images with --images FILE ... or --dataset NAME (one of the two)")
     location = parse_query(query)
@@ -78,12 +75,13 @@ def viz_command(
     from cbtool.models import resolve as sources
     from cbtool.viz.figure import VizOptions, attention_figure, check_options, load_images
 
+    options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
+                         head_fusion=head_fusion, discard_ratio=discard_ratio, scale=scale)  # before any model or image
     if images:
         pictures, names = load_images(images), [path.name for path in images]
-    options = VizOptions(layers=layers, heads=heads, query=location, entropy=entropy, rollout=rollout,
-                         head_fusion=head_fusion or "mean", discard_ratio=discard_ratio or 0.0, scale=scale)
     torch_device = distributed.pick_device(device)
-    loaded = [sources.resolve(name, pretrained=not no_pretrained, model_kwargs=model_kwargs, seed=seed).to(torch_device)
+    loaded = [sources.resolve(name, pretrained=not no_pretrained, checkpoint=checkpoint, num_classes=num_classes,
+                              img_size=img_size, model_kwargs=model_kwargs, seed=seed).to(torch_device)
               for name in models]
     check_options(loaded, model_labels(models), options)  # before the dataset is opened
     if not images:

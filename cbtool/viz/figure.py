@@ -28,19 +28,27 @@ from cbtool.viz.views import check_heads, check_query, check_view, fuse_heads, l
 class VizOptions:
     """What to draw. ``layers``: ``--layers`` text or indices (default: the last layer); ``heads``: mean, max, min,
     all or an index; ``query``: (row, col) of a patch; ``entropy``: per-query entropy; ``rollout`` with
-    ``head_fusion`` and ``discard_ratio`` (0: Abnar & Zuidema's rollout; above 0: vit-explain's variant);
-    ``class_map``: the class-token (mean-query) picture; ``scale``: ``shared`` (one colour scale per view, with a
-    colour bar) or ``per-panel`` (each panel stretched to its own min and max, said in its title)."""
+    ``head_fusion`` and ``discard_ratio`` (default mean and 0: Abnar & Zuidema's rollout; above 0: vit-explain's
+    variant; refused without ``rollout``); ``class_map``: the class-token (mean-query) picture; ``scale``:
+    ``shared`` (one colour scale per view, with a colour bar) or ``per-panel`` (each panel stretched to its own min
+    and max, said in its title). Checked when made: a bad scale or rollout setting is one ``VizError`` line."""
 
     layers: Sequence[int] | str | None = None
     heads: str | int = "mean"
     query: tuple[int, int] | None = None
     entropy: bool = False
     rollout: bool = False
-    head_fusion: str = "mean"
-    discard_ratio: float = 0.0
+    head_fusion: str | None = None
+    discard_ratio: float | None = None
     class_map: bool = True
     scale: str = "shared"
+
+    def __post_init__(self) -> None:
+        check_scale(self.scale)
+        fusion, ratio = check_rollout_options(self.head_fusion, self.discard_ratio, rollout=self.rollout)
+        if self.rollout:  # the settings drawn, defaults filled in
+            object.__setattr__(self, "head_fusion", fusion)
+            object.__setattr__(self, "discard_ratio", ratio)
 
     def views(self) -> list[str]:
         return (["class"] if self.class_map else []) + (["query"] if self.query else []) + (["entropy"] if self.entropy else [])
@@ -77,11 +85,16 @@ def _plan(model: nn.Module, label: str, size: tuple[int, int], options: VizOptio
 
 
 def check_options(models: Sequence[nn.Module], labels: Sequence[str], options: VizOptions) -> None:
-    """Every asked picture against every model's layers at its input size: one ``VizError`` before any image."""
+    """Every asked picture against every model's layers at its input size (which the model must take, as eval
+    checks it): one ``CbtoolError`` line before any image."""
+    from cbtool.models.fit import check_input_size
+
     if not options.views() and not options.rollout:
         raise VizError("nothing to draw: ask for the class map, --query, --entropy or --rollout")
     for model, label in zip(models, labels):
-        _plan(model, label, tuple(_preprocessing(model)["input_size"][-2:]), options)
+        size = tuple(_preprocessing(model)["input_size"][-2:])
+        check_input_size(model, size, label, option="the input size")
+        _plan(model, label, size, options)
 
 
 def _preprocessing(model: nn.Module) -> dict:
@@ -105,9 +118,6 @@ def attention_panels(models: Sequence[nn.Module], images: Sequence, *, labels: S
 def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] | None, names: Sequence[str] | None,
            options: VizOptions) -> tuple[list[list[Panel]], list[ColourScale]]:
     """The panels, scaled per view, and the colour scale of each view drawn."""
-    check_scale(options.scale)
-    if options.rollout:
-        check_rollout_options(options.head_fusion, options.discard_ratio)
     if not models:
         raise VizError("give at least one model")
     if not images:

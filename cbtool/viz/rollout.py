@@ -33,12 +33,23 @@ def check_rollout(model: nn.Module, label: str = "the model") -> None:
                        f"{label} is {family.name}")
 
 
-def check_rollout_options(head_fusion: str, discard_ratio: float) -> None:
-    """Refuse, in one line, a head fusion rollout does not define or a discard ratio outside [0, 1)."""
+def check_rollout_options(head_fusion: str | None = None, discard_ratio: float | None = None, *,
+                          rollout: bool = True) -> tuple[str, float]:
+    """The head fusion and discard ratio rollout is drawn with (``None``: mean, 0), checked: the one check of
+    them, for the command, ``VizOptions`` and :func:`attention_rollout` alike. One ``VizError`` line for a fusion
+    rollout does not define, a ratio outside [0, 1), or either of them given when no rollout is drawn."""
+    if not rollout:
+        given = [flag for flag, value in (("--head-fusion", head_fusion), ("--discard-ratio", discard_ratio))
+                 if value is not None]
+        if given:
+            raise VizError(f"{given[0]} sets how attention rollout is drawn; add --rollout, or drop {given[0]}")
+    head_fusion = "mean" if head_fusion is None else head_fusion
+    discard_ratio = 0.0 if discard_ratio is None else discard_ratio
     if head_fusion not in HEAD_FUSIONS[:3]:
-        raise VizError(f"rollout fuses heads by mean, max or min, not {head_fusion!r}")
-    if not 0.0 <= discard_ratio < 1.0:
+        raise VizError(f"rollout fuses heads by mean, max or min (--head-fusion), not {head_fusion!r}")
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0.0 <= discard_ratio < 1.0:
         raise VizError(f"--discard-ratio must be in [0, 1), not {discard_ratio}")
+    return head_fusion, float(discard_ratio)
 
 
 def attention_rollout(maps: Sequence[torch.Tensor], layouts: Sequence[TokenLayout], *, head_fusion: str = "mean",
