@@ -213,8 +213,9 @@ def measure_overhead(
     generator = torch.Generator().manual_seed(0)
     with memory_guard("--batch-size", batch_size):
         images = torch.randn(batch_size, *input_size, generator=generator).to(device, memory_format=memory_format)
-    inputs = detect(plain).model_inputs(plain, images)  # converted once, outside the timed forwards (SigLIP2's patches)
-    runners = {"plain": plain, "cb": cb_model}
+    family = detect(plain)
+    inputs = family.model_inputs(plain, images)  # converted once, outside the timed forwards (SigLIP2's patches)
+    runners = {"plain": family.entry(plain), "cb": family.entry(cb_model)}  # CLIPModel & co: the vision tower
     if compile:
         runners = {name: torch.compile(module) for name, module in runners.items()}
 

@@ -76,13 +76,15 @@ def select_trainable(model: nn.Module, parts: tuple[str, ...] | str) -> int:
     return sum(p.numel() for p in chosen.values())
 
 
-def freeze_unreached(model: nn.Module, family, input_size) -> list[str]:
-    """Stop training the parameters the logits do not depend on, and return their names.
+def unreached_parameters(model: nn.Module, family, input_size) -> list[str]:
+    """The names of the trainable parameters the logits do not depend on.
 
     A classifier may hold modules its logits never use: SigLIP's and SigLIP2's attention-pooling head beside the
-    classifier's mean pooling, CLIP's post-norm of the class token. They get no gradient, so AdamW leaves them as
-    they are; under DDP they would stop the second step ("Expected to have finished reduction"). One forward of a
-    blank image in eval mode (so no normalisation statistics move) finds them; freezing them changes no result.
+    classifier's mean pooling, CLIP's post-norm of the class token, Dinov2's mask token. They get no gradient, so
+    AdamW leaves them as they are; under DDP they would stop the second step ("Expected to have finished
+    reduction"). One forward of a blank image in eval mode (no normalisation statistics move) on the model's device
+    builds the autograd graph, and a walk of it from the logits finds the parameters it reaches: no backward runs
+    and no gradient is allocated.
     """
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -93,15 +95,38 @@ def freeze_unreached(model: nn.Module, family, input_size) -> list[str]:
     model.eval()
     try:
         with torch.enable_grad():
-            logits = family.logits(family.run(model, images))
-            grads = torch.autograd.grad(logits.float().sum(), [p for _, p in trainable], allow_unused=True)
+            reached = _graph_leaves(family.logits(family.run(model, images)))
     finally:
         model.train(training)
-    unreached = [name for (name, param), grad in zip(trainable, grads) if grad is None]
-    for name, param in trainable:
-        if name in unreached:
+    return [name for name, param in trainable if id(param) not in reached]
+
+
+def _graph_leaves(output: torch.Tensor) -> set[int]:
+    """``id`` of every leaf tensor (parameter) the autograd graph of ``output`` accumulates a gradient into."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf itself
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
+def freeze(model: nn.Module, names) -> int:
+    """Stop training the parameters ``names``; returns how many values they hold."""
+    chosen = set(names)
+    frozen = 0
+    for name, param in model.named_parameters():
+        if name in chosen:
             param.requires_grad_(False)
-    return unreached
+            frozen += param.numel()
+    return frozen
 
 
 def param_groups(model: nn.Module, weight_decay: float, *, cb_lr_scale: float | None = None) -> list[dict]:

@@ -7,6 +7,8 @@ the document of ``results.py`` (layout: docs/results-schema.md).
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any, Sequence
 
 from cbtool.models import provenance
@@ -56,7 +58,7 @@ def evaluate_dataset(
     from cbtool import data, distributed, results
     from cbtool.models import resolve as sources
     from cbtool.evaluation import evaluate
-    from cbtool.families import require_head
+    from cbtool.families import detect, require_head
     from cbtool.models.fit import check_input_size
 
     models = list(models)
@@ -72,6 +74,9 @@ def evaluate_dataset(
         preprocessing = data.resolve_preprocessing(data_config, crop_pct=crop_pct, interpolation=interpolation)
         for name, model in zip(models, loaded):  # before the dataset is opened (a download, perhaps)
             check_input_size(model, preprocessing["input_size"], name, option="the input size")
+            note = detect(model).input_note(model, preprocessing["input_size"])
+            if note and progress and dist_info.is_main:
+                print(f"note: {name}: {note}", file=sys.stderr)
         if corruptions:
             check_corruptible_size(preprocessing["input_size"])
         ds = data.resolve_dataset(

@@ -63,3 +63,11 @@ def test_a_config_listing_a_refused_class_says_why(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"is a NoSuchModel model, which cbtool does not support; run "
                                                     r"`cbtool families`"):
         resolve(str(tmp_path), pretrained=False)
+
+
+def test_num_classes_on_an_encoder_without_a_classification_model_is_refused(mae_folder, main_cli, tmp_path):
+    folder, _ = mae_folder
+    code, err = main_cli("inject", folder, "--model-kwargs", "mask_ratio=0", "--num-classes", "3",
+                         "-o", tmp_path / "out.safetensors")
+    assert code == 2 and "is a ViTMAEModel, which has no classification model in transformers, so --num-classes " \
+                          "cannot give it a head" in err

@@ -98,6 +98,9 @@ def test_density_leaves_padding_out():
         results.append(accumulator.result())
     flat = [[value for layer in result["entropy_per_layer_head"] for value in layer] for result in results]
     assert flat[1] == pytest.approx(flat[0], abs=1e-5)
+    # Distances need the keys on the image's grid: measured for the image alone, not made up for padded keys.
+    assert all(value > 0 for value in results[0]["distance_per_layer"])
+    assert results[1]["distance_mean"] is None and set(results[1]["distance_per_layer"]) == {None}
     assert 0.2 < results[0]["entropy_mean"] < 0.99  # a real, not uniform, map
 
 
@@ -185,17 +188,55 @@ def test_commands_run_on_a_siglip2_tower(tmp_path, main_cli):
         **_HF_CLIP, num_labels=3))), None),
 ])
 def test_parameters_the_logits_do_not_use_are_found(build, unreached):
-    from cbtool.optim import freeze_unreached
+    from cbtool.optim import unreached_parameters
 
     model = build().train()
-    names = freeze_unreached(model, detect(model), (3, 32, 32))
+    names = unreached_parameters(model, detect(model), (3, 32, 32))
     assert model.training  # the probe ran in eval mode and restored the mode
+    assert all(p.grad is None for p in model.parameters())  # no backward ran
     if unreached is None:
         assert names == []
-    else:
-        assert names and all(name.startswith(unreached) for name in names)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == set(names)
+        return
+    assert names and all(name.startswith(unreached) for name in names)
+    # each of them really has no gradient from the logits, and every other parameter has one
+    images = torch.randn(2, 3, 32, 32)
+    detect(model).logits(detect(model).run(model.eval(), images)).sum().backward()
+    assert {name for name, p in model.named_parameters() if p.grad is None} == set(names)
+
+
+def test_a_run_keeps_its_unreached_parameters_on_resume(tmp_path, nan_loss_at):
+    """A resumed run leaves out the parameters it left out when it started; a run saved before cbtool left them out
+    (its optimizer holds them) resumes with them, as it started."""
+    import cbtool.train.prepare
+    from cbtool.errors import TrainingError
+    from cbtool.train import FinetuneConfig, finetune, resolve_training_data
+
+    data = resolve_training_data("sample", limit=40, val_limit=20)[:2]
+
+    def settings(name, **extra):
+        return FinetuneConfig(batch_size=10, workers=0, quiet=True, run_dir=str(tmp_path / name), warmup_steps=0,
+                              steps=4, lr=1e-3, save_every=1, **extra)
+
+    for name, probe in (("new", None), ("old", lambda *args: [])):  # "old": as cbtool 0.2.0 trained
+        with pytest.MonkeyPatch.context() as patch:
+            if probe is not None:
+                patch.setattr(cbtool.train.prepare, "unreached_parameters", probe)
+            nan_loss_at(3)
+            with pytest.raises(TrainingError):
+                finetune(classifier(), *data, settings(name))
+            nan_loss_at(None)
+        saved = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        if probe is not None:
+            del saved["unreached"]  # 0.2.0's checkpoints have no such entry
+            torch.save(saved, tmp_path / name / "checkpoint.pt")
+        else:
+            assert saved["unreached"] and all(key.startswith("vision_model.head.") for key in saved["unreached"])
+        # The old run's optimizer holds the head: leaving it out now would not fit its parameter groups.
+        result = finetune(classifier(), *data, settings(name, resume=str(tmp_path / name)))
+        assert result.step == 4
+        assert result.model.vision_model.head.probe.requires_grad == (probe is not None)
+        assert torch.equal(result.model.state_dict()["vision_model.head.probe"],
+                           classifier().state_dict()["vision_model.head.probe"])  # no gradient reaches it either way
 
 
 _HF_CLIP = {k: v for k, v in _HF_NAFLEX.items() if k != "num_patches"} | {"image_size": 32}
@@ -232,3 +273,58 @@ def test_torchrun_fine_tunes_a_classifier_with_an_unused_pooling_head(tmp_path, 
     original = model.state_dict()
     assert torch.equal(one["vision_model.head.probe"], original["vision_model.head.probe"])  # not trained
     assert not torch.equal(one["classifier.weight"], original["classifier.weight"])
+
+
+def test_bench_times_the_vision_tower_of_a_vision_text_model(tmp_path, main_cli):
+    import transformers
+
+    dual = transformers.Siglip2Model(transformers.Siglip2Config(vision_config=_HF_NAFLEX, text_config=_TEXT))
+    dual.save_pretrained(tmp_path / "dual")
+    code, err = main_cli("bench", tmp_path / "dual", "--batch-size", "2", "--repeats", "2", "--warmup", "0", "--json",
+                         tmp_path / "b.json", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b.json").read_text())["input_size"] == [3, 32, 32]
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    ({"max_num_patches": "abc"}, "preprocessor_config.json: max_num_patches must be a positive integer, not 'abc'"),
+    ({"max_num_patches": -4}, "max_num_patches must be a positive integer, not -4"),
+    ({"patch_size": 5}, "preprocessor_config.json cuts 5 px patches, and the model takes 8 px patches"),
+])
+def test_an_image_processor_that_cannot_describe_the_input_is_refused(tmp_path, main_cli, edit, said):
+    import transformers
+
+    classifier().save_pretrained(tmp_path / "m")
+    processor = transformers.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=16).to_dict()
+    (tmp_path / "m" / "preprocessor_config.json").write_text(json.dumps({**processor, **edit}))
+    code, err = main_cli("eval", tmp_path / "m", "--dataset", "sample", "--limit", "10")
+    lines = [line for line in err.splitlines() if line.startswith("cbtool:")]  # not save_pretrained's bar
+    assert code == 2 and len(lines) == 1 and said in lines[0] and "Traceback" not in err, err
+
+
+def test_model_kwargs_and_grids_that_cannot_work_are_refused(tmp_path, main_cli):
+    import transformers
+
+    transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**_HF_NAFLEX)).save_pretrained(tmp_path / "t")
+    classifier().save_pretrained(tmp_path / "c")
+    out = tmp_path / "out.safetensors"
+    cases = [
+        ((tmp_path / "t", "--model-kwargs", "nonsense=3"), "Siglip2VisionConfig has no field 'nonsense'"),
+        ((tmp_path / "c", "--model-kwargs", "num_patches=25"),
+         "Siglip2Config has no field 'num_patches'; it is a field of Siglip2VisionConfig"),
+        ((tmp_path / "t", "--model-kwargs", "num_patches=25"), "its weights have other shapes than the model "
+                                                                "--model-kwargs describe"),
+        ((tmp_path / "t", "--no-pretrained", "--model-kwargs", "num_patches=15"), "num_patches 15, not a square"),
+    ]
+    for args, said in cases:
+        code, err = main_cli("inject", *args, "-o", out)
+        lines = [line for line in err.splitlines() if line.startswith("cbtool:")]
+        assert code == 2 and len(lines) == 1 and said in lines[0] and "Traceback" not in err, (args, err)
+        assert not out.exists()
+
+
+def test_eval_says_how_siglip2_images_are_resized(tmp_path, main_cli):
+    classifier().save_pretrained(tmp_path / "m")
+    code, err = main_cli("eval", tmp_path / "m", "--dataset", "sample", "--limit", "10")
+    assert code == 0, err
+    assert "SigLIP2 gets every image resized to 32x32 px; its image processor keeps each image's aspect ratio" in err

@@ -151,11 +151,21 @@ class Family:
         """The positional and keyword arguments that feed a batch of (B, C, H, W) ``images`` to ``model``."""
         return (images,), {}
 
+    def input_note(self, model: nn.Module, input_size) -> str | None:
+        """What a reader of figures measured at ``input_size`` (C, H, W) should know about how the images reached
+        the model, where that differs from the model's own preprocessing; None when nothing."""
+        return None
+
+    def entry(self, model: nn.Module) -> nn.Module:
+        """The module that takes ``model_inputs``: the model itself, or the vision tower of a vision-text model."""
+        return model
+
     def run(self, model: nn.Module, images: torch.Tensor, runner: Optional[Callable] = None) -> object:
-        """``model``'s output for (B, C, H, W) ``images``, called through ``runner`` (its compiled or DDP wrapper)
-        where given; every place cbtool runs a model goes through here."""
+        """``model``'s output for (B, C, H, W) ``images``, called through ``runner`` (the compiled or DDP wrapper of
+        ``entry(model)``) where given; every place cbtool runs a model goes through here (bench: ``entry`` and
+        ``model_inputs``, so that the inputs are made once, outside the timed forwards)."""
         args, kwargs = self.model_inputs(model, images)
-        return (model if runner is None else runner)(*args, **kwargs)
+        return (self.entry(model) if runner is None else runner)(*args, **kwargs)
 
     def attention_layouts(self, model: nn.Module, image_size: tuple[int, int]) -> list[TokenLayout]:
         """One layout per attention layer, in the order ``capture_attention`` reports them."""

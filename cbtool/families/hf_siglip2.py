@@ -11,6 +11,7 @@ keys do not count in log N and padded queries are not measured.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,10 +30,17 @@ class HfSiglip2(HfViT):
     cb_semantics = ("mean over one image's valid patch tokens (no class token): padding excluded by the attention "
                     "mask; cbtool feeds square images of the data config's size, all patches valid")
     density_semantics = ("global self-attention over the valid patch tokens; padded keys and queries are not "
-                         "measured; distances on the image's patch grid")
+                         "measured; distances on the image's patch grid (none for padded inputs)")
     layer_classes = {f"{_SIGLIP2}.Siglip2EncoderLayer": ("self_attn", "mlp")}
 
     masked_tokens = True
+
+    def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        patches = int(_vision_config(model).num_patches)
+        if math.isqrt(patches) ** 2 != patches:  # the position embeddings are a square grid, resized per image
+            raise UnsupportedModelError(f"{type(model).__name__} has num_patches {patches}, not a square number: its "
+                                        "position embeddings cannot form the square grid SigLIP2 resizes per image")
+        return super().blocks(model)
 
     def block_mask(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         # Siglip2Encoder calls each layer as layer(hidden_states, attention_mask, **kwargs).
@@ -55,6 +63,12 @@ class HfSiglip2(HfViT):
     def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         patch = int(_vision_config(model).patch_size)
         return None, (patch, patch)  # the position embeddings are resized to every image's patch grid
+
+    def input_note(self, model: nn.Module, input_size) -> str | None:
+        height, width = int(input_size[-2]), int(input_size[-1])
+        return (f"SigLIP2 gets every image resized to {height}x{width} px; its image processor keeps each image's "
+                "aspect ratio within max_num_patches patches, so on non-square images the figures differ from the "
+                "processor's")
 
     def model_inputs(self, model: nn.Module, images: torch.Tensor) -> tuple[tuple, dict]:
         return (), patch_inputs(images, int(_vision_config(model).patch_size))

@@ -5,7 +5,7 @@ the CLIP and SigLIP vision towers, and BEiT. Swin lives in ``hf_swin``, SigLIP2 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from cbtool.errors import UnsupportedModelError
 from cbtool.families.base import AttentionCallback, Branch, Family, TokenLayout, class_name
 
-_HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
+HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
 _MODELS = "transformers.models"
 
 # Encoder layer class -> (attention child, MLP child). All are pre-norm: the branch ends at these modules'
@@ -119,7 +119,7 @@ class HfViT(Family):
         return int(model.config.num_labels)
 
     def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
-        heads = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+        heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
         if not heads:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no classification head; pass --num-classes N to add one"
@@ -133,7 +133,7 @@ class HfViT(Family):
         model.config.label2id = {v: k for k, v in model.config.id2label.items()}
 
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [getattr(model, name) for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+        return [getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
     def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         config = _vision_config(model)
@@ -145,7 +145,7 @@ class HfViT(Family):
         return (int(getattr(config, "image_size", 224)),) * 2, patch
 
     def head_prefixes(self, model: nn.Module) -> list[str]:
-        return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+        return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
     def logits(self, output: object) -> torch.Tensor:
         logits = getattr(output, "logits", None)
@@ -160,11 +160,10 @@ class HfViT(Family):
                              float(patch), int(config.num_attention_heads))
         return [layout for _ in self.blocks(model)]
 
-    def run(self, model: nn.Module, images: torch.Tensor, runner: Optional[Callable] = None) -> object:
+    def entry(self, model: nn.Module) -> nn.Module:
         if isinstance(getattr(model, "text_model", None), nn.Module):  # CLIPModel / SiglipModel: the vision tower
-            args, kwargs = self.model_inputs(model, images)
-            return model.vision_model(*args, **kwargs)
-        return super().run(model, images, runner)
+            return model.vision_model
+        return model
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The modules that return ``(output, probabilities)`` on the eager path, one per layer."""

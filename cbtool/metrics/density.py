@@ -236,7 +236,9 @@ def _patch_queries(offset: int, count: int, prefix: int) -> int:
 
 
 def _grid_for(patches: int, layout: TokenLayout) -> tuple[int, int]:
-    if layout.grid and layout.grid[0] * layout.grid[1] == patches:
-        return layout.grid
+    """The layout's grid, or a square when it names none. A grid that does not hold the keys (padding tokens after
+    the patches) gives (0, 0): no distance is measured rather than one on a made-up grid."""
+    if layout.grid:
+        return layout.grid if layout.grid[0] * layout.grid[1] == patches else (0, 0)
     side = math.isqrt(max(patches, 0))
     return side, side

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cbtool.errors import ModelSourceError
 from cbtool.models.fit import read_json_object
 
 
@@ -31,16 +32,22 @@ _HALF_NORMALIZED = ("vit", "siglip", "siglip_vision_model", "siglip2", "siglip2_
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
-def hf_data_config(config, processor: dict | None) -> dict[str, Any]:
-    """A timm-style data config from a transformers image-processor config (or the model config's defaults)."""
+def hf_data_config(config, processor: dict | None, source: str = "the image processor config") -> dict[str, Any]:
+    """A timm-style data config from a transformers image-processor config (or the model config's defaults).
+
+    ``source`` names the processor's file in the one-line refusal of a value that cannot be a size."""
     vision = getattr(config, "vision_config", None) or config  # CLIP / SigLIP: the vision tower's settings
     processor = processor or {}
     image_size = int(getattr(vision, "image_size", 224))
     if getattr(vision, "num_patches", None) is not None and not hasattr(vision, "image_size"):
         # SigLIP2 (NaFlex) has no image size: its processor fits each image into max_num_patches patches,
         # so a square image is sqrt(max_num_patches) patches on a side.
-        patches = int(processor.get("max_num_patches") or vision.num_patches)
-        image_size = int(processor.get("patch_size") or vision.patch_size) * max(math.isqrt(patches), 1)
+        patches = _positive(processor.get("max_num_patches", vision.num_patches), "max_num_patches", source)
+        patch = _positive(processor.get("patch_size", vision.patch_size), "patch_size", source)
+        if patch != int(vision.patch_size):
+            raise ModelSourceError(f"{source} cuts {patch} px patches, and the model takes {vision.patch_size} px "
+                                   "patches; fix patch_size there")
+        image_size = patch * math.isqrt(patches)
     half = config.model_type in _HALF_NORMALIZED  # their processors' defaults when a folder has none
     mean = processor.get("image_mean", [0.5, 0.5, 0.5] if half else [0.485, 0.456, 0.406])
     std = processor.get("image_std", [0.5, 0.5, 0.5] if half else [0.229, 0.224, 0.225])
@@ -56,6 +63,12 @@ def hf_data_config(config, processor: dict | None) -> dict[str, Any]:
     # Resizing straight to (height, width) is timm's "squash" crop mode with crop_pct 1.
     return {"input_size": [3, height, width], "interpolation": interpolation, "mean": list(mean),
             "std": list(std), "crop_pct": 1.0, "crop_mode": "squash"}
+
+
+def _positive(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelSourceError(f"{source}: {key} must be a positive integer, not {value!r}")
+    return value
 
 
 def _hw(size) -> tuple[int, int]:

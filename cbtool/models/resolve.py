@@ -287,6 +287,7 @@ def _update_num_classes(model: nn.Module, num_classes: int) -> None:
 def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_classes, img_size, model_kwargs,
                           checkpoint) -> nn.Module:
     from cbtool.families.hf_heads import HEADED, add_head
+    from cbtool.families.hf_vit import HEAD_NAMES
 
     transformers = import_transformers()
     if img_size is not None:
@@ -301,6 +302,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         with hub_access(what, HF_OFFLINE_HINT if not local else "check the folder"):
             if overrides:  # --model-kwargs mask_ratio=0 is a float field: transformers' validation wants 0.0
                 plain = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
+                _check_config_keys(plain, model_kwargs, name)
                 overrides = {key: float(value) if _float_field(plain, key, value) else value
                              for key, value in overrides.items()}
             config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False, **overrides)
@@ -317,6 +319,10 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     except CbtoolError:
         raise
     except Exception as error:  # transformers raises many types for bad configs and files
+        if "ignore_mismatched_sizes" in str(error):  # transformers' own words point at a report it logged
+            raise ModelSourceError(f"cannot load {what}: its weights have other shapes than the model "
+                                   f"{'--model-kwargs describe' if model_kwargs else 'its config.json describes'}; "
+                                   "check the options") from None
         raise ModelSourceError(f"cannot load {what}: {first_line(error, 300)}") from None
     if pretrained:
         if dropped:  # the encoder of a pre-training checkpoint, as AutoModel loads it: the head's weights stay out
@@ -329,6 +335,10 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
         model = add_head(model, num_classes)
         architecture = type(model).__name__
+    elif num_classes is not None and not any(isinstance(getattr(model, n, None), nn.Module) for n in HEAD_NAMES):
+        raise ModelSourceError(f"{name} is a {architecture}, which has no classification model in transformers, so "
+                               "--num-classes cannot give it a head; leave --num-classes out (inject, viz and bench "
+                               "take it headless)")
     record = {
         "library": "transformers",
         "architecture": architecture,
@@ -337,7 +347,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
         "pretrained": bool(pretrained),
         "checkpoint": None,
     }
-    data_config = hf_data_config(model.config, processor)
+    data_config = hf_data_config(model.config, processor, f"{name}/preprocessor_config.json")
     if processor:  # the image processor's mean, std and sizes are input like any other file's
         from cbtool.models.metadata import check_data_config
 
@@ -352,6 +362,18 @@ def _note(text: str) -> None:
     """A note on stderr, once per job (rank 0 under torchrun)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"note: {text}", file=sys.stderr)
+
+
+def _check_config_keys(config, model_kwargs: dict, name: str) -> None:
+    """Refuse ``--model-kwargs`` keys that ``config`` does not have: transformers would set them and nothing reads
+    them. A field of a vision-text model's vision tower is named as such."""
+    for key in model_kwargs:
+        if hasattr(config, key):
+            continue
+        tower = getattr(config, "vision_config", None)
+        where = (f"; it is a field of {type(tower).__name__}, and cbtool sets the top-level config's fields only"
+                 if tower is not None and hasattr(tower, key) else "")
+        raise ModelSourceError(f"--model-kwargs {key}: {name}'s {type(config).__name__} has no field {key!r}{where}")
 
 
 def _float_field(config, key: str, value: Any) -> bool:

@@ -49,13 +49,17 @@ def _validation_text(val: dict | None) -> str:
     return f"validation on {split} ({val['num_samples']} images)"
 
 
-def unreached_note(names) -> str:
-    """Which parameters a run leaves alone because the logits do not depend on them."""
+def unreached_note(names, all_names) -> str:
+    """Which parameters a run leaves alone because the logits do not depend on them: whole modules by their name,
+    the rest one by one."""
+    left_out = set(names)
     owners = {name.rsplit(".", 1)[0] for name in names}
-    modules = sorted(m for m in owners if not any(m.startswith(other + ".") for other in owners))  # outermost
-    shown = ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
-    return (f"note: {len(names)} parameter tensors do not reach the logits and are not trained ({shown}): the "
-            "classifier does not use them")
+    whole = {m for m in owners if all(n in left_out for n in all_names if n.startswith(m + "."))}
+    outermost = sorted(m for m in whole if not any(m.startswith(other + ".") for other in whole))
+    shown = outermost + sorted(n for n in names if not any(n.startswith(m + ".") for m in outermost))
+    listed = ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+    count = f"{len(names)} parameter tensor{'s' if len(names) != 1 else ''}"
+    return f"note: {count} do{'es' if len(names) == 1 else ''} not reach the logits and {'is' if len(names) == 1 else 'are'} not trained ({listed})"
 
 
 def start_note(state, total, steps_per_epoch, lr, trainable, info, device, run_dir, config, data, cb_lr=None) -> str:

@@ -53,6 +53,8 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
         plan.cb_lr = None
     place(model, config, device)
     run.load_weights(model)
+    plan.leave_out_unreached(model, run.unreached())
+    run.unreached_names = list(plan.unreached)
     optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan)
     state = run.restore(optimizer, scaler)
     if run.saved is not None:
@@ -67,7 +69,7 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
         print(start_note(state, plan.schedule.total, plan.steps_per_epoch, plan.schedule.peak, plan.trainable,
                          info, device, run.dir, config, t.data, plan.cb_lr), file=sys.stderr)  # fmt: skip
         if plan.unreached:
-            print(unreached_note(plan.unreached), file=sys.stderr)
+            print(unreached_note(plan.unreached, [name for name, _ in model.named_parameters()]), file=sys.stderr)
     try:
         last = _loop(t)
     finally:

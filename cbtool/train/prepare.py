@@ -14,7 +14,8 @@ from torch import nn
 from cbtool import distributed
 from cbtool.models.checkpoint import check_output_path, unwrap
 from cbtool.errors import CbtoolError, OutputError
-from cbtool.optim import WarmupCosine, freeze_unreached, param_groups, parse_train_parts, select_trainable
+from cbtool.optim import (WarmupCosine, freeze, param_groups, parse_train_parts, select_trainable,
+                          unreached_parameters)
 from cbtool.train.config import CB_LR, PRETRAINED_LR, SCRATCH_LR, SMALL_INPUT, FinetuneConfig, State
 from cbtool.train.data import describe
 
@@ -74,7 +75,15 @@ class Plan:
     steps_per_epoch: int
     schedule: WarmupCosine
     cb_lr: float | None = None  # the cbs scales' peak learning rate, when they train in a group of their own
-    unreached: tuple[str, ...] = ()  # parameters the logits do not depend on: not trained (optim.freeze_unreached)
+    input_size: tuple[int, ...] = ()
+    unreached: tuple[str, ...] = ()  # parameters the logits do not depend on: not trained (leave_out_unreached)
+
+    def leave_out_unreached(self, model: nn.Module, names: list[str] | None = None) -> None:
+        """Freeze the parameters the logits do not reach (``names``, or found by ``optim.unreached_parameters``)."""
+        if names is None:
+            names = unreached_parameters(unwrap(model), self.family, self.input_size)
+        self.trainable -= freeze(unwrap(model), names)
+        self.unreached = tuple(names)
 
     def settings(self, config: FinetuneConfig, info, device: torch.device) -> dict:
         """The worked-out settings, for the log and the training record."""
@@ -82,7 +91,8 @@ class Plan:
         return dict(lr=self.schedule.peak, cb_lr=self.cb_lr, cb_ramp=config.cb_ramp, warmup_steps=self.schedule.warmup, total_steps=self.schedule.total,
                     steps_per_epoch=self.steps_per_epoch, world_size=info.world_size,
                     global_batch_size=config.batch_size * config.grad_accum * info.world_size,
-                    trainable_parameters=self.trainable, workers=self.workers, device=str(device),
+                    trainable_parameters=self.trainable, unreached_parameters=list(self.unreached),
+                    workers=self.workers, device=str(device),
                     augmentation=augmentation)  # fmt: skip
 
     def loaders(self, config: FinetuneConfig, info, state: State):
@@ -109,9 +119,6 @@ def plan_run(model: nn.Module, train, val, config: FinetuneConfig, info, device:
     trainable = select_trainable(model, parse_train_parts(config.train))
     family = detect(unwrap(model))
     data_config, augmentation = _augmentation(model, config)
-    unreached = freeze_unreached(unwrap(model), family, data_config["input_size"])
-    frozen = set(unreached)
-    trainable -= sum(p.numel() for name, p in unwrap(model).named_parameters() if name in frozen)
     train_ds, val_ds = _transformed(train, data_config, augmentation), _transformed(val, data_config)
     workers = _default_workers(device, info.world_size) if config.workers is None else config.workers
     steps_per_epoch = ((len(train_ds) // info.world_size) // config.batch_size) // config.grad_accum
@@ -128,7 +135,7 @@ def plan_run(model: nn.Module, train, val, config: FinetuneConfig, info, device:
     cb_lr = _cb_lr(model, config, lr)
     _check_ramp(model, config, total)
     return Plan(family, train_ds, val_ds, augmentation, trainable, workers, steps_per_epoch, schedule, cb_lr,
-                tuple(unreached))
+                input_size=tuple(data_config["input_size"]))
 
 
 def _cb_lr(model: nn.Module, config: FinetuneConfig, lr: float) -> float | None:

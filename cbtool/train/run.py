@@ -47,6 +47,7 @@ class Run:
         # One id in checkpoint.pt, checkpoint.json and every log record: a folder mixing two runs is refused.
         self.id = (self.saved or {}).get("run_id") or uuid.uuid4().hex[:12]
         self.log = RunLog(log, enabled=info.is_main, run_id=self.id)
+        self.unreached_names: list[str] = []  # saved with each checkpoint, so that a resume leaves out the same
 
     def load_weights(self, model: nn.Module) -> None:
         """A resumed run's weights, once its settings are checked against the ones it started with."""
@@ -71,6 +72,13 @@ class Run:
         if scaler is not None and self.saved["scaler"]:
             scaler.load_state_dict(self.saved["scaler"])
         return State(**self.saved["state"])
+
+    def unreached(self) -> list[str] | None:
+        """The parameters a resumed run left out as unreached by its logits (``[]`` for a run saved before cbtool
+        left them out, whose optimizer holds them); None for a new run, which finds them."""
+        if self.saved is None:
+            return None
+        return list(self.saved.get("unreached", []))
 
     def shares_cb_lr(self) -> bool:
         """A resumed run saved before --cb-lr existed: its cbs scales keep training at the backbone's rate."""
@@ -103,6 +111,7 @@ class Run:
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "total_steps": total_steps,
             "run_id": self.id,
+            "unreached": list(self.unreached_names),
         }
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError

@@ -146,7 +146,7 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
                     mean_query_models.add(label)
                 marker = (*options.query, *fused.shape[-2:]) if view == "query" else None
                 for head in range(fused.shape[1]):
-                    head_name = f"h{head}" if fused.shape[1] > 1 else f"heads {options.heads}"
+                    head_name = f"h{head}" if fused.shape[1] > 1 else (f"head {options.heads}" if isinstance(options.heads, int) else f"heads {options.heads}")
                     for b in range(len(rows)):
                         title = f"{label}\nL{index} {where} {head_name}"
                         pending.append((b, view, keys, Panel(title, shown[b], fused[b, head].cpu().numpy(),
