@@ -82,9 +82,11 @@ def unreached_parameters(model: nn.Module, family, input_size) -> list[str]:
     A classifier may hold modules its logits never use: SigLIP's and SigLIP2's attention-pooling head beside the
     classifier's mean pooling, CLIP's post-norm of the class token, Dinov2's mask token. They get no gradient, so
     AdamW leaves them as they are; under DDP they would stop the second step ("Expected to have finished
-    reduction"). One forward of a blank image in eval mode (no normalisation statistics move) on the model's device
-    builds the autograd graph, and a walk of it from the logits finds the parameters it reaches: no backward runs
-    and no gradient is allocated.
+    reduction"). One forward and backward of a blank image in eval mode (no normalisation statistics move), on the
+    model's device, finds them: they are left without a gradient; every ``.grad`` is put back as it was. A backward
+    rather than a walk of the forward graph (or ``autograd.grad``, which reentrant checkpointing refuses), so that
+    blocks under activation checkpointing, whose parameters enter the graph only when the backward recomputes them,
+    are seen.
     """
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -92,30 +94,18 @@ def unreached_parameters(model: nn.Module, family, input_size) -> list[str]:
     reference = trainable[0][1]
     images = torch.zeros(1, *input_size, device=reference.device, dtype=reference.dtype)
     training = model.training
+    kept = [p.grad for _, p in trainable]
     model.eval()
     try:
+        for _, param in trainable:
+            param.grad = None
         with torch.enable_grad():
-            reached = _graph_leaves(family.logits(family.run(model, images)))
+            family.logits(family.run(model, images)).float().sum().backward()
+        return [name for name, param in trainable if param.grad is None]
     finally:
         model.train(training)
-    return [name for name, param in trainable if id(param) not in reached]
-
-
-def _graph_leaves(output: torch.Tensor) -> set[int]:
-    """``id`` of every leaf tensor (parameter) the autograd graph of ``output`` accumulates a gradient into."""
-    found: set[int] = set()
-    seen: set[int] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf itself
-        if variable is not None:
-            found.add(id(variable))
-        stack.extend(child for child, _ in node.next_functions)
-    return found
+        for (_, param), grad in zip(trainable, kept):
+            param.grad = grad
 
 
 def freeze(model: nn.Module, names) -> int:

@@ -204,6 +204,20 @@ def test_parameters_the_logits_do_not_use_are_found(build, unreached):
     assert {name for name, p in model.named_parameters() if p.grad is None} == set(names)
 
 
+def test_blocks_under_activation_checkpointing_are_not_mistaken_for_unreached():
+    import timm
+    import torch.utils.checkpoint
+
+    from cbtool.optim import unreached_parameters
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3)
+    for block in model.blocks:  # reentrant checkpointing: the blocks' parameters enter the graph in the backward
+        block.forward = lambda x, _forward=block.forward, **kw: torch.utils.checkpoint.checkpoint(
+            _forward, x, use_reentrant=True, **kw)
+    assert unreached_parameters(model, detect(model), (3, 32, 32)) == []
+
+
 def test_a_run_keeps_its_unreached_parameters_on_resume(tmp_path, nan_loss_at):
     """A resumed run leaves out the parameters it left out when it started; a run saved before cbtool left them out
     (its optimizer holds them) resumes with them, as it started."""

@@ -92,4 +92,3 @@ def patch_inputs(images: torch.Tensor, patch: int) -> dict[str, torch.Tensor]:
         "pixel_attention_mask": torch.ones(batch, rows * cols, dtype=torch.int32, device=images.device),
         "spatial_shapes": torch.tensor([[rows, cols]], dtype=torch.long, device=images.device).repeat(batch, 1),
     }
-

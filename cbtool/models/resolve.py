@@ -329,7 +329,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
             loading["unexpected_keys"] = [key for key in loading.get("unexpected_keys") or []
                                           if not key.startswith(dropped)]
             _note(f"{name} holds {', '.join(config.architectures)}: loaded its encoder, {architecture}, "
-                     f"without the pre-training head ({', '.join(p.rstrip('.') for p in dropped)})")
+                  f"without the pre-training head ({', '.join(p.rstrip('.') for p in dropped)})")
         check_strict_load(model, loading, name, new_head=num_classes is not None)
         check_finite_weights(model.state_dict(), name)
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
