@@ -86,6 +86,32 @@ def test_cb_averages_the_valid_tokens_only(position, attention, monkeypatch):
         assert (model(**padded).pooler_output - got_alone.pooler_output).abs().max().item() > 1e-4
 
 
+@pytest.mark.parametrize("position", POSITIONS)
+def test_a_batch_of_differently_padded_images_gives_each_image_its_own_result(position):
+    """As the processor batches them: a 3 x 4 and a 2 x 2 patch grid, both padded to 16 tokens (random padding
+    values, so that a mean over padding cannot go unnoticed)."""
+    model = inject(vision_model(), CBSpec("cb", position))
+    generator = torch.Generator().manual_seed(4)
+    alone, rows = [], []
+    for grid in ((3, 4), (2, 2)):
+        inputs = patch_inputs(torch.randn(1, 3, grid[0] * PATCH, grid[1] * PATCH, generator=generator), PATCH)
+        alone.append(inputs)
+        count = grid[0] * grid[1]
+        rows.append({"pixel_values": torch.cat([inputs["pixel_values"], torch.randn(1, 16 - count, 3 * PATCH * PATCH,
+                                                                                      generator=generator)], 1),
+                     "pixel_attention_mask": torch.cat([inputs["pixel_attention_mask"],
+                                                        torch.zeros(1, 16 - count, dtype=torch.int32)], 1),
+                     "spatial_shapes": inputs["spatial_shapes"]})
+    batch = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+    with torch.no_grad():
+        together = model(**batch)
+        for index, inputs in enumerate(alone):
+            own = model(**inputs)
+            count = inputs["pixel_values"].shape[1]
+            assert (together.pooler_output[index] - own.pooler_output[0]).abs().max().item() < 1e-5
+            assert (together.last_hidden_state[index, :count] - own.last_hidden_state[0]).abs().max().item() < 1e-5
+
+
 def test_density_leaves_padding_out():
     model = vision_model()
     family = detect(model)

@@ -28,7 +28,11 @@ def image_processor_config(name: str) -> dict | None:
         return None
 
 
-_HALF_NORMALIZED = ("vit", "siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
+_IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+_HALF = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+_OPENAI_CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+_DEFAULT_NORMALIZATION = {"vit": _HALF, "siglip": _HALF, "siglip_vision_model": _HALF, "siglip2": _HALF,
+                          "siglip2_vision_model": _HALF, "clip": _OPENAI_CLIP, "clip_vision_model": _OPENAI_CLIP}
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -48,9 +52,10 @@ def hf_data_config(config, processor: dict | None, source: str = "the image proc
             raise ModelSourceError(f"{source} cuts {patch} px patches, and the model takes {vision.patch_size} px "
                                    "patches; fix patch_size there")
         image_size = patch * math.isqrt(patches)
-    half = config.model_type in _HALF_NORMALIZED  # their processors' defaults when a folder has none
-    mean = processor.get("image_mean", [0.5, 0.5, 0.5] if half else [0.485, 0.456, 0.406])
-    std = processor.get("image_std", [0.5, 0.5, 0.5] if half else [0.229, 0.224, 0.225])
+    # The processors' own defaults where a folder has no preprocessor_config.json; ImageNet's otherwise.
+    default_mean, default_std = _DEFAULT_NORMALIZATION.get(config.model_type, _IMAGENET)
+    mean = processor.get("image_mean", default_mean)
+    std = processor.get("image_std", default_std)
     size = processor.get("size") or {"height": image_size, "width": image_size}
     crop = processor.get("crop_size") if processor.get("do_center_crop") else None
     interpolation = _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear")
