@@ -211,10 +211,11 @@ def measure_overhead(
         plain = plain.to(memory_format=memory_format)
         cb_model = cb_model.to(memory_format=memory_format)
     generator = torch.Generator().manual_seed(0)
+    family = detect(plain)
     with memory_guard("--batch-size", batch_size):
         images = torch.randn(batch_size, *input_size, generator=generator).to(device, memory_format=memory_format)
-    family = detect(plain)
-    inputs = family.model_inputs(plain, images)  # converted once, outside the timed forwards (SigLIP2's patches)
+        inputs = family.model_inputs(plain, images)  # converted once, outside the timed forwards (SigLIP2's patches)
+    del images  # SigLIP2's patches are a copy
     runners = {"plain": family.entry(plain), "cb": family.entry(cb_model)}  # CLIPModel & co: the vision tower
     if compile:
         runners = {name: torch.compile(module) for name, module in runners.items()}

@@ -127,6 +127,12 @@ def test_density_leaves_padding_out():
     # Distances need the keys on the image's grid: measured for the image alone, not made up for padded keys.
     assert all(value > 0 for value in results[0]["distance_per_layer"])
     assert results[1]["distance_mean"] is None and set(results[1]["distance_per_layer"]) == {None}
+    # ... also where the padded length happens to fill a square grid: 2 x 6 patches padded to 16 = 4 x 4
+    _, padded = alone_and_padded(rows=2, cols=6, pad_to=16)
+    accumulator = DensityAccumulator(family.attention_layouts(model, (4 * PATCH, 4 * PATCH)))
+    with torch.no_grad(), family.capture_attention(model, accumulator):
+        model(**padded)
+    assert accumulator.result()["distance_mean"] is None
     assert 0.2 < results[0]["entropy_mean"] < 0.99  # a real, not uniform, map
 
 
@@ -219,7 +225,7 @@ def test_parameters_the_logits_do_not_use_are_found(build, unreached):
     model = build().train()
     names = unreached_parameters(model, detect(model), (3, 32, 32))
     assert model.training  # the probe ran in eval mode and restored the mode
-    assert all(p.grad is None for p in model.parameters())  # no backward ran
+    assert all(p.grad is None for p in model.parameters())  # every .grad put back as it was
     if unreached is None:
         assert names == []
         return

@@ -206,7 +206,8 @@ def test_viz_num_classes_keeps_a_saved_model_drawable(files, tmp_path, main_cli,
     (None, -0.1, True, "--discard-ratio must be in [0, 1), not -0.1"),
     (None, float("nan"), True, "--discard-ratio must be in [0, 1), not nan"),
     ("max", None, False, "--head-fusion sets how attention rollout is drawn; add --rollout"),
-    (None, 0.0, False, "--discard-ratio sets how attention rollout is drawn; add --rollout"),
+    (None, 0.5, False, "--discard-ratio sets how attention rollout is drawn; add --rollout"),
+    ("mean", 0.0, False, ("mean", 0.0)),  # the defaults change nothing: replace(options, rollout=False) works
 ])
 def test_check_rollout_options(head_fusion, ratio, rollout, expected):
     if isinstance(expected, str):
@@ -218,12 +219,15 @@ def test_check_rollout_options(head_fusion, ratio, rollout, expected):
     assert check_rollout_options(head_fusion, ratio, rollout=rollout) == expected
     options = VizOptions(rollout=rollout, head_fusion=head_fusion, discard_ratio=ratio)
     drawn_with = (options.head_fusion, options.discard_ratio)
-    assert drawn_with == (expected if rollout else (None, None))
+    assert drawn_with == (expected if rollout else (head_fusion, ratio))  # without rollout: kept as given
 
 
 def test_viz_options_check_themselves():
+    from dataclasses import replace
+
     with pytest.raises(VizError, match="--scale must be shared or per-panel"):
         VizOptions(scale="stretch")
+    assert replace(VizOptions(rollout=True), rollout=False).rollout is False
     assert VizOptions(rollout=True, discard_ratio=0.9).head_fusion == "mean"
     with pytest.raises(VizError, match="rollout fuses heads"):
         cbtool.viz.attention_rollout([torch.full((1, 1, 5, 5), 0.2)], [], head_fusion="median")

@@ -110,7 +110,9 @@ class _Walk:
 
     def warn(self, root: Path) -> None:
         """Name the skipped entries on stderr, once per job: under torchrun every rank reads the folder, rank 0 tells."""
-        if self.skipped and os.environ.get("RANK", "0") == "0":
+        from cbtool.distributed import is_main_process
+
+        if self.skipped and is_main_process():
             shown = ", ".join(os.path.relpath(path, root) for path in self.skipped[:4])
             more = f" and {len(self.skipped) - 4} more" if len(self.skipped) > 4 else ""
             print(f"warning: '{root}': skipped {len(self.skipped)} link(s) or file(s) that loop, repeat a file already "

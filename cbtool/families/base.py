@@ -161,9 +161,10 @@ class Family:
         return model
 
     def run(self, model: nn.Module, images: torch.Tensor, runner: Optional[Callable] = None) -> object:
-        """``model``'s output for (B, C, H, W) ``images``, called through ``runner`` (the compiled or DDP wrapper of
-        ``entry(model)``) where given; every place cbtool runs a model goes through here (bench: ``entry`` and
-        ``model_inputs``, so that the inputs are made once, outside the timed forwards)."""
+        """``model``'s output for (B, C, H, W) ``images``, called through ``runner`` where given (the compiled or DDP
+        wrapper a classifier runs in: eval and finetune, where ``entry(model)`` is ``model``); every place cbtool runs
+        a model goes through here (bench: ``entry`` and ``model_inputs``, so that the inputs are made once, outside
+        the timed forwards)."""
         args, kwargs = self.model_inputs(model, images)
         return (self.entry(model) if runner is None else runner)(*args, **kwargs)
 

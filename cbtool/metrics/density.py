@@ -106,7 +106,9 @@ class DensityAccumulator:
             log_keys = allowed.sum(dim=-1, dtype=torch.float32).clamp_min(1.0).log().expand(
                 probs.shape[0], -1, probs.shape[2])
         distances = self._distances(layout, probs)
-        with_distance = distances is not None
+        # A key no query may attend to is padding (NaFlex inputs): the keys are then no image grid, and no
+        # distance is measured (shifted-window masks leave every key to some query).
+        with_distance = distances is not None and (allowed is None or bool(allowed.any(dim=-2).all()))
         entropy = torch.zeros(probs.shape[1], dtype=torch.float64)
         distance = torch.zeros(probs.shape[1], dtype=torch.float64)
         for images, queries in _pieces(probs):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import difflib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -287,7 +286,7 @@ def _update_num_classes(model: nn.Module, num_classes: int) -> None:
 def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_classes, img_size, model_kwargs,
                           checkpoint) -> nn.Module:
     from cbtool.families.hf_heads import HEADED, add_head
-    from cbtool.families.hf_vit import HEAD_NAMES
+    from cbtool.families import detect
 
     transformers = import_transformers()
     if img_size is not None:
@@ -335,7 +334,7 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
     if num_classes is not None and architecture in HEADED:  # a headless encoder: --num-classes adds a head
         model = add_head(model, num_classes)
         architecture = type(model).__name__
-    elif num_classes is not None and not any(isinstance(getattr(model, n, None), nn.Module) for n in HEAD_NAMES):
+    elif num_classes is not None and detect(model).num_classes(model) is None:
         raise ModelSourceError(f"{name} is a {architecture}, which has no classification model in transformers, so "
                                "--num-classes cannot give it a head; leave --num-classes out (inject, viz and bench "
                                "take it headless)")
@@ -360,7 +359,9 @@ def _resolve_transformers(name: str, *, local: bool, pretrained: bool, num_class
 
 def _note(text: str) -> None:
     """A note on stderr, once per job (rank 0 under torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
+    from cbtool.distributed import is_main_process
+
+    if is_main_process():
         print(f"note: {text}", file=sys.stderr)
 
 
@@ -368,7 +369,7 @@ def _check_config_keys(config, model_kwargs: dict, name: str) -> None:
     """Refuse ``--model-kwargs`` keys that ``config`` does not have: transformers would set them and nothing reads
     them. A field of a vision-text model's vision tower is named as such."""
     for key in model_kwargs:
-        if hasattr(config, key):
+        if hasattr(config, key) or hasattr(config, f"_{key}"):  # attn_implementation is kept as _attn_implementation
             continue
         tower = getattr(config, "vision_config", None)
         where = (f"; it is a field of {type(tower).__name__}, and cbtool sets the top-level config's fields only"

@@ -37,10 +37,12 @@ def check_rollout_options(head_fusion: str | None = None, discard_ratio: float |
                           rollout: bool = True) -> tuple[str, float]:
     """The head fusion and discard ratio rollout is drawn with (``None``: mean, 0), checked: the one check of
     them, for the command, ``VizOptions`` and :func:`attention_rollout` alike. One ``VizError`` line for a fusion
-    rollout does not define, a ratio outside [0, 1), or either of them given when no rollout is drawn."""
-    if not rollout:
-        given = [flag for flag, value in (("--head-fusion", head_fusion), ("--discard-ratio", discard_ratio))
-                 if value is not None]
+    rollout does not define, a ratio outside [0, 1), or either of them set to another value than its default when no
+    rollout is drawn."""
+    if not rollout:  # the defaults themselves change nothing: VizOptions(rollout=True) can be replace()d without
+        given = [flag for flag, value, default in (("--head-fusion", head_fusion, "mean"),
+                                                   ("--discard-ratio", discard_ratio, 0.0))
+                 if value is not None and value != default]
         if given:
             raise VizError(f"{given[0]} sets how attention rollout is drawn; add --rollout, or drop {given[0]}")
     head_fusion = "mean" if head_fusion is None else head_fusion
