@@ -139,8 +139,10 @@ class Family:
     """Blocks receive an ``attn_mask`` keyword marking padding tokens; CB then averages the valid tokens only."""
 
     def token_weights(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B, N, 1) weights of the valid tokens for a block's ``attn_mask``; None means every token counts."""
-        return None
+        """(B, N, 1) weights of the valid tokens for a block's ``attn_mask`` (``masked_tokens`` families): 1 for the
+        tokens some query may attend to, 0 for padding; None (no mask) means every token counts."""
+        valid = valid_tokens(attn_mask)
+        return None if valid is None else valid.unsqueeze(-1)
 
     def block_mask(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """The attention mask a block is called with (``masked_tokens`` families), from its call's arguments."""
@@ -231,15 +233,19 @@ def allowed_from_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask if mask.dtype == torch.bool else mask == 0
 
 
+def allowed_pairs(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``allowed_from_mask`` as (B, heads or 1, queries or 1, keys) booleans, from masks of (B, N) to 4 dims."""
+    allowed = allowed_from_mask(mask)
+    while allowed is not None and allowed.ndim < 4:
+        allowed = allowed.unsqueeze(1)
+    return allowed
+
+
 def valid_tokens(mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, N) booleans for an attention mask (boolean or additive; (B, N) to (B, heads, N, N)): the tokens some
     query of the image may attend to, the rest being padding; None without a mask."""
-    allowed = allowed_from_mask(mask)
-    if allowed is None:
-        return None
-    while allowed.ndim < 4:
-        allowed = allowed.unsqueeze(1)
-    return allowed.any(dim=-2).any(dim=1)
+    allowed = allowed_pairs(mask)
+    return None if allowed is None else allowed.any(dim=-2).any(dim=1)
 
 
 def window_allowed(mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

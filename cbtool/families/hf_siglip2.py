@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from cbtool.errors import UnsupportedModelError
-from cbtool.families.base import allowed_from_mask, valid_tokens
-from cbtool.families.hf_vit import HfViT, _MODELS, _vision_config
+from cbtool.families.base import allowed_pairs
+from cbtool.families.hf_vit import HfViT, _MODELS, _vision_config, attention_mask_argument
 
 _SIGLIP2 = f"{_MODELS}.siglip2.modeling_siglip2"
 
@@ -43,21 +43,13 @@ class HfSiglip2(HfViT):
         return super().blocks(model)
 
     def block_mask(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-        # Siglip2Encoder calls each layer as layer(hidden_states, attention_mask, **kwargs).
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        return mask if torch.is_tensor(mask) else None
-
-    def token_weights(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        valid = valid_tokens(attn_mask)
-        return None if valid is None else valid.unsqueeze(-1)
+        return attention_mask_argument(args, kwargs)  # Siglip2Encoder: layer(hidden_states, attention_mask, ...)
 
     def mask_to_allowed(self, mask: Optional[torch.Tensor], probs: torch.Tensor) -> Optional[torch.Tensor]:
-        allowed = allowed_from_mask(mask)
+        allowed = allowed_pairs(mask)  # a (B, N) padding mask (flash attention): every valid key, for every query
         if allowed is None:
             return None
-        while allowed.ndim < 4:  # a (B, N) padding mask (flash attention): every valid key, for every query
-            allowed = allowed.unsqueeze(1)
-        valid = valid_tokens(mask)
+        valid = allowed.any(dim=-2).any(dim=1)
         return allowed & valid[:, None, :, None]  # a padded query allows no key: it is not measured
 
     def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:

@@ -13,7 +13,7 @@ from torch import nn
 from cbtool.errors import UnsupportedModelError
 from cbtool.families.base import AttentionCallback, Branch, Family, TokenLayout, class_name
 
-HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
+_HEAD_NAMES = ("classifier", "cls_classifier", "distillation_classifier")
 _MODELS = "transformers.models"
 
 # Encoder layer class -> (attention child, MLP child). All are pre-norm: the branch ends at these modules'
@@ -119,7 +119,7 @@ class HfViT(Family):
         return int(model.config.num_labels)
 
     def reset_classifier(self, model: nn.Module, num_classes: int) -> None:
-        heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+        heads = [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
         if not heads:
             raise UnsupportedModelError(
                 f"{type(model).__name__} has no classification head; pass --num-classes N to add one"
@@ -133,7 +133,7 @@ class HfViT(Family):
         model.config.label2id = {v: k for k, v in model.config.id2label.items()}
 
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+        return [getattr(model, name) for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
     def input_geometry(self, model: nn.Module) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         config = _vision_config(model)
@@ -145,7 +145,7 @@ class HfViT(Family):
         return (int(getattr(config, "image_size", 224)),) * 2, patch
 
     def head_prefixes(self, model: nn.Module) -> list[str]:
-        return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+        return [name for name in _HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
 
     def logits(self, output: object) -> torch.Tensor:
         logits = getattr(output, "logits", None)
@@ -219,10 +219,15 @@ def _vision_config(module: nn.Module):
     return getattr(config, "vision_config", None) or config
 
 
+def attention_mask_argument(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """The ``attention_mask`` a transformers layer or attention module is called with (keyword or second argument)."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask if torch.is_tensor(mask) else None
+
+
 def _remember_mask(store: list):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        store[0] = mask if torch.is_tensor(mask) else None
+        store[0] = attention_mask_argument(args, kwargs)
         if "output_attentions" in kwargs:  # layers written before transformers 5 return the maps only when asked
             return args, {**kwargs, "output_attentions": True}
         return None

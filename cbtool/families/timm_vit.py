@@ -3,12 +3,9 @@ DeiT3, EVA/EVA02, BEiT and NaFlexViT (mask-aware)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 from torch import nn
 
-from cbtool.families.base import NOT_APPLICABLE, TokenLayout, checked_blocks, class_name, valid_tokens
+from cbtool.families.base import NOT_APPLICABLE, TokenLayout, checked_blocks, class_name
 from cbtool.families.timm_base import POST_NORM, PRE_NORM, AttentionProbe, TimmFamily, attn_drop_probe, timm_branch
 
 _BLOCKS = {
@@ -86,10 +83,6 @@ class TimmNaFlexViT(TimmViT):
     density_semantics = "global self-attention; entropy over each query's valid keys; distances for image inputs"
 
     masked_tokens = True
-
-    def token_weights(self, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        valid = valid_tokens(attn_mask)  # 1 for the tokens some query may attend to, 0 for padding
-        return None if valid is None else valid.unsqueeze(-1)
 
     def _embed(self, model: nn.Module) -> nn.Module:
         return model.embeds

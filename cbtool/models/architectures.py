@@ -85,10 +85,12 @@ def pretraining_head(config, architecture: str) -> tuple[str, ...]:
     """The state-dict prefixes of the pre-training head left out when ``architecture`` is built from a checkpoint of
     a pre-training class (``PRETRAINING_ENCODERS``); empty otherwise."""
     listed = list(getattr(config, "architectures", None) or [])
-    if architecture in listed:
-        return ()
-    return next((prefixes for name in listed for encoder, prefixes in [PRETRAINING_ENCODERS.get(name, ("", ()))]
-                 if encoder == architecture), ())
+    if architecture not in listed:
+        for name in listed:
+            encoder, prefixes = PRETRAINING_ENCODERS.get(name, (None, ()))
+            if encoder == architecture:
+                return prefixes
+    return ()
 
 
 def build_transformers(architecture: str, config: dict) -> nn.Module:

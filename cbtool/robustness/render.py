@@ -12,6 +12,7 @@ from cbtool.errors import CbtoolError
 from cbtool.files import atomic_path, check_parent_folder
 from cbtool.report.plotting import model_colours, pyplot
 from cbtool.robustness.record import versus
+from cbtool.results import is_number
 from cbtool.robustness.registry import corruption_order
 from cbtool.report.tables import delta, format_table, format_value, markdown_table
 
@@ -191,7 +192,7 @@ def _errors(record: Mapping[str, Any], name: str) -> Mapping[Any, Any] | None:
 
 
 def _number(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    return float(value) if is_number(value) else math.nan
 
 
 def _missing_notes(robust: Sequence[Mapping[str, Any]], drawn: Sequence[Mapping[str, Any]], names: Sequence[str],

@@ -54,7 +54,6 @@ def finetune(model: nn.Module, train, val=None, config: FinetuneConfig | None = 
     place(model, config, device)
     run.load_weights(model)
     plan.leave_out_unreached(model, run.unreached())
-    run.unreached_names = list(plan.unreached)
     optimizer, scaler, amp_dtype = optimizer_for(model, config, device, plan)
     state = run.restore(optimizer, scaler)
     if run.saved is not None:
@@ -125,7 +124,8 @@ class _Training:
         return {"cb_ramp": 1.0 if self.state.cb_ramp is None else self.state.cb_ramp}
 
     def save_checkpoint(self) -> Path | None:
-        return self.run.save(self.model, self.optimizer, self.scaler, self.state, self.plan.schedule.total)
+        return self.run.save(self.model, self.optimizer, self.scaler, self.state, self.plan.schedule.total,
+                             unreached=self.plan.unreached)
 
     def evaluate(self) -> dict:
         """Validate, log, keep the best model (``--save-best``), print a line; resets the training-loss mean."""

@@ -15,7 +15,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,6 @@ class Run:
         # One id in checkpoint.pt, checkpoint.json and every log record: a folder mixing two runs is refused.
         self.id = (self.saved or {}).get("run_id") or uuid.uuid4().hex[:12]
         self.log = RunLog(log, enabled=info.is_main, run_id=self.id)
-        self.unreached_names: list[str] = []  # saved with each checkpoint, so that a resume leaves out the same
 
     def load_weights(self, model: nn.Module) -> None:
         """A resumed run's weights, once its settings are checked against the ones it started with."""
@@ -90,8 +89,10 @@ class Run:
         if self.saved is not None:
             _set_rng_state(self.saved["rng"][self.info.rank])
 
-    def save(self, model: nn.Module, optimizer, scaler, state: State, total_steps: int) -> Path | None:
-        """Every rank hands in its RNG states; rank 0 writes ``checkpoint.pt`` then ``checkpoint.json``, atomically."""
+    def save(self, model: nn.Module, optimizer, scaler, state: State, total_steps: int,
+             unreached: Sequence[str] = ()) -> Path | None:
+        """Every rank hands in its RNG states; rank 0 writes ``checkpoint.pt`` then ``checkpoint.json``, atomically.
+        ``unreached``: the parameters the run leaves out (``Plan.unreached``), kept for its resume."""
         rng = distributed.all_gather_objects(_rng_state())
         path = self.checkpoint
         if not self.info.is_main:
@@ -111,7 +112,7 @@ class Run:
             "config": json.dumps(self.config.to_dict(), sort_keys=True),
             "total_steps": total_steps,
             "run_id": self.id,
-            "unreached": list(self.unreached_names),
+            "unreached": list(unreached),  # so that a resume leaves out the same parameters
         }
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:
             torch.save(payload, handle)  # through a Python file: a full disk is an OSError, not torch's RuntimeError

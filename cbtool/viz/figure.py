@@ -146,7 +146,7 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
                     mean_query_models.add(label)
                 marker = (*options.query, *fused.shape[-2:]) if view == "query" else None
                 for head in range(fused.shape[1]):
-                    head_name = f"h{head}" if fused.shape[1] > 1 else (f"head {options.heads}" if isinstance(options.heads, int) else f"heads {options.heads}")
+                    head_name = f"h{head}" if fused.shape[1] > 1 else _heads_text(options.heads)
                     for b in range(len(rows)):
                         title = f"{label}\nL{index} {where} {head_name}"
                         pending.append((b, view, keys, Panel(title, shown[b], fused[b, head].cpu().numpy(),
@@ -176,6 +176,11 @@ def _drawn(models: Sequence[nn.Module], images: Sequence, labels: Sequence[str] 
     if options.scale == "per-panel":
         colour_bars = [replace(colour_bars[0], name="every view")]  # one bar, "each panel's min to max", for all
     return rows, colour_bars
+
+
+def _heads_text(heads: str | int) -> str:
+    """A panel's heads in its title: ``head 3`` for one chosen head, ``heads mean`` (max, min) for a fusion."""
+    return f"head {heads}" if isinstance(heads, int) else f"heads {heads}"
 
 
 MEAN_QUERY = "mean-query"
