@@ -91,7 +91,8 @@ def summary_figure(summary: Mapping[str, Any]):
         if key == "entropy_mean":
             axis.set_ylim(0.0, 1.0)
         else:
-            axis.set_ylim(bottom=0.0, top=100.0 if key == "top1" else None)
+            # errors: 5% headroom above the highest bar, so that no bar seems cut off by the frame
+            axis.set_ylim(bottom=0.0, top=100.0 if key == "top1" else 1.05 * axis.dataLim.y1)
         axis.ticklabel_format(axis="y", useOffset=False, style="plain")
         axis.grid(axis="y", alpha=0.3)
     figure.suptitle("per seed (grey) and mean ± std")
