@@ -187,6 +187,7 @@ def test_robustness_is_the_cli_table_and_plot(evaluated):
     charts = re.findall(r"<svg.*?</svg>", section, flags=re.S)
     ticks = {tuple(re.findall(r'text-anchor="end">([^<]*)<', chart)) for chart in charts}
     assert len(ticks) == 1 and len(next(iter(ticks))) >= 3, ticks
+    assert next(iter(ticks))[0] in ("0", "0.0", "0.00"), ticks  # from 0, as the CLI's plot
 
 
 def test_write_is_atomic_and_bad_pictures_are_one_line(evaluated, tmp_path):

@@ -79,7 +79,8 @@ def _averages(models: Sequence[Mapping[str, Any]], cell, table) -> str:
 
 def _charts(models: Sequence[Mapping[str, Any]], colours: Mapping[str, str]) -> str:
     """One chart per corruption: top-1 error at severity 0 (clean) to 5, one line per model (the CLI's --plot),
-    all on one y scale, so that a steeper line is a larger rise in error."""
+    all on one y scale from 0 (no error), as the CLI's, so that a steeper line is a larger rise in error and a gap
+    of a few points is not stretched over the chart."""
     names = list(dict.fromkeys(c for m in models for c in m["robustness"]["corruptions"]))
     every = {}
     for name in names:
@@ -91,6 +92,6 @@ def _charts(models: Sequence[Mapping[str, Any]], colours: Mapping[str, str]) -> 
                            [record.get("clean_error"), *[errors.get(str(s)) for s in range(1, 6)]]))
         every[name] = series
     values = [v for series in every.values() for _, ys in series for v in ys if isinstance(v, (int, float))]
-    shared = (min(values), max(values)) if values else None
+    shared = (0.0, max(values)) if values else None
     return "".join(line_chart(name, series, x_label="severity (0 = clean)", y_label="top-1 error (%)", width=280,
                               height=220, y_range=shared, colours=colours) for name, series in every.items())
